@@ -38,6 +38,13 @@ fn main() {
         Command::Ztoc(c) => ztoc_cmd::run(c),
     };
     if let Err(e) = result {
+        // A closed stdout (e.g. piped into `head`) is not a failure.
+        let broken_pipe = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+        if broken_pipe {
+            return;
+        }
         eprintln!("soci: error: {e:#}");
         std::process::exit(1);
     }

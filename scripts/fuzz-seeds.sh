@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds small seed corpora for the fuzz targets from local files (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+c=fuzz/corpus
+mkdir -p $c/ztoc_parse $c/checkpoints $c/tar_walk $c/ztoc_build
+[ -n "$(ls -A $c/tar_walk)" ] && exit 0
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+mkdir -p "$tmp/t/d"; echo hello > "$tmp/t/d/f"; ln -s d/f "$tmp/t/l"; ln "$tmp/t/d/f" "$tmp/t/h"
+for fmt in gnu pax ustar; do
+  tar --format=$fmt -C "$tmp/t" -cf "$c/tar_walk/$fmt.tar" .
+  gzip -c "$c/tar_walk/$fmt.tar" > "$c/ztoc_build/$fmt.tar.gz"
+  cp "$c/tar_walk/$fmt.tar" "$c/ztoc_build/"
+  target/release/soci ztoc build --span-size 1024 "$c/ztoc_build/$fmt.tar.gz" -o "$c/ztoc_parse/$fmt.ztoc" 2>/dev/null
+done
+python3 - "$c" <<'PY'
+import struct, sys
+c = sys.argv[1]
+w = bytes(32768)
+blob = struct.pack('<iq', 2, 1 << 22) + struct.pack('<qqB', 10, 0, 0) + w + struct.pack('<qqB', 5000, 4300000, 3) + w
+open(f"{c}/checkpoints/v2.bin", "wb").write(blob)
+PY
