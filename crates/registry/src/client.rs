@@ -1,0 +1,892 @@
+//! The registry client.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use reqwest::header::{
+    HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE,
+    RETRY_AFTER, WWW_AUTHENTICATE,
+};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tracing::{debug, warn};
+
+use crate::auth::{parse_challenge, DockerConfig};
+use crate::digest::Digest;
+use crate::error::{RegistryError, Result};
+use crate::hosts::{Endpoint, HostsConfig};
+use crate::oci::Descriptor;
+use crate::oci::{ImageIndex, MANIFEST_ACCEPT, MEDIA_TYPE_OCI_INDEX};
+use crate::reference::Repository;
+
+/// Client settings. Defaults mirror upstream soci-snapshotter's HTTP defaults where they exist.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Endpoints, mirrors, plain HTTP.
+    pub hosts: HostsConfig,
+    /// TCP connect timeout (default 3 s).
+    pub connect_timeout: Duration,
+    /// Longest silence while reading a response (default 30 s).
+    pub read_timeout: Duration,
+    /// Whole-request deadline (default 300 s).
+    pub request_timeout: Duration,
+    /// Retries after the first attempt on transport errors, 429 and 5xx (default 4).
+    pub max_retries: u32,
+    /// First backoff (default 50 ms), doubled each retry.
+    pub min_backoff: Duration,
+    /// Backoff cap, also the cap on honoured `Retry-After` (default 5 s).
+    pub max_backoff: Duration,
+    /// Largest manifest accepted (default 4 MiB).
+    pub max_manifest_bytes: u64,
+    /// Chunk size for chunked blob uploads (default 16 MiB).
+    pub upload_chunk_bytes: u64,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            hosts: HostsConfig::default(),
+            connect_timeout: Duration::from_secs(3),
+            read_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(300),
+            max_retries: 4,
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            max_manifest_bytes: 4 << 20,
+            upload_chunk_bytes: 16 << 20,
+        }
+    }
+}
+
+/// An OCI distribution client. Cheap to share behind an `Arc`; safe for concurrent use.
+pub struct Client {
+    http: reqwest::Client,
+    http_insecure: reqwest::Client,
+    opts: ClientOptions,
+    creds: DockerConfig,
+    /// Authorization header values by endpoint and scope.
+    auth_cache: Mutex<HashMap<String, String>>,
+}
+
+enum Attempt {
+    Done(Response),
+    Retry(String, Option<Duration>),
+}
+
+fn scope(repo: &Repository, push: bool) -> String {
+    format!(
+        "repository:{}:{}",
+        repo.name,
+        if push { "pull,push" } else { "pull" }
+    )
+}
+
+/// Percent-encodes a query value.
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn body_snippet(resp: Response) -> String {
+    let text = resp.text().await.unwrap_or_default();
+    text.chars().take(300).collect()
+}
+
+impl Client {
+    /// A client with credentials from the default docker config file.
+    pub fn new(opts: ClientOptions) -> Result<Client> {
+        Self::with_credentials(opts, DockerConfig::load_default()?)
+    }
+
+    /// A client with the given credentials.
+    pub fn with_credentials(opts: ClientOptions, creds: DockerConfig) -> Result<Client> {
+        let build = |insecure: bool| {
+            reqwest::Client::builder()
+                .connect_timeout(opts.connect_timeout)
+                .read_timeout(opts.read_timeout)
+                .timeout(opts.request_timeout)
+                .user_agent(concat!("soci-rs/", env!("CARGO_PKG_VERSION")))
+                .tls_danger_accept_invalid_certs(insecure)
+                .build()
+                .map_err(|e| RegistryError::Config(format!("HTTP client: {e}")))
+        };
+        Ok(Client {
+            http: build(false)?,
+            http_insecure: build(true)?,
+            opts,
+            creds,
+            auth_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &ClientOptions {
+        &self.opts
+    }
+
+    fn http(&self, ep: &Endpoint) -> &reqwest::Client {
+        if ep.skip_verify {
+            &self.http_insecure
+        } else {
+            &self.http
+        }
+    }
+
+    fn backoff(&self, attempt: u32, hint: Option<Duration>) -> Duration {
+        let exp = self
+            .opts
+            .min_backoff
+            .saturating_mul(1u32 << attempt.min(16));
+        hint.unwrap_or(exp).min(self.opts.max_backoff)
+    }
+
+    /// Sends a request built by `build`, handling auth challenges and retrying transport
+    /// errors, 429 and 5xx with exponential backoff.
+    async fn send(
+        &self,
+        ep: &Endpoint,
+        repo: &Repository,
+        push: bool,
+        what: &str,
+        build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
+    ) -> Result<Response> {
+        let key = format!("{} {}", ep.base, scope(repo, push));
+        let mut authed_once = false;
+        let mut attempt = 0u32;
+        loop {
+            let mut req = build(self.http(ep));
+            let cached = self
+                .auth_cache
+                .lock()
+                .expect("auth cache")
+                .get(&key)
+                .cloned();
+            if let Some(h) = &cached {
+                req = req.header(AUTHORIZATION, h);
+            }
+            let outcome = match req.send().await {
+                Err(e) => Attempt::Retry(format!("{e}"), None),
+                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
+                    if authed_once {
+                        return Err(RegistryError::Unauthorized {
+                            what: what.into(),
+                            registry: repo.registry.clone(),
+                            detail: "credentials rejected".into(),
+                        });
+                    }
+                    authed_once = true;
+                    self.authenticate(ep, repo, push, what, resp.headers(), &key)
+                        .await?;
+                    continue;
+                }
+                Ok(resp)
+                    if resp.status() == StatusCode::TOO_MANY_REQUESTS
+                        || resp.status().is_server_error() =>
+                {
+                    let hint = resp
+                        .headers()
+                        .get(RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|s| s.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let status = resp.status();
+                    Attempt::Retry(
+                        format!("status {status}: {}", body_snippet(resp).await),
+                        hint,
+                    )
+                }
+                Ok(resp) => Attempt::Done(resp),
+            };
+            match outcome {
+                Attempt::Done(resp) => return Ok(resp),
+                Attempt::Retry(why, hint) => {
+                    if attempt >= self.opts.max_retries {
+                        return Err(RegistryError::Transport {
+                            what: what.into(),
+                            url: ep.base.clone(),
+                            message: format!("{why} (after {} attempts)", attempt + 1),
+                        });
+                    }
+                    let wait = self.backoff(attempt, hint);
+                    debug!(what, %why, ?wait, "retrying registry request");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Answers a 401 challenge: basic credentials, or a bearer token from the realm.
+    async fn authenticate(
+        &self,
+        ep: &Endpoint,
+        repo: &Repository,
+        push: bool,
+        what: &str,
+        headers: &HeaderMap,
+        key: &str,
+    ) -> Result<()> {
+        let unauthorized = |detail: &str| RegistryError::Unauthorized {
+            what: what.into(),
+            registry: repo.registry.clone(),
+            detail: detail.into(),
+        };
+        let challenge = headers
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_challenge)
+            .ok_or_else(|| unauthorized("no usable WWW-Authenticate challenge"))?;
+        let creds = self.creds.credentials(&repo.registry)?;
+        let header = match challenge.scheme.as_str() {
+            "basic" => {
+                let c = creds.ok_or_else(|| unauthorized("no credentials configured"))?;
+                let raw = format!("{}:{}", c.username, c.secret);
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(raw)
+                )
+            }
+            "bearer" => {
+                let realm = challenge
+                    .params
+                    .get("realm")
+                    .ok_or_else(|| unauthorized("bearer challenge without realm"))?;
+                let mut url = format!(
+                    "{realm}{}scope={}",
+                    if realm.contains('?') { '&' } else { '?' },
+                    query_escape(&scope(repo, push))
+                );
+                if let Some(s) = challenge.params.get("service") {
+                    url.push_str(&format!("&service={}", query_escape(s)));
+                }
+                let mut req = self.http(ep).get(&url);
+                if let Some(c) = &creds {
+                    req = req.basic_auth(&c.username, Some(&c.secret));
+                }
+                let resp = req.send().await.map_err(|e| RegistryError::Transport {
+                    what: format!("token for {what}"),
+                    url: realm.clone(),
+                    message: format!("{e}"),
+                })?;
+                if !resp.status().is_success() {
+                    return Err(unauthorized(&format!(
+                        "token endpoint answered {}",
+                        resp.status()
+                    )));
+                }
+                #[derive(serde::Deserialize)]
+                struct Token {
+                    token: Option<String>,
+                    access_token: Option<String>,
+                }
+                let body = resp
+                    .bytes()
+                    .await
+                    .map_err(|_| unauthorized("invalid token response"))?;
+                let t: Token = serde_json::from_slice(&body)
+                    .map_err(|_| unauthorized("invalid token response"))?;
+                let t = t
+                    .token
+                    .or(t.access_token)
+                    .ok_or_else(|| unauthorized("token response without token"))?;
+                format!("Bearer {t}")
+            }
+            other => return Err(unauthorized(&format!("unsupported auth scheme {other}"))),
+        };
+        self.auth_cache
+            .lock()
+            .expect("auth cache")
+            .insert(key.to_string(), header);
+        Ok(())
+    }
+
+    fn url(ep: &Endpoint, repo: &Repository, tail: &str) -> String {
+        format!("{}{}/{}/{}", ep.base, ep.path_prefix, repo.name, tail)
+    }
+
+    /// Tries each pull endpoint in order; moves on after not-found and transport errors.
+    async fn pull_endpoints<T, F, Fut>(
+        &self,
+        repo: &Repository,
+        resolve: bool,
+        mut f: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Endpoint) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let eps: Vec<Endpoint> = self
+            .opts
+            .hosts
+            .endpoints(&repo.registry)?
+            .into_iter()
+            .filter(|e| if resolve { e.resolve } else { e.pull })
+            .collect();
+        let mut last = None;
+        for (i, ep) in eps.iter().enumerate() {
+            match f(ep.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e @ (RegistryError::NotFound { .. } | RegistryError::Transport { .. }))
+                    if i + 1 < eps.len() =>
+                {
+                    warn!(endpoint = %ep.base, error = %e, "registry endpoint failed, trying the next");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| RegistryError::Config(format!("no endpoint for {}", repo.registry))))
+    }
+
+    fn push_endpoint(&self, repo: &Repository) -> Result<Endpoint> {
+        self.opts
+            .hosts
+            .endpoints(&repo.registry)?
+            .into_iter()
+            .find(|e| e.push)
+            .ok_or_else(|| RegistryError::Config(format!("no push endpoint for {}", repo.registry)))
+    }
+
+    async fn check_status(resp: Response, what: &str, ok: &[StatusCode]) -> Result<Response> {
+        let status = resp.status();
+        if ok.contains(&status) {
+            return Ok(resp);
+        }
+        if status == StatusCode::NOT_FOUND {
+            return Err(RegistryError::NotFound { what: what.into() });
+        }
+        Err(RegistryError::Status {
+            what: what.into(),
+            status: status.as_u16(),
+            body: body_snippet(resp).await,
+        })
+    }
+
+    /// Reads a body up to `limit` bytes.
+    async fn read_capped(mut resp: Response, what: &str, limit: u64) -> Result<Vec<u8>> {
+        if resp.content_length().is_some_and(|n| n > limit) {
+            return Err(RegistryError::TooLarge {
+                what: what.into(),
+                limit,
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Transport {
+            what: what.into(),
+            url: resp.url().to_string(),
+            message: format!("{e}"),
+        })? {
+            if out.len() as u64 + chunk.len() as u64 > limit {
+                return Err(RegistryError::TooLarge {
+                    what: what.into(),
+                    limit,
+                });
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Fetches a manifest or index by tag or digest. The returned bytes match the returned
+    /// descriptor's digest (checked against the requested digest or `Docker-Content-Digest`).
+    pub async fn get_manifest(
+        &self,
+        repo: &Repository,
+        object: &str,
+    ) -> Result<(Descriptor, Bytes)> {
+        let what = format!("manifest {}/{}:{object}", repo.registry, repo.name);
+        let by_digest = Digest::parse(object);
+        self.pull_endpoints(repo, by_digest.is_none(), |ep| {
+            let what = what.clone();
+            let by_digest = by_digest.clone();
+            async move {
+                let url = Self::url(&ep, repo, &format!("manifests/{object}"));
+                let resp = self
+                    .send(&ep, repo, false, &what, &|c| {
+                        c.get(&url).header(ACCEPT, MANIFEST_ACCEPT)
+                    })
+                    .await?;
+                let resp = Self::check_status(resp, &what, &[StatusCode::OK]).await?;
+                let header_digest = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Digest::parse);
+                let content_type = resp
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|s| s.split(';').next().unwrap_or("").trim().to_string());
+                let body = Self::read_capped(resp, &what, self.opts.max_manifest_bytes).await?;
+                let actual = Digest::of(&body);
+                if let Some(expected) = by_digest.or(header_digest) {
+                    if expected != actual {
+                        return Err(RegistryError::DigestMismatch {
+                            what,
+                            expected: expected.to_string(),
+                            actual: actual.to_string(),
+                        });
+                    }
+                }
+                #[derive(serde::Deserialize)]
+                struct Probe {
+                    #[serde(rename = "mediaType")]
+                    media_type: Option<String>,
+                    manifests: Option<serde_json::Value>,
+                }
+                let probe: Probe =
+                    serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
+                        what: what.clone(),
+                        status: 200,
+                        body: format!("invalid JSON: {e}"),
+                    })?;
+                let media_type = probe
+                    .media_type
+                    .or(content_type.filter(|c| c.contains("manifest") || c.contains("index")))
+                    .unwrap_or_else(|| {
+                        if probe.manifests.is_some() {
+                            MEDIA_TYPE_OCI_INDEX.to_string()
+                        } else {
+                            crate::oci::MEDIA_TYPE_OCI_MANIFEST.to_string()
+                        }
+                    });
+                Ok((
+                    Descriptor::new(media_type, actual, body.len() as u64),
+                    Bytes::from(body),
+                ))
+            }
+        })
+        .await
+    }
+
+    async fn blob_response(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        what: &str,
+        range: Option<&Range<u64>>,
+    ) -> Result<Response> {
+        self.pull_endpoints(repo, false, |ep| async move {
+            let url = Self::url(&ep, repo, &format!("blobs/{digest}"));
+            let range_header = range.map(|r| format!("bytes={}-{}", r.start, r.end - 1));
+            let resp = self
+                .send(&ep, repo, false, what, &|c| {
+                    let b = c.get(&url);
+                    match &range_header {
+                        Some(h) => b.header(RANGE, h),
+                        None => b,
+                    }
+                })
+                .await?;
+            Self::check_status(resp, what, &[StatusCode::OK, StatusCode::PARTIAL_CONTENT]).await
+        })
+        .await
+    }
+
+    /// Fetches a whole blob into memory and verifies it (size capped by `desc.size`).
+    pub async fn get_blob(&self, repo: &Repository, desc: &Descriptor) -> Result<Bytes> {
+        let mut buf = Vec::with_capacity(desc.size.min(64 << 20) as usize);
+        self.get_blob_to(repo, desc, &mut buf).await?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Streams a blob into `out`, verifying its size and digest. On error `out` may hold a
+    /// partial copy: discard it.
+    pub async fn get_blob_to<W: AsyncWrite + Unpin>(
+        &self,
+        repo: &Repository,
+        desc: &Descriptor,
+        out: &mut W,
+    ) -> Result<()> {
+        let what = format!("blob {} in {}/{}", desc.digest, repo.registry, repo.name);
+        let mut resp = self.blob_response(repo, &desc.digest, &what, None).await?;
+        let mut hasher = Sha256::new();
+        let mut n: u64 = 0;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Transport {
+            what: what.clone(),
+            url: resp.url().to_string(),
+            message: format!("{e}"),
+        })? {
+            n += chunk.len() as u64;
+            if n > desc.size {
+                return Err(RegistryError::TooLarge {
+                    what,
+                    limit: desc.size,
+                });
+            }
+            hasher.update(&chunk);
+            out.write_all(&chunk).await.map_err(|e| RegistryError::Io {
+                what: what.clone(),
+                source: e,
+            })?;
+        }
+        out.flush().await.map_err(|e| RegistryError::Io {
+            what: what.clone(),
+            source: e,
+        })?;
+        let actual = Digest::from_hasher(hasher);
+        if n != desc.size || actual != desc.digest {
+            return Err(RegistryError::DigestMismatch {
+                what,
+                expected: desc.digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads bytes `range` of a blob with an HTTP range request (not verified here: callers
+    /// verify span digests). A server that ignores `Range` is handled by reading up to the
+    /// range end and slicing.
+    pub async fn get_blob_range(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Range<u64>,
+    ) -> Result<Bytes> {
+        let what = format!(
+            "blob {digest} bytes {}-{} in {}/{}",
+            range.start, range.end, repo.registry, repo.name
+        );
+        if range.start >= range.end {
+            return Ok(Bytes::new());
+        }
+        let want = range.end - range.start;
+        let mut resp = self
+            .blob_response(repo, digest, &what, Some(&range))
+            .await?;
+        let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
+        if partial {
+            let cr = resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let expect_prefix = format!("bytes {}-{}/", range.start, range.end - 1);
+            if !cr.is_empty() && !cr.starts_with(&expect_prefix) {
+                return Err(RegistryError::Status {
+                    what,
+                    status: 206,
+                    body: format!("unexpected Content-Range {cr}"),
+                });
+            }
+        }
+        let (skip, limit) = if partial {
+            (0, want)
+        } else {
+            (range.start, range.end)
+        };
+        let mut out = Vec::with_capacity(want as usize);
+        let mut pos: u64 = 0;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Transport {
+            what: what.clone(),
+            url: resp.url().to_string(),
+            message: format!("{e}"),
+        })? {
+            let (cs, ce) = (pos, pos + chunk.len() as u64);
+            pos = ce;
+            let (a, b) = (cs.max(skip), ce.min(limit));
+            if a < b {
+                out.extend_from_slice(&chunk[(a - cs) as usize..(b - cs) as usize]);
+            }
+            if pos >= limit {
+                break;
+            }
+        }
+        if out.len() as u64 != want {
+            return Err(RegistryError::Transport {
+                what,
+                url: resp.url().to_string(),
+                message: format!("short read: {} of {want} bytes", out.len()),
+            });
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// Size of a blob if it exists (HEAD).
+    pub async fn blob_size(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
+        let what = format!("blob {digest} in {}/{}", repo.registry, repo.name);
+        let ep = self.push_endpoint(repo)?;
+        let url = Self::url(&ep, repo, &format!("blobs/{digest}"));
+        let resp = self
+            .send(&ep, repo, false, &what, &|c| c.head(&url))
+            .await?;
+        match resp.status() {
+            StatusCode::OK => Ok(resp
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse().ok())),
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(RegistryError::Status {
+                what,
+                status: s.as_u16(),
+                body: String::new(),
+            }),
+        }
+    }
+
+    fn absolute(ep: &Endpoint, location: &str) -> String {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            location.to_string()
+        } else {
+            format!("{}{}", ep.base, location)
+        }
+    }
+
+    async fn start_upload(
+        &self,
+        ep: &Endpoint,
+        repo: &Repository,
+        what: &str,
+        query: &str,
+    ) -> Result<Response> {
+        let url = format!("{}{}", Self::url(ep, repo, "blobs/uploads/"), query);
+        let resp = self
+            .send(ep, repo, true, what, &|c| {
+                c.request(Method::POST, &url).header(CONTENT_LENGTH, "0")
+            })
+            .await?;
+        Self::check_status(resp, what, &[StatusCode::ACCEPTED, StatusCode::CREATED]).await
+    }
+
+    fn location(resp: &Response, ep: &Endpoint, what: &str) -> Result<String> {
+        let loc = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| RegistryError::Status {
+                what: what.into(),
+                status: resp.status().as_u16(),
+                body: "upload without Location".into(),
+            })?;
+        Ok(Self::absolute(ep, loc))
+    }
+
+    fn with_digest(loc: &str, digest: &Digest) -> String {
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        format!("{loc}{sep}digest={digest}")
+    }
+
+    /// Pushes a blob in one request (skipped when the registry already has it).
+    pub async fn push_blob(&self, repo: &Repository, digest: &Digest, data: Bytes) -> Result<()> {
+        if self.blob_size(repo, digest).await?.is_some() {
+            return Ok(());
+        }
+        let what = format!("push of blob {digest} to {}/{}", repo.registry, repo.name);
+        let actual = Digest::of(&data);
+        if &actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                what,
+                expected: digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        let ep = self.push_endpoint(repo)?;
+        let resp = self.start_upload(&ep, repo, &what, "").await?;
+        let put = Self::with_digest(&Self::location(&resp, &ep, &what)?, digest);
+        let resp = self
+            .send(&ep, repo, true, &what, &|c| {
+                c.put(&put)
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .body(data.clone())
+            })
+            .await?;
+        Self::check_status(
+            resp,
+            &what,
+            &[StatusCode::CREATED, StatusCode::NO_CONTENT, StatusCode::OK],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Pushes a blob from a file in chunks (PATCH with Content-Range, then PUT).
+    pub async fn push_blob_file(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        path: &std::path::Path,
+    ) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        if self.blob_size(repo, digest).await?.is_some() {
+            return Ok(());
+        }
+        let what = format!("push of blob {digest} to {}/{}", repo.registry, repo.name);
+        let io = |e| RegistryError::Io {
+            what: what.clone(),
+            source: e,
+        };
+        let mut f = tokio::fs::File::open(path).await.map_err(io)?;
+        let ep = self.push_endpoint(repo)?;
+        let resp = self.start_upload(&ep, repo, &what, "").await?;
+        let mut loc = Self::location(&resp, &ep, &what)?;
+        let mut offset: u64 = 0;
+        let mut hasher = Sha256::new();
+        loop {
+            let mut chunk = Vec::with_capacity(self.opts.upload_chunk_bytes as usize);
+            (&mut f)
+                .take(self.opts.upload_chunk_bytes)
+                .read_to_end(&mut chunk)
+                .await
+                .map_err(io)?;
+            if chunk.is_empty() {
+                break;
+            }
+            hasher.update(&chunk);
+            let end = offset + chunk.len() as u64 - 1;
+            let body = Bytes::from(chunk);
+            let l = loc.clone();
+            let resp = self
+                .send(&ep, repo, true, &what, &|c| {
+                    c.patch(&l)
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header(CONTENT_RANGE, format!("{offset}-{end}"))
+                        .body(body.clone())
+                })
+                .await?;
+            let resp =
+                Self::check_status(resp, &what, &[StatusCode::ACCEPTED, StatusCode::NO_CONTENT])
+                    .await?;
+            loc = Self::location(&resp, &ep, &what)?;
+            offset = end + 1;
+        }
+        let actual = Digest::from_hasher(hasher);
+        if &actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                what,
+                expected: digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        let put = Self::with_digest(&loc, digest);
+        let resp = self
+            .send(&ep, repo, true, &what, &|c| {
+                c.put(&put).header(CONTENT_LENGTH, "0")
+            })
+            .await?;
+        Self::check_status(
+            resp,
+            &what,
+            &[StatusCode::CREATED, StatusCode::NO_CONTENT, StatusCode::OK],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Asks the registry to mount a blob from another repository; `false` if it did not.
+    pub async fn mount_blob(
+        &self,
+        repo: &Repository,
+        from: &Repository,
+        digest: &Digest,
+    ) -> Result<bool> {
+        if repo.registry != from.registry {
+            return Ok(false);
+        }
+        if self.blob_size(repo, digest).await?.is_some() {
+            return Ok(true);
+        }
+        let what = format!(
+            "mount of blob {digest} from {} into {}",
+            from.name, repo.name
+        );
+        let ep = self.push_endpoint(repo)?;
+        let resp = self
+            .start_upload(
+                &ep,
+                repo,
+                &what,
+                &format!("?mount={digest}&from={}", from.name),
+            )
+            .await?;
+        Ok(resp.status() == StatusCode::CREATED)
+    }
+
+    /// Pushes a manifest under a tag or its digest; returns its digest.
+    pub async fn put_manifest(
+        &self,
+        repo: &Repository,
+        object: &str,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<Digest> {
+        let digest = Digest::of(&body);
+        let what = format!(
+            "push of manifest {digest} to {}/{}:{object}",
+            repo.registry, repo.name
+        );
+        let ep = self.push_endpoint(repo)?;
+        let url = Self::url(&ep, repo, &format!("manifests/{object}"));
+        let resp = self
+            .send(&ep, repo, true, &what, &|c| {
+                c.put(&url)
+                    .header(CONTENT_TYPE, media_type)
+                    .body(body.clone())
+            })
+            .await?;
+        Self::check_status(
+            resp,
+            &what,
+            &[StatusCode::CREATED, StatusCode::OK, StatusCode::ACCEPTED],
+        )
+        .await?;
+        Ok(digest)
+    }
+
+    /// The referrers of `digest` (OCI 1.1 referrers API, then the `sha256-<hex>` tag
+    /// fallback), filtered by artifact type. `None` when the registry has neither.
+    pub async fn referrers(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<ImageIndex>> {
+        let what = format!("referrers of {digest} in {}/{}", repo.registry, repo.name);
+        let ep = self.push_endpoint(repo)?;
+        let url = format!(
+            "{}?artifactType={artifact_type}",
+            Self::url(&ep, repo, &format!("referrers/{digest}"))
+        );
+        let resp = self
+            .send(&ep, repo, false, &what, &|c| {
+                c.get(&url).header(ACCEPT, MEDIA_TYPE_OCI_INDEX)
+            })
+            .await?;
+        let body = if resp.status() == StatusCode::OK {
+            Some(Self::read_capped(resp, &what, self.opts.max_manifest_bytes).await?)
+        } else {
+            match self
+                .get_manifest(repo, &format!("sha256-{}", digest.hex()))
+                .await
+            {
+                Ok((_, b)) => Some(b.to_vec()),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e),
+            }
+        };
+        let Some(body) = body else { return Ok(None) };
+        let mut idx: ImageIndex =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
+                what,
+                status: 200,
+                body: format!("invalid referrers index: {e}"),
+            })?;
+        idx.manifests
+            .retain(|d| d.artifact_type.as_deref() == Some(artifact_type));
+        Ok(Some(idx))
+    }
+}

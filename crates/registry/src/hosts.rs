@@ -1,0 +1,190 @@
+//! Registry endpoints: containerd's `certs.d/<host>/hosts.toml` (mirrors, plain HTTP,
+//! `skip_verify`) and plain-HTTP hosts given on the command line.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{RegistryError, Result};
+
+/// One place to send requests for a registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `scheme://host[:port]` with no trailing slash.
+    pub base: String,
+    /// Path prefix to use instead of `/v2` (containerd's `override_path`).
+    pub path_prefix: String,
+    /// Host allowed to pull from.
+    pub pull: bool,
+    /// Host allowed to resolve tags.
+    pub resolve: bool,
+    /// Host allowed to push to.
+    pub push: bool,
+    /// Skip TLS verification (only when configured).
+    pub skip_verify: bool,
+}
+
+/// How to reach registries.
+#[derive(Debug, Clone, Default)]
+pub struct HostsConfig {
+    /// Directory with `<host>/hosts.toml` files (containerd `config_path`).
+    pub hosts_dir: Option<PathBuf>,
+    /// Use plain HTTP for every registry (`--plain-http`).
+    pub plain_http: bool,
+    /// Registries reached over plain HTTP.
+    pub plain_http_hosts: Vec<String>,
+}
+
+impl HostsConfig {
+    /// Endpoints for `registry`, mirrors first, the registry itself last.
+    pub fn endpoints(&self, registry: &str) -> Result<Vec<Endpoint>> {
+        let plain = self.plain_http || self.plain_http_hosts.iter().any(|h| h == registry);
+        let default_server = if registry == crate::reference::DOCKER_HUB {
+            "https://registry-1.docker.io".to_string()
+        } else if plain {
+            format!("http://{registry}")
+        } else {
+            format!("https://{registry}")
+        };
+        let mut out = Vec::new();
+        let mut server = default_server.clone();
+        if let Some(dir) = &self.hosts_dir {
+            let file = [registry, "_default"]
+                .iter()
+                .map(|h| dir.join(h.replace(':', "_")).join("hosts.toml"))
+                .chain(std::iter::once(dir.join(registry).join("hosts.toml")))
+                .find(|p| p.exists());
+            if let Some(file) = file {
+                let (s, hosts) = parse_hosts_toml(&file)?;
+                if let Some(s) = s {
+                    server = s;
+                }
+                out = hosts;
+            }
+        }
+        out.push(Endpoint {
+            base: server.trim_end_matches('/').to_string(),
+            path_prefix: "/v2".into(),
+            pull: true,
+            resolve: true,
+            push: true,
+            skip_verify: false,
+        });
+        Ok(out)
+    }
+}
+
+fn parse_hosts_toml(path: &Path) -> Result<(Option<String>, Vec<Endpoint>)> {
+    let bad = |why: String| RegistryError::Config(format!("{}: {why}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| RegistryError::Io {
+        what: format!("reading {}", path.display()),
+        source: e,
+    })?;
+    let table: toml::Table = text.parse().map_err(|e| bad(format!("{e}")))?;
+    let server = table
+        .get("server")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let mut out = Vec::new();
+    if let Some(hosts) = table.get("host").and_then(|v| v.as_table()) {
+        for (url, cfg) in hosts {
+            let cfg = cfg
+                .as_table()
+                .ok_or_else(|| bad(format!("host {url:?} is not a table")))?;
+            let caps: Vec<&str> = match cfg.get("capabilities") {
+                Some(v) => v
+                    .as_array()
+                    .ok_or_else(|| bad("capabilities must be a list".into()))?
+                    .iter()
+                    .filter_map(|c| c.as_str())
+                    .collect(),
+                None => vec!["pull", "resolve"],
+            };
+            let base = if url.contains("://") {
+                url.clone()
+            } else {
+                format!("https://{url}")
+            };
+            let override_path = cfg
+                .get("override_path")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            let (base, path_prefix) = if override_path {
+                match base
+                    .find("://")
+                    .and_then(|i| base[i + 3..].find('/').map(|j| i + 3 + j))
+                {
+                    Some(p) => (
+                        base[..p].to_string(),
+                        base[p..].trim_end_matches('/').to_string(),
+                    ),
+                    None => (base.clone(), String::new()),
+                }
+            } else {
+                (base.trim_end_matches('/').to_string(), "/v2".to_string())
+            };
+            out.push(Endpoint {
+                base,
+                path_prefix,
+                pull: caps.contains(&"pull"),
+                resolve: caps.contains(&"resolve"),
+                push: caps.contains(&"push"),
+                skip_verify: cfg
+                    .get("skip_verify")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
+            });
+        }
+    }
+    Ok((server, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_and_plain() {
+        let h = HostsConfig {
+            plain_http_hosts: vec!["127.0.0.1:5000".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            h.endpoints("127.0.0.1:5000").unwrap()[0].base,
+            "http://127.0.0.1:5000"
+        );
+        assert_eq!(
+            h.endpoints("example.com").unwrap()[0].base,
+            "https://example.com"
+        );
+        assert_eq!(
+            h.endpoints("docker.io").unwrap()[0].base,
+            "https://registry-1.docker.io"
+        );
+    }
+
+    #[test]
+    fn hosts_toml_mirrors() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("example.com");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("hosts.toml"),
+            "server = \"https://example.com\"\n[host.\"http://127.0.0.1:9999\"]\n  capabilities = [\"pull\", \"resolve\"]\n[host.\"https://m2.example/sub/v2\"]\n  override_path = true\n  skip_verify = true\n",
+        )
+        .unwrap();
+        let h = HostsConfig {
+            hosts_dir: Some(dir.path().into()),
+            ..Default::default()
+        };
+        let e = h.endpoints("example.com").unwrap();
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[0].base, "http://127.0.0.1:9999");
+        assert!(e[0].pull && !e[0].push);
+        assert_eq!(
+            (e[1].base.as_str(), e[1].path_prefix.as_str()),
+            ("https://m2.example", "/sub/v2")
+        );
+        assert!(e[1].skip_verify);
+        assert_eq!(e[2].base, "https://example.com");
+        assert!(e[2].push);
+    }
+}
