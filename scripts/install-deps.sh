@@ -6,7 +6,7 @@ set -euo pipefail
 
 PKGS=(
   containerd runc docker-registry skopeo umoci busybox-static fuse3 zstd iproute2
-  protobuf-compiler pigz ca-certificates bc
+  protobuf-compiler pigz ca-certificates bc apache2-utils curl
 )
 
 if [ "$(id -u)" != 0 ]; then

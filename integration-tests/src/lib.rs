@@ -1,6 +1,10 @@
 //! Shared harness for tests against real components (GNU tar, gzip, registry, containerd,
 //! FUSE). Tests fail with a clear message when a prerequisite is missing; they never skip.
 
+pub mod containerd;
+pub mod image;
+pub mod registry;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
