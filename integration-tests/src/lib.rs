@@ -2,6 +2,7 @@
 //! FUSE). Tests fail with a clear message when a prerequisite is missing; they never skip.
 
 pub mod containerd;
+pub mod daemon;
 pub mod image;
 pub mod registry;
 

@@ -1,0 +1,12 @@
+//! soci-rs containerd snapshotter: the `containerd.services.snapshots.v1.Snapshots` service
+//! over a crash-safe metadata store and overlayfs directories.
+
+pub mod config;
+pub mod error;
+pub mod overlay;
+pub mod proto;
+pub mod service;
+pub mod store;
+
+pub use config::Config;
+pub use service::{Service, Snapshotter};

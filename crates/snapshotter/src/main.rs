@@ -1,0 +1,130 @@
+//! `soci-snapshotter-grpc`: the soci-rs containerd snapshotter daemon.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use soci_snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
+use soci_snapshotter::proto::snapshots::snapshots_server::SnapshotsServer;
+use soci_snapshotter::{Service, Snapshotter};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info};
+
+/// The soci-rs containerd snapshotter daemon.
+#[derive(Parser)]
+#[command(name = "soci-snapshotter-grpc", version, about)]
+struct Args {
+    /// gRPC unix socket to listen on.
+    #[arg(long)]
+    address: Option<PathBuf>,
+    /// State directory.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Config file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Log level (error, warn, info, debug, trace).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn init_logging(level: &str, format: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .with_context(|| format!("invalid log level {level:?}"))?;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    match format {
+        "json" => b.json().init(),
+        "text" => b.init(),
+        other => anyhow::bail!("invalid log format {other:?} (text or json)"),
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("soci-snapshotter-grpc: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    let cfg = match &args.config {
+        Some(p) => Config::load(p, true),
+        None => Config::load(DEFAULT_CONFIG_PATH.as_ref(), false),
+    }
+    .map_err(anyhow::Error::msg)?;
+    let root = args.root.clone().unwrap_or_else(|| cfg.root_path.clone());
+    let address = args.address.clone().unwrap_or_else(|| cfg.address.clone());
+    init_logging(
+        args.log_level.as_deref().unwrap_or(&cfg.log_level),
+        args.log_format.as_deref().unwrap_or(&cfg.log_format),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(cfg, root, address))
+}
+
+async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
+    std::fs::create_dir_all(&root).with_context(|| format!("creating root {}", root.display()))?;
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
+    let r = root.clone();
+    let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&r))
+        .await?
+        .with_context(|| format!("opening snapshotter state in {}", root.display()))?;
+    let snapshotter = Arc::new(snapshotter);
+
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&address) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", address.display()))
+        }
+    }
+    let listener = UnixListener::bind(&address)
+        .with_context(|| format!("listening on {}", address.display()))?;
+    std::fs::set_permissions(&address, std::fs::Permissions::from_mode(0o600))?;
+    info!(address = %address.display(), root = %root.display(), "soci-snapshotter-grpc serving");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SnapshotsServer::new(Service::new(snapshotter.clone())))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(cfg.shutdown_timeout_sec), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => error!(error = %e, "gRPC server error during shutdown"),
+        Ok(Err(e)) => error!(error = %e, "gRPC server task failed"),
+        Err(_) => error!("in-flight calls did not finish in time; exiting anyway"),
+    }
+    let _ = std::fs::remove_file(&address);
+    info!("stopped");
+    Ok(())
+}
