@@ -1,0 +1,172 @@
+//! The daemon as containerd's proxy snapshotter: pull and run through real containerd, across
+//! a graceful restart and a kill -9 during a pull.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::containerd::Containerd;
+use integration_tests::daemon::SociDaemon;
+use integration_tests::image::{
+    busybox_layer, random_bytes, Compression, Entry, Layer, LayoutWriter,
+};
+use integration_tests::registry::Registry;
+
+fn proxy_config(d: &SociDaemon) -> String {
+    format!(
+        "[proxy_plugins]\n  [proxy_plugins.soci]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+        d.socket.display()
+    )
+}
+
+/// Retries a ctr command while containerd's client reconnects to a restarted daemon.
+fn ctr_retry(c: &Containerd, args: &[&str], within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let o = c.ctr(args);
+        if o.status.success() {
+            return String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ctr {args:?} kept failing: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn push_image(reg: &Registry, dir: &std::path::Path, name: &str) -> String {
+    let mut data = vec![Entry::Dir("data/".into())];
+    for i in 0..4 {
+        data.push(Entry::File(
+            format!("data/f{i}"),
+            random_bytes(3 << 20, 40 + i),
+            0o644,
+        ));
+    }
+    data.push(Entry::File(
+        "data/msg".into(),
+        b"ran on soci\n".to_vec(),
+        0o644,
+    ));
+    let layers = [
+        busybox_layer(),
+        Layer {
+            entries: data,
+            compression: Compression::Gzip,
+        },
+    ];
+    let mut w = LayoutWriter::new(&dir.join(name));
+    let m = w.manifest(
+        "amd64",
+        &layers,
+        &["/bin/sh", "-c", "cat /data/msg; ls /data | wc -l"],
+    );
+    w.tag_manifest(&m, "v1");
+    reg.push_layout(&w.dir, "v1", &format!("{name}:v1"), None);
+    format!("{}/{name}:v1", reg.addr)
+}
+
+#[test]
+fn pull_and_run_through_containerd_across_restarts() {
+    let reg = Registry::start();
+    let tmp = tempfile::Builder::new()
+        .prefix("soci-e2e")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let image = push_image(&reg, tmp.path(), "app");
+    let mut daemon = SociDaemon::start(&tmp.path().join("d"), "");
+    let ctd = Containerd::start(&proxy_config(&daemon));
+    let plugins = ctd.ctr_ok(&["plugins", "ls"]);
+    assert!(
+        plugins
+            .lines()
+            .any(|l| l.contains("io.containerd.snapshotter.v1")
+                && l.contains("soci")
+                && l.contains("ok")),
+        "{plugins}"
+    );
+
+    ctd.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "soci",
+        &image,
+    ]);
+    let snaps = ctd.ctr_ok(&["snapshots", "--snapshotter", "soci", "ls"]);
+    assert_eq!(
+        snaps.lines().filter(|l| l.contains("Committed")).count(),
+        2,
+        "{snaps}"
+    );
+
+    // Graceful restart between pull and run.
+    assert_eq!(daemon.stop(), Some(0));
+    daemon.restart();
+    let out = ctr_retry(
+        &ctd,
+        &["run", "--rm", "--snapshotter", "soci", &image, "run-1"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out, "ran on soci\n5\n");
+    assert!(daemon.log_text().contains("snapshot metadata recovered"));
+}
+
+#[test]
+fn kill9_during_pull_then_pull_completes() {
+    let reg = Registry::start();
+    let tmp = tempfile::Builder::new()
+        .prefix("soci-e2e")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let image = push_image(&reg, tmp.path(), "crash");
+    let mut daemon = SociDaemon::start(&tmp.path().join("d"), "");
+    let ctd = Containerd::start(&proxy_config(&daemon));
+    let mut pull = Command::new("ctr")
+        .arg("-a")
+        .arg(&ctd.socket)
+        .args([
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "soci",
+            &image,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill the daemon as soon as the pull has created its first snapshot.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log_text().contains("created snapshot") {
+        assert!(
+            Instant::now() < deadline,
+            "pull never reached the snapshotter"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    daemon.kill9();
+    let _ = pull.wait();
+    daemon.restart();
+    ctr_retry(
+        &ctd,
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "soci",
+            &image,
+        ],
+        Duration::from_secs(90),
+    );
+    let out = ctr_retry(
+        &ctd,
+        &["run", "--rm", "--snapshotter", "soci", &image, "run-2"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out, "ran on soci\n5\n");
+}
