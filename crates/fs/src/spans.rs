@@ -1,0 +1,342 @@
+//! Span manager: turns uncompressed byte ranges of a layer into verified bytes.
+//!
+//! A read finds the spans it touches; spans not cached are fetched with one HTTP range request
+//! per run of consecutive missing spans, each span's compressed bytes are checked against the
+//! zTOC digest (re-fetched on mismatch up to a limit), decompressed, written to the on-disk
+//! cache and kept in a memory LRU. A per-span async lock makes concurrent readers of a span
+//! share one fetch. Nothing unverified is ever returned.
+
+use std::future::Future;
+use std::io;
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use lru::LruCache;
+use soci_ztoc::{SpanId, Spans};
+use tracing::{debug, error, warn};
+
+/// Reads byte ranges of the compressed layer blob (an HTTP range reader in production).
+pub trait RangeReader: Send + Sync + 'static {
+    /// Returns exactly the bytes `range` of the blob.
+    fn read_range(
+        &self,
+        range: Range<u64>,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send + '_>>;
+}
+
+/// Counters shared by all layers (exported as Prometheus metrics).
+#[derive(Debug, Default)]
+pub struct FsMetrics {
+    /// Compressed bytes fetched for reads.
+    pub demand_bytes: AtomicU64,
+    /// Compressed bytes fetched by the background fetcher.
+    pub background_bytes: AtomicU64,
+    /// Spans whose digest matched.
+    pub spans_verified: AtomicU64,
+    /// Spans whose digest did not match.
+    pub verify_failures: AtomicU64,
+    /// Reads answered with EIO.
+    pub read_errors: AtomicU64,
+    /// FUSE read latency histogram: counts per bucket of [`LATENCY_BUCKETS_MS`] (+Inf last).
+    pub read_latency: [AtomicU64; 9],
+    /// Sum of FUSE read latencies in microseconds.
+    pub read_latency_sum_us: AtomicU64,
+}
+
+/// Upper bounds (ms) of the read latency histogram buckets.
+pub const LATENCY_BUCKETS_MS: [f64; 8] = [0.1, 0.5, 1.0, 5.0, 20.0, 100.0, 500.0, 2000.0];
+
+impl FsMetrics {
+    /// Records one read latency.
+    pub fn observe_read(&self, d: Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        let i = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.read_latency[i].fetch_add(1, Ordering::Relaxed);
+        self.read_latency_sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Span manager settings.
+#[derive(Debug, Clone)]
+pub struct SpanConfig {
+    /// Directory for this layer's decompressed spans.
+    pub cache_dir: PathBuf,
+    /// Skip digest checks (`disable_verification`; never recommended).
+    pub disable_verification: bool,
+    /// Re-fetches after a digest mismatch.
+    pub max_verification_retries: u32,
+    /// Deadline for one fetch.
+    pub fetch_timeout: Duration,
+    /// Spans kept in memory.
+    pub memory_spans: usize,
+}
+
+/// Why a span fetch is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// A reader is waiting.
+    Demand,
+    /// Background fill.
+    Background,
+}
+
+/// Serves a layer's uncompressed bytes from spans.
+pub struct SpanManager {
+    layer: String,
+    spans: Spans,
+    reader: Arc<dyn RangeReader>,
+    cfg: SpanConfig,
+    metrics: Arc<FsMetrics>,
+    memory: Mutex<LruCache<SpanId, Arc<Vec<u8>>>>,
+    on_disk: Vec<AtomicBool>,
+    locks: Vec<tokio::sync::Mutex<()>>,
+    closed: AtomicBool,
+}
+
+fn eio(msg: String) -> io::Error {
+    io::Error::other(msg)
+}
+
+impl SpanManager {
+    /// A manager for layer `layer` (its digest, for logs) with span table `spans`.
+    pub fn new(
+        layer: String,
+        spans: Spans,
+        reader: Arc<dyn RangeReader>,
+        cfg: SpanConfig,
+        metrics: Arc<FsMetrics>,
+    ) -> io::Result<Self> {
+        std::fs::create_dir_all(&cfg.cache_dir)?;
+        let n = spans.len();
+        let on_disk: Vec<AtomicBool> = (0..n)
+            .map(|i| AtomicBool::new(cfg.cache_dir.join(i.to_string()).exists()))
+            .collect();
+        let cap = NonZeroUsize::new(cfg.memory_spans.max(1)).expect("non-zero");
+        Ok(SpanManager {
+            layer,
+            spans,
+            reader,
+            cfg,
+            metrics,
+            memory: Mutex::new(LruCache::new(cap)),
+            on_disk,
+            locks: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Number of spans.
+    pub fn span_count(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Spans already fetched.
+    pub fn cached_count(&self) -> usize {
+        self.on_disk
+            .iter()
+            .filter(|b| b.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// Stops background work (the layer is being unmounted).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
+    fn is_cached(&self, id: SpanId) -> bool {
+        self.on_disk[id].load(Ordering::Acquire)
+    }
+
+    /// Reads uncompressed bytes `range` of the layer.
+    pub async fn read(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
+        let ids = self.spans.spans_for(&range);
+        self.ensure(ids.clone(), Priority::Demand).await?;
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        for id in ids {
+            let s = self.spans.span(id).map_err(|e| eio(e.to_string()))?;
+            let from = range.start.max(s.uncompressed.start);
+            let to = range.end.min(s.uncompressed.end);
+            if from >= to {
+                continue;
+            }
+            let rel = (from - s.uncompressed.start)..(to - s.uncompressed.start);
+            let cached = self.memory.lock().expect("span cache").get(&id).cloned();
+            match cached {
+                Some(data) => out.extend_from_slice(&data[rel.start as usize..rel.end as usize]),
+                None => {
+                    let mut buf = vec![0u8; (rel.end - rel.start) as usize];
+                    let f = std::fs::File::open(self.cfg.cache_dir.join(id.to_string()))?;
+                    f.read_exact_at(&mut buf, rel.start)?;
+                    out.extend_from_slice(&buf);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes sure spans `ids` are cached, fetching missing runs.
+    pub async fn ensure(&self, ids: Range<SpanId>, prio: Priority) -> io::Result<()> {
+        let missing: Vec<SpanId> = ids.filter(|&i| !self.is_cached(i)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // Lock in ascending order (no deadlock); whoever fetched first filled the cache.
+        let mut guards = Vec::with_capacity(missing.len());
+        for &id in &missing {
+            guards.push(self.locks[id].lock().await);
+        }
+        let still: Vec<SpanId> = missing
+            .into_iter()
+            .filter(|&i| !self.is_cached(i))
+            .collect();
+        let mut start = 0;
+        while start < still.len() {
+            let mut end = start + 1;
+            while end < still.len() && still[end] == still[end - 1] + 1 {
+                end += 1;
+            }
+            self.fetch_run(still[start]..still[end - 1] + 1, prio)
+                .await?;
+            start = end;
+        }
+        drop(guards);
+        Ok(())
+    }
+
+    async fn fetch_run(&self, run: Range<SpanId>, prio: Priority) -> io::Result<()> {
+        let first = self.spans.span(run.start).map_err(|e| eio(e.to_string()))?;
+        let last = self
+            .spans
+            .span(run.end - 1)
+            .map_err(|e| eio(e.to_string()))?;
+        let range = first.compressed.start..last.compressed.end;
+        let mut attempt = 0;
+        loop {
+            let data = match tokio::time::timeout(
+                self.cfg.fetch_timeout,
+                self.reader.read_range(range.clone()),
+            )
+            .await
+            {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => {
+                    error!(layer = %self.layer, spans = ?run, error = %e, "span fetch failed");
+                    return Err(eio(format!(
+                        "layer {}: fetching spans {run:?}: {e}",
+                        self.layer
+                    )));
+                }
+                Err(_) => {
+                    error!(layer = %self.layer, spans = ?run, timeout = ?self.cfg.fetch_timeout, "span fetch timed out");
+                    return Err(eio(format!(
+                        "layer {}: fetching spans {run:?} timed out",
+                        self.layer
+                    )));
+                }
+            };
+            if data.len() as u64 != range.end - range.start {
+                return Err(eio(format!(
+                    "layer {}: short read of spans {run:?}",
+                    self.layer
+                )));
+            }
+            let counter = match prio {
+                Priority::Demand => &self.metrics.demand_bytes,
+                Priority::Background => &self.metrics.background_bytes,
+            };
+            counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            match self.verify_and_store(&run, range.start, data).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < self.cfg.max_verification_retries => {
+                    attempt += 1;
+                    warn!(layer = %self.layer, spans = ?run, attempt, error = %e, "span verification failed; fetching again");
+                }
+                Err(e) => {
+                    error!(layer = %self.layer, spans = ?run, error = %e, "span verification failed; giving up");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn verify_and_store(
+        &self,
+        run: &Range<SpanId>,
+        base: u64,
+        data: Bytes,
+    ) -> io::Result<()> {
+        let spans = self.spans.clone();
+        let verify = !self.cfg.disable_verification;
+        let run2 = run.clone();
+        let layer = self.layer.clone();
+        // Verification and decompression are CPU work: off the async workers.
+        let decoded: Vec<(SpanId, Vec<u8>)> = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for id in run2 {
+                let s = spans.span(id).map_err(|e| eio(e.to_string()))?;
+                let slice =
+                    &data[(s.compressed.start - base) as usize..(s.compressed.end - base) as usize];
+                if verify {
+                    spans
+                        .verify(id, slice)
+                        .map_err(|e| eio(format!("layer {layer}: {e}")))?;
+                }
+                let plain = spans
+                    .decompress(id, slice)
+                    .map_err(|e| eio(format!("layer {layer}: {e}")))?;
+                out.push((id, plain));
+            }
+            Ok::<_, io::Error>(out)
+        })
+        .await
+        .map_err(|e| eio(format!("decompression task: {e}")))?
+        .inspect_err(|_| {
+            self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+        })?;
+        for (id, plain) in decoded {
+            self.metrics.spans_verified.fetch_add(1, Ordering::Relaxed);
+            let path = self.cfg.cache_dir.join(id.to_string());
+            let tmp = self.cfg.cache_dir.join(format!("{id}.tmp"));
+            std::fs::write(&tmp, &plain)?;
+            std::fs::rename(&tmp, &path)?;
+            self.memory
+                .lock()
+                .expect("span cache")
+                .put(id, Arc::new(plain));
+            self.on_disk[id].store(true, Ordering::Release);
+        }
+        debug!(layer = %self.layer, spans = ?run, "spans fetched and verified");
+        Ok(())
+    }
+
+    /// Fetches every span not yet cached, one at a time, after `delay`, pausing `period`
+    /// between spans, until done or closed.
+    pub async fn background_fill(self: Arc<Self>, delay: Duration, period: Duration) {
+        tokio::time::sleep(delay).await;
+        for id in 0..self.spans.len() {
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            if self.is_cached(id) {
+                continue;
+            }
+            if let Err(e) = self.ensure(id..id + 1, Priority::Background).await {
+                warn!(layer = %self.layer, span = id, error = %e, "background fetch failed; stopping it");
+                return;
+            }
+            tokio::time::sleep(period).await;
+        }
+        debug!(layer = %self.layer, "background fetch complete");
+    }
+}
