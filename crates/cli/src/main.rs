@@ -1,6 +1,7 @@
 //! `soci`: build and inspect SOCI artifacts.
 
 mod image_cmd;
+mod rpull;
 mod ztoc_cmd;
 
 use std::io::IsTerminal;
@@ -66,6 +67,9 @@ enum Command {
     /// Inspect SOCI indexes in a registry.
     #[command(subcommand)]
     Index(image_cmd::IndexCommand),
+    /// Pull images through containerd with the soci snapshotter; show how they were pulled.
+    #[command(subcommand)]
+    Image(rpull::ImageCommand),
 }
 
 fn main() {
@@ -78,11 +82,13 @@ fn main() {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .init();
-    let _ = (&cli.address, &cli.namespace);
     let result: Result<()> = match cli.command {
         Command::Ztoc(c) => ztoc_cmd::run(c),
         Command::Convert(a) => runtime().and_then(|rt| rt.block_on(image_cmd::convert(a))),
         Command::Index(c) => runtime().and_then(|rt| rt.block_on(image_cmd::index(c))),
+        Command::Image(c) => {
+            runtime().and_then(|rt| rt.block_on(rpull::run(c, &cli.address, &cli.namespace)))
+        }
     };
     if let Err(e) = result {
         // A closed stdout (e.g. piped into `head`) is not a failure.

@@ -28,6 +28,121 @@ pub struct Config {
     pub log_format: String,
     /// Seconds to let in-flight calls finish on SIGTERM/SIGINT. Default 10.
     pub shutdown_timeout_sec: u64,
+    /// Prometheus metrics listen address (`host:port`); none by default.
+    pub metrics_address: Option<String>,
+    /// Skip span digest checks (never recommended). Default false.
+    pub disable_verification: bool,
+    /// How to reach registries.
+    pub resolver: ResolverConfig,
+    /// Span fetching.
+    pub blob: BlobConfig,
+    /// FUSE settings.
+    pub fuse: FuseConfig,
+    /// Background fetch of the spans not read yet.
+    pub background_fetch: BackgroundFetchConfig,
+    /// Which SOCI index versions are used.
+    pub pull_modes: PullModes,
+}
+
+/// `[resolver]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ResolverConfig {
+    /// Registries reached over plain HTTP (`host:port`). Default none.
+    pub plain_http_hosts: Vec<String>,
+    /// containerd hosts directory (`<host>/hosts.toml`). Default `/etc/containerd/certs.d`.
+    pub hosts_dir: PathBuf,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverConfig {
+            plain_http_hosts: Vec::new(),
+            hosts_dir: "/etc/containerd/certs.d".into(),
+        }
+    }
+}
+
+/// `[blob]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct BlobConfig {
+    /// Deadline for one span fetch, in seconds. Default 30.
+    pub fetching_timeout_sec: u64,
+    /// Re-fetches of a span whose digest does not match. Default 3.
+    pub max_span_verification_retries: u32,
+    /// Decompressed spans kept in memory per layer. Default 8.
+    pub memory_cache_spans: usize,
+}
+
+impl Default for BlobConfig {
+    fn default() -> Self {
+        BlobConfig {
+            fetching_timeout_sec: 30,
+            max_span_verification_retries: 3,
+            memory_cache_spans: 8,
+        }
+    }
+}
+
+/// `[fuse]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct FuseConfig {
+    /// Attribute and entry cache timeout in seconds. Default 1.
+    pub attr_timeout: u64,
+}
+
+impl Default for FuseConfig {
+    fn default() -> Self {
+        FuseConfig { attr_timeout: 1 }
+    }
+}
+
+/// `[background_fetch]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct BackgroundFetchConfig {
+    /// Turn background fetch off. Default false.
+    pub disable: bool,
+    /// Wait after a layer is mounted before fetching in the background (ms). Default 30000.
+    pub silence_period_msec: u64,
+    /// Pause between background span fetches (ms). Default 500.
+    pub fetch_period_msec: u64,
+}
+
+impl Default for BackgroundFetchConfig {
+    fn default() -> Self {
+        BackgroundFetchConfig {
+            disable: false,
+            silence_period_msec: 30_000,
+            fetch_period_msec: 500,
+        }
+    }
+}
+
+/// `[pull_modes]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct PullModes {
+    /// `[pull_modes.soci_v1]`: v1 indexes (referrers API). Default off.
+    pub soci_v1: Toggle,
+    /// `[pull_modes.soci_v2]`: v2 indexes (image index binding). Default on.
+    pub soci_v2: Toggle,
+}
+
+/// An `enable` switch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Toggle {
+    /// Whether enabled.
+    pub enable: bool,
+}
+
+impl Default for Toggle {
+    fn default() -> Self {
+        Toggle { enable: true }
+    }
 }
 
 impl Default for Config {
@@ -38,6 +153,16 @@ impl Default for Config {
             log_level: "info".into(),
             log_format: "text".into(),
             shutdown_timeout_sec: 10,
+            metrics_address: None,
+            disable_verification: false,
+            resolver: ResolverConfig::default(),
+            blob: BlobConfig::default(),
+            fuse: FuseConfig::default(),
+            background_fetch: BackgroundFetchConfig::default(),
+            pull_modes: PullModes {
+                soci_v1: Toggle { enable: false },
+                soci_v2: Toggle { enable: true },
+            },
         }
     }
 }
@@ -68,6 +193,10 @@ mod tests {
         let shipped = include_str!("../../../deploy/config.toml");
         let c: Config = toml::from_str(shipped).unwrap();
         assert_eq!(c.address, PathBuf::from(DEFAULT_ADDRESS));
+        assert!(!c.pull_modes.soci_v1.enable && c.pull_modes.soci_v2.enable);
+        assert_eq!(c.background_fetch.silence_period_msec, 30_000);
+        let c: Config = toml::from_str("[pull_modes.soci_v1]\nenable = true\n").unwrap();
+        assert!(c.pull_modes.soci_v1.enable && c.pull_modes.soci_v2.enable);
         assert!(Config::load(Path::new("/nonexistent/x.toml"), true).is_err());
         assert!(Config::load(Path::new("/nonexistent/x.toml"), false).is_ok());
     }

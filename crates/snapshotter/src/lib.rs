@@ -3,10 +3,13 @@
 
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod overlay;
 pub mod proto;
+pub mod remote;
 pub mod service;
 pub mod store;
+pub mod unpack;
 
 pub use config::Config;
 pub use service::{Service, Snapshotter};

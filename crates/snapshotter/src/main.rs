@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use soci_snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
 use soci_snapshotter::proto::snapshots::snapshots_server::SnapshotsServer;
+use soci_snapshotter::remote::Remote;
 use soci_snapshotter::{Service, Snapshotter};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -79,11 +80,27 @@ fn run() -> Result<()> {
 async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
     std::fs::create_dir_all(&root).with_context(|| format!("creating root {}", root.display()))?;
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
+    let remote = Arc::new(
+        Remote::new(&root, &cfg)
+            .map_err(anyhow::Error::msg)
+            .context("setting up remote layers")?,
+    );
     let r = root.clone();
-    let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&r))
+    let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&r, Some(remote)))
         .await?
         .with_context(|| format!("opening snapshotter state in {}", root.display()))?;
     let snapshotter = Arc::new(snapshotter);
+    // Lazy layers of an earlier run are mounted again in the background: start-up never waits
+    // on a registry.
+    tokio::spawn(snapshotter.clone().restore_lazy_layers());
+    if let Some(addr) = cfg.metrics_address.clone() {
+        let s = snapshotter.clone();
+        tokio::spawn(async move {
+            if let Err(e) = soci_snapshotter::metrics::serve(addr, s).await {
+                error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
 
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -125,6 +142,10 @@ async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
         Err(_) => error!("in-flight calls did not finish in time; exiting anyway"),
     }
     let _ = std::fs::remove_file(&address);
+    if let Some(r) = snapshotter.remote() {
+        let r = r.clone();
+        let _ = tokio::task::spawn_blocking(move || r.unmount_all()).await;
+    }
     info!("stopped");
     Ok(())
 }

@@ -12,12 +12,14 @@ use crate::error::{Result, SnapError};
 use crate::overlay::{disk_usage, Layout};
 use crate::proto::snapshots as pb;
 use crate::proto::snapshots::snapshots_server::Snapshots;
-use crate::store::{Kind, MetaStore, Snapshot};
+use crate::remote::{self, LayerPlan, Remote};
+use crate::store::{Kind, MetaStore, Snapshot, Usage};
 
 /// Shared state of the snapshotter.
 pub struct Snapshotter {
     store: MetaStore,
     layout: Layout,
+    remote: Option<Arc<Remote>>,
 }
 
 fn ts(ns: i128) -> prost_types::Timestamp {
@@ -51,13 +53,15 @@ fn labels(m: HashMap<String, String>) -> BTreeMap<String, String> {
 }
 
 impl Snapshotter {
-    /// Opens the snapshotter state under `root` and removes orphan directories.
-    pub fn open(root: &std::path::Path) -> Result<Snapshotter> {
+    /// Opens the snapshotter state under `root` and removes orphan directories. With
+    /// `remote`, layers prepared with remote-snapshot labels are served lazily or unpacked here.
+    pub fn open(root: &std::path::Path, remote: Option<Arc<Remote>>) -> Result<Snapshotter> {
         std::fs::create_dir_all(root.join("snapshots"))?;
         let store = MetaStore::open(&root.join("metadata.db"))?;
         let s = Snapshotter {
             store,
             layout: Layout::new(root),
+            remote,
         };
         let removed = s.cleanup()?;
         let n = s.store.list()?.len();
@@ -102,6 +106,9 @@ impl Snapshotter {
 
     fn remove(&self, key: &str) -> Result<()> {
         let s = self.store.remove(key)?;
+        if let Some(r) = &self.remote {
+            r.release(s.id);
+        }
         if let Err(e) = std::fs::remove_dir_all(self.layout.dir(s.id)) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(key, error = %e, "snapshot removed; its directory will be cleaned up later");
@@ -145,6 +152,55 @@ impl Snapshotter {
             }
         }
         Ok(removed)
+    }
+
+    /// The remote-layer state, if enabled.
+    pub fn remote(&self) -> Option<&Arc<Remote>> {
+        self.remote.as_ref()
+    }
+
+    /// Number of snapshots.
+    pub fn count(&self) -> Result<usize> {
+        Ok(self.store.list()?.len())
+    }
+
+    /// Mounts again the lazy layers of committed snapshots (after a restart). A layer that
+    /// cannot be restored is labelled broken and logged; nothing else waits for it.
+    pub async fn restore_lazy_layers(self: Arc<Self>) {
+        let Some(remote) = self.remote.clone() else {
+            return;
+        };
+        let lazy: Vec<(String, Snapshot)> = match self.store.list() {
+            Ok(l) => l
+                .into_iter()
+                .filter(|(_, s)| {
+                    s.labels.get(remote::LABEL_MODE).map(String::as_str) == Some("lazy")
+                })
+                .collect(),
+            Err(e) => return warn!(error = %e, "cannot list snapshots to restore lazy layers"),
+        };
+        for (name, snap) in lazy {
+            let fs_dir = self.layout.fs(snap.id);
+            remote::detach_stale_mount(&fs_dir);
+            let result = match remote.plan(&snap.labels).await {
+                Ok(LayerPlan::Lazy(img, z, layer))
+                    if snap.labels.get(remote::LABEL_ZTOC) == Some(&z.digest.to_string()) =>
+                {
+                    remote.mount_lazy(snap.id, &fs_dir, &img, &z, &layer).await
+                }
+                Ok(_) => Err("the image no longer has the same zTOC for this layer".to_string()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => info!(snapshot = %name, "lazy layer restored"),
+                Err(e) => {
+                    warn!(snapshot = %name, error = %e, "lazy layer cannot be restored; marked broken");
+                    let mut labels = snap.labels.clone();
+                    labels.insert(remote::LABEL_BROKEN.into(), e.chars().take(200).collect());
+                    let _ = self.store.update_labels(&name, labels, &[]);
+                }
+            }
+        }
     }
 
     fn list(&self, filters: &[String]) -> Result<Vec<pb::Info>> {
@@ -207,7 +263,7 @@ impl Filter {
             };
             let value: Option<&str> = match field.as_str() {
                 "name" => Some(name),
-                "parent" => s.parent.as_deref(),
+                "parent" => Some(s.parent.as_deref().unwrap_or("")),
                 "kind" => Some(kind),
                 f => f
                     .strip_prefix("labels.")
@@ -249,6 +305,115 @@ impl Service {
 
 type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>>;
 
+impl Service {
+    /// Prepare with remote-snapshot labels: provide the layer here (lazily over FUSE, or
+    /// downloaded and unpacked), commit it as the target and return the status to answer:
+    /// AlreadyExists on success, so containerd skips the download.
+    async fn prepare_remote(
+        &self,
+        remote: Arc<Remote>,
+        key: String,
+        parent: String,
+        l: HashMap<String, String>,
+    ) -> Status {
+        let labels = labels(l);
+        let target = labels
+            .get(remote::LABEL_TARGET)
+            .cloned()
+            .unwrap_or_default();
+        let exists =
+            || Status::already_exists(format!("target snapshot {target:?} already exists"));
+        let t = target.clone();
+        if let Ok(s) = self.blocking(move |s| s.store.get(&t)).await {
+            if s.kind == Kind::Committed {
+                return exists();
+            }
+        }
+        let plan = match remote.plan(&labels).await {
+            Ok(p) => p,
+            Err(e) => return Status::unavailable(format!("layer for {target}: {e}")),
+        };
+        let (k, p, l) = (key.clone(), parent.clone(), labels.clone());
+        let created = self
+            .blocking(move |s| {
+                let parent = (!p.is_empty()).then_some(p.as_str());
+                s.store.create(&k, parent, Kind::Active, l, |id| {
+                    s.layout.make_dirs(id, Kind::Active)
+                })
+            })
+            .await;
+        let snap = match created {
+            Ok(s) => s,
+            Err(e) => return e,
+        };
+        let fs_dir = self.inner.layout.fs(snap.id);
+        let mut extra = BTreeMap::new();
+        let result = match plan {
+            LayerPlan::Lazy(img, z, layer) => {
+                match remote.mount_lazy(snap.id, &fs_dir, &img, &z, &layer).await {
+                    Ok(()) => {
+                        extra.insert(remote::LABEL_REMOTE.to_string(), "soci".to_string());
+                        extra.insert(remote::LABEL_MODE.to_string(), "lazy".to_string());
+                        extra.insert(remote::LABEL_ZTOC.to_string(), z.digest.to_string());
+                        Ok(())
+                    }
+                    Err(e) => {
+                        warn!(layer = %layer.digest, error = %e, "lazy mount failed; pulling the layer in full");
+                        remote.release(snap.id);
+                        extra.insert(remote::LABEL_MODE.to_string(), "full".to_string());
+                        extra.insert(
+                            remote::LABEL_REASON.to_string(),
+                            "lazy_mount_failed".to_string(),
+                        );
+                        remote
+                            .unpack_full(&fs_dir, &img.reference.repository, &layer)
+                            .await
+                    }
+                }
+            }
+            LayerPlan::Full(repo, layer, reason) => {
+                extra.insert(remote::LABEL_MODE.to_string(), "full".to_string());
+                let why = reason
+                    .map(|r| r.label().to_string())
+                    .unwrap_or_else(|| "layer_without_ztoc".to_string());
+                extra.insert(remote::LABEL_REASON.to_string(), why);
+                remote.unpack_full(&fs_dir, &repo, &layer).await
+            }
+        };
+        let lazy = extra.get(remote::LABEL_MODE).map(String::as_str) == Some("lazy");
+        let mut committed_labels = labels;
+        committed_labels.extend(extra);
+        let (k, t) = (key.clone(), target.clone());
+        let commit = match result {
+            Ok(()) => {
+                self.blocking(move |s| {
+                    let usage = if lazy {
+                        Usage::default()
+                    } else {
+                        disk_usage(&s.layout.fs(snap.id))?
+                    };
+                    s.store.commit(&k, &t, committed_labels, usage).map(|_| ())
+                })
+                .await
+            }
+            Err(e) => Err(Status::unavailable(format!("layer for {target}: {e}"))),
+        };
+        if let Err(e) = commit {
+            // Undo: nothing half-made stays behind.
+            remote.release(snap.id);
+            let k = key.clone();
+            let _ = self.blocking(move |s| s.remove(&k)).await;
+            return if e.code() == tonic::Code::AlreadyExists {
+                exists()
+            } else {
+                e
+            };
+        }
+        info!(target = %target, lazy, "remote snapshot ready");
+        exists()
+    }
+}
+
 #[tonic::async_trait]
 impl Snapshots for Service {
     async fn prepare(
@@ -256,6 +421,15 @@ impl Snapshots for Service {
         r: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = r.into_inner();
+        if let Some(remote) = self.inner.remote.clone() {
+            let l = &r.labels;
+            if l.contains_key(remote::LABEL_TARGET)
+                && l.contains_key(remote::LABEL_IMAGE_REF)
+                && l.contains_key(remote::LABEL_LAYER_DIGEST)
+            {
+                return Err(self.prepare_remote(remote, r.key, r.parent, r.labels).await);
+            }
+        }
         let mounts = self
             .blocking(move |s| s.create(&r.key, &r.parent, Kind::Active, r.labels))
             .await?;

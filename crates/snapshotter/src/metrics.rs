@@ -1,0 +1,129 @@
+//! Prometheus text endpoint (`GET /metrics`) on `metrics_address`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::service::Snapshotter;
+
+/// Renders all metrics in the Prometheus text format.
+pub fn render(s: &Snapshotter) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP soci_snapshots Snapshots known to the snapshotter.\n# TYPE soci_snapshots gauge"
+    );
+    let _ = writeln!(o, "soci_snapshots {}", s.count().unwrap_or(0));
+    let Some(r) = s.remote() else { return o };
+    let m = &r.metrics;
+    let _ = writeln!(o, "# HELP soci_fetched_bytes_total Compressed bytes fetched from registries for lazy layers.\n# TYPE soci_fetched_bytes_total counter");
+    let _ = writeln!(
+        o,
+        "soci_fetched_bytes_total{{priority=\"demand\"}} {}",
+        m.demand_bytes.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "soci_fetched_bytes_total{{priority=\"background\"}} {}",
+        m.background_bytes.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(o, "# HELP soci_spans_verified_total Spans whose digest matched.\n# TYPE soci_spans_verified_total counter");
+    let _ = writeln!(
+        o,
+        "soci_spans_verified_total {}",
+        m.spans_verified.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(o, "# HELP soci_span_verification_failures_total Span fetches whose digest did not match.\n# TYPE soci_span_verification_failures_total counter");
+    let _ = writeln!(
+        o,
+        "soci_span_verification_failures_total {}",
+        m.verify_failures.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(o, "# HELP soci_read_errors_total FUSE reads answered with EIO.\n# TYPE soci_read_errors_total counter");
+    let _ = writeln!(
+        o,
+        "soci_read_errors_total {}",
+        m.read_errors.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP soci_layers_total Layers provided, by mode.\n# TYPE soci_layers_total counter"
+    );
+    let _ = writeln!(
+        o,
+        "soci_layers_total{{mode=\"lazy\"}} {}",
+        r.layers_lazy.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "soci_layers_total{{mode=\"full\"}} {}",
+        r.layers_full.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(o, "# HELP soci_fallbacks_total Images pulled in full, by reason.\n# TYPE soci_fallbacks_total counter");
+    for (reason, n) in r.fallbacks.lock().expect("fallbacks").iter() {
+        let _ = writeln!(o, "soci_fallbacks_total{{reason=\"{reason}\"}} {n}");
+    }
+    let _ = writeln!(o, "# HELP soci_fuse_read_duration_seconds Latency of FUSE reads.\n# TYPE soci_fuse_read_duration_seconds histogram");
+    let mut cum = 0;
+    for (i, b) in soci_fs::LATENCY_BUCKETS_MS.iter().enumerate() {
+        cum += m.read_latency[i].load(Ordering::Relaxed);
+        let _ = writeln!(
+            o,
+            "soci_fuse_read_duration_seconds_bucket{{le=\"{}\"}} {cum}",
+            b / 1000.0
+        );
+    }
+    cum += m.read_latency[soci_fs::LATENCY_BUCKETS_MS.len()].load(Ordering::Relaxed);
+    let _ = writeln!(
+        o,
+        "soci_fuse_read_duration_seconds_bucket{{le=\"+Inf\"}} {cum}"
+    );
+    let _ = writeln!(
+        o,
+        "soci_fuse_read_duration_seconds_sum {}",
+        m.read_latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(o, "soci_fuse_read_duration_seconds_count {cum}");
+    o
+}
+
+/// Serves `GET /metrics` until the runtime stops.
+pub async fn serve(addr: String, s: Arc<Snapshotter>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(&addr).await?;
+    info!(%addr, "metrics endpoint listening");
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /metrics") {
+                let s2 = s.clone();
+                let body = tokio::task::spawn_blocking(move || render(&s2))
+                    .await
+                    .unwrap_or_default();
+                ("200 OK", body)
+            } else {
+                ("404 Not Found", "not found\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = conn.write_all(resp.as_bytes()).await {
+                warn!(error = %e, "metrics response failed");
+            }
+        });
+    }
+}

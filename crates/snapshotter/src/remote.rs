@@ -1,0 +1,420 @@
+//! Remote snapshots: when containerd prepares a layer with the remote-snapshot labels, the
+//! layer is served lazily over FUSE from its zTOC (if the image's SOCI v2 trust chain holds
+//! and the layer has a zTOC), or downloaded and unpacked here; either way the snapshot is
+//! committed under the target name and containerd is told it already exists.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use soci_fs::{FsMetrics, LayerTree, MountedLayer, RangeReader, SpanConfig, SpanManager};
+use soci_index::{discover, DiscoverOptions, NoSoci, SociImage};
+use soci_registry::oci::layer_compression;
+use soci_registry::{
+    Client, ClientOptions, Descriptor, Digest, HostsConfig, Reference, Repository,
+};
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+/// containerd: the snapshot name the client wants (the layer's chain id).
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+/// Image reference (CRI and `soci image rpull`).
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// Image manifest digest.
+pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// Layer digest.
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// Set on remote snapshots.
+pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
+/// `lazy` (served over FUSE) or `full` (downloaded and unpacked).
+pub const LABEL_MODE: &str = "containerd.io/snapshot/soci.mode";
+/// Why a layer of a remote pull was not lazy.
+pub const LABEL_REASON: &str = "containerd.io/snapshot/soci.fallback-reason";
+/// zTOC digest of a lazy layer.
+pub const LABEL_ZTOC: &str = "containerd.io/snapshot/soci.ztoc-digest";
+/// Marks a layer that could not be restored.
+pub const LABEL_BROKEN: &str = "containerd.io/snapshot/broken";
+
+/// Range reads of a layer blob from the registry.
+struct RegistryReader {
+    client: Arc<Client>,
+    repo: Repository,
+    digest: Digest,
+}
+
+impl RangeReader for RegistryReader {
+    fn read_range(
+        &self,
+        range: Range<u64>,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send + '_>> {
+        Box::pin(async move {
+            self.client
+                .get_blob_range(&self.repo, &self.digest, range)
+                .await
+                .map_err(io::Error::other)
+        })
+    }
+}
+
+type Discovery = Arc<tokio::sync::OnceCell<Result<Arc<SociImage>, NoSoci>>>;
+
+/// State of remote layers.
+pub struct Remote {
+    client: Arc<Client>,
+    cfg: Config,
+    cache_root: PathBuf,
+    tmp_root: PathBuf,
+    images: Mutex<HashMap<String, Discovery>>,
+    mounts: Mutex<HashMap<u64, MountedLayer>>,
+    logged: Mutex<HashSet<String>>,
+    /// FUSE and span counters.
+    pub metrics: Arc<FsMetrics>,
+    /// Fallbacks by reason label.
+    pub fallbacks: Mutex<BTreeMap<&'static str, u64>>,
+    /// Layers served lazily / unpacked.
+    pub layers_lazy: std::sync::atomic::AtomicU64,
+    /// Layers downloaded and unpacked.
+    pub layers_full: std::sync::atomic::AtomicU64,
+}
+
+/// How one layer will be provided.
+pub enum LayerPlan {
+    /// Over FUSE from this zTOC.
+    Lazy(Arc<SociImage>, Descriptor, Descriptor),
+    /// Downloaded and unpacked; the reason when the image is not lazy.
+    Full(Repository, Descriptor, Option<NoSoci>),
+}
+
+impl Remote {
+    /// Remote-layer state under `root`.
+    pub fn new(root: &Path, cfg: &Config) -> Result<Remote, String> {
+        let hosts = HostsConfig {
+            hosts_dir: cfg
+                .resolver
+                .hosts_dir
+                .is_dir()
+                .then(|| cfg.resolver.hosts_dir.clone()),
+            plain_http: false,
+            plain_http_hosts: cfg.resolver.plain_http_hosts.clone(),
+        };
+        let opts = ClientOptions {
+            hosts,
+            request_timeout: Duration::from_secs(cfg.blob.fetching_timeout_sec.max(1) * 10),
+            ..Default::default()
+        };
+        let client = Client::new(opts).map_err(|e| e.to_string())?;
+        let cache_root = root.join("cache");
+        let tmp_root = root.join("tmp");
+        for d in [&cache_root, &tmp_root] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        Ok(Remote {
+            client: Arc::new(client),
+            cfg: cfg.clone(),
+            cache_root,
+            tmp_root,
+            images: Mutex::new(HashMap::new()),
+            mounts: Mutex::new(HashMap::new()),
+            logged: Mutex::new(HashSet::new()),
+            metrics: Arc::new(FsMetrics::default()),
+            fallbacks: Mutex::new(BTreeMap::new()),
+            layers_lazy: Default::default(),
+            layers_full: Default::default(),
+        })
+    }
+
+    /// Discovers an image's SOCI index once per (reference, manifest) and shares the result.
+    async fn image(
+        &self,
+        image_ref: &str,
+        manifest: Option<&str>,
+    ) -> Result<Arc<SociImage>, NoSoci> {
+        let key = format!("{image_ref}@{}", manifest.unwrap_or(""));
+        let cell = self
+            .images
+            .lock()
+            .expect("images")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let result = cell
+            .get_or_init(|| async {
+                if !self.cfg.pull_modes.soci_v2.enable {
+                    return Err(NoSoci::NoIndex(
+                        "SOCI v2 is disabled in the configuration".into(),
+                    ));
+                }
+                let r = Reference::parse(image_ref).map_err(NoSoci::Registry)?;
+                let opts = DiscoverOptions {
+                    allow_v1: self.cfg.pull_modes.soci_v1.enable,
+                    ..Default::default()
+                };
+                let img = discover(&self.client, &r, &opts).await?;
+                if let Some(m) = manifest {
+                    if img.manifest_desc.digest.as_str() != m {
+                        return Err(NoSoci::DigestMismatch(format!(
+                            "{image_ref} resolves to manifest {}, containerd pulls {m}",
+                            img.manifest_desc.digest
+                        )));
+                    }
+                }
+                Ok(Arc::new(img))
+            })
+            .await
+            .clone();
+        if matches!(result, Err(NoSoci::Registry(_))) {
+            // Transient: let the next layer or pull try again.
+            self.images.lock().expect("images").remove(&key);
+        }
+        result
+    }
+
+    /// Decides how a layer is provided.
+    pub async fn plan(&self, labels: &BTreeMap<String, String>) -> Result<LayerPlan, String> {
+        let image_ref = labels
+            .get(LABEL_IMAGE_REF)
+            .ok_or("no image reference label")?;
+        let layer_digest = labels
+            .get(LABEL_LAYER_DIGEST)
+            .and_then(|d| Digest::parse(d))
+            .ok_or("no valid layer digest label")?;
+        let r = Reference::parse(image_ref)?;
+        match self
+            .image(
+                image_ref,
+                labels.get(LABEL_MANIFEST_DIGEST).map(String::as_str),
+            )
+            .await
+        {
+            Ok(img) => {
+                let layer = img
+                    .manifest
+                    .layers
+                    .iter()
+                    .find(|l| l.digest == layer_digest)
+                    .cloned()
+                    .ok_or_else(|| format!("layer {layer_digest} is not in image {image_ref}"))?;
+                match img.index.ztoc_for(&layer_digest).cloned() {
+                    Some(z) => Ok(LayerPlan::Lazy(img, z, layer)),
+                    None => Ok(LayerPlan::Full(r.repository, layer, None)),
+                }
+            }
+            Err(reason) => {
+                self.note_fallback(image_ref, &reason);
+                let layer = self.layer_descriptor(&r, labels, &layer_digest).await?;
+                Ok(LayerPlan::Full(r.repository, layer, Some(reason)))
+            }
+        }
+    }
+
+    /// The layer's descriptor from the image manifest (media type and size are needed to unpack).
+    async fn layer_descriptor(
+        &self,
+        r: &Reference,
+        labels: &BTreeMap<String, String>,
+        layer: &Digest,
+    ) -> Result<Descriptor, String> {
+        let object = labels
+            .get(LABEL_MANIFEST_DIGEST)
+            .cloned()
+            .unwrap_or_else(|| r.object());
+        let (desc, bytes) = self
+            .client
+            .get_manifest(&r.repository, &object)
+            .await
+            .map_err(|e| e.to_string())?;
+        let manifest: soci_registry::ImageManifest =
+            if soci_registry::oci::is_index(&desc.media_type) {
+                let idx: soci_registry::ImageIndex =
+                    serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+                let host = soci_registry::Platform::host();
+                let entry = idx
+                    .manifests
+                    .iter()
+                    .find(|d| {
+                        d.artifact_type.is_none()
+                            && d.platform.as_ref().is_none_or(|p| p.matches(&host))
+                    })
+                    .ok_or("no manifest for this platform")?;
+                let (_, b) = self
+                    .client
+                    .get_manifest(&r.repository, entry.digest.as_str())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                serde_json::from_slice(&b).map_err(|e| e.to_string())?
+            } else {
+                serde_json::from_slice(&bytes).map_err(|e| e.to_string())?
+            };
+        manifest
+            .layers
+            .into_iter()
+            .find(|l| &l.digest == layer)
+            .ok_or_else(|| format!("layer {layer} is not in image {r}"))
+    }
+
+    fn note_fallback(&self, image_ref: &str, reason: &NoSoci) {
+        if self
+            .logged
+            .lock()
+            .expect("logged")
+            .insert(format!("{image_ref} {}", reason.label()))
+        {
+            info!(image = image_ref, reason = reason.label(), detail = %reason, "image is pulled in full (no lazy loading)");
+            *self
+                .fallbacks
+                .lock()
+                .expect("fallbacks")
+                .entry(reason.label())
+                .or_default() += 1;
+        }
+    }
+
+    /// Mounts a layer lazily at `fs_dir` for snapshot `id`.
+    pub async fn mount_lazy(
+        &self,
+        id: u64,
+        fs_dir: &Path,
+        img: &SociImage,
+        ztoc: &Descriptor,
+        layer: &Descriptor,
+    ) -> Result<(), String> {
+        let z = img
+            .fetch_ztoc(&self.client, ztoc, layer)
+            .await
+            .map_err(|e| e.to_string())?;
+        let spans = z
+            .spans()
+            .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
+        let tree = tokio::task::spawn_blocking(move || LayerTree::build(&z))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
+        let reader = Arc::new(RegistryReader {
+            client: self.client.clone(),
+            repo: img.reference.repository.clone(),
+            digest: layer.digest.clone(),
+        });
+        let cfg = SpanConfig {
+            cache_dir: self.cache_root.join(id.to_string()),
+            disable_verification: self.cfg.disable_verification,
+            max_verification_retries: self.cfg.blob.max_span_verification_retries,
+            fetch_timeout: Duration::from_secs(self.cfg.blob.fetching_timeout_sec.max(1)),
+            memory_spans: self.cfg.blob.memory_cache_spans,
+        };
+        let mgr = Arc::new(
+            SpanManager::new(
+                layer.digest.to_string(),
+                spans,
+                reader,
+                cfg,
+                self.metrics.clone(),
+            )
+            .map_err(|e| e.to_string())?,
+        );
+        let rt = tokio::runtime::Handle::current();
+        let ttl = Duration::from_secs(self.cfg.fuse.attr_timeout);
+        let metrics = self.metrics.clone();
+        let dir = fs_dir.to_path_buf();
+        let m2 = mgr.clone();
+        let mounted = tokio::task::spawn_blocking(move || {
+            soci_fs::mount(Arc::new(tree), m2, &dir, rt, ttl, metrics)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("FUSE mount at {}: {e}", fs_dir.display()))?;
+        if !self.cfg.background_fetch.disable {
+            let bg = &self.cfg.background_fetch;
+            tokio::spawn(mgr.background_fill(
+                Duration::from_millis(bg.silence_period_msec),
+                Duration::from_millis(bg.fetch_period_msec),
+            ));
+        }
+        self.mounts.lock().expect("mounts").insert(id, mounted);
+        self.layers_lazy
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Downloads a layer (digest-verified) and unpacks it into `fs_dir`.
+    pub async fn unpack_full(
+        &self,
+        fs_dir: &Path,
+        repo: &Repository,
+        layer: &Descriptor,
+    ) -> Result<(), String> {
+        let compression = layer_compression(&layer.media_type);
+        let tmp = tempfile::NamedTempFile::new_in(&self.tmp_root).map_err(|e| e.to_string())?;
+        let mut f = tokio::fs::File::create(tmp.path())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.client
+            .get_blob_to(repo, layer, &mut f)
+            .await
+            .map_err(|e| e.to_string())?;
+        drop(f);
+        let dir = fs_dir.to_path_buf();
+        let path = tmp.path().to_path_buf();
+        let digest = layer.digest.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
+            crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("unpacking layer {digest}: {e}"))?;
+        self.layers_full
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Unmounts the lazy layer of snapshot `id` (if any) and drops its span cache.
+    pub fn release(&self, id: u64) {
+        if let Some(m) = self.mounts.lock().expect("mounts").remove(&id) {
+            if let Err(e) = m.unmount() {
+                warn!(id, error = %e, "unmounting lazy layer failed");
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.cache_root.join(id.to_string()));
+    }
+
+    /// Whether snapshot `id` is a mounted lazy layer.
+    pub fn is_mounted(&self, id: u64) -> bool {
+        self.mounts.lock().expect("mounts").contains_key(&id)
+    }
+
+    /// Unmounts every lazy layer (shutdown).
+    pub fn unmount_all(&self) {
+        let all: Vec<(u64, MountedLayer)> = self.mounts.lock().expect("mounts").drain().collect();
+        for (id, m) in all {
+            if let Err(e) = m.unmount() {
+                warn!(id, error = %e, "unmounting lazy layer failed");
+            }
+        }
+    }
+
+    /// Span cache size on disk for snapshot `id`.
+    pub fn cached_spans(&self, id: u64) -> Option<(usize, usize)> {
+        self.mounts
+            .lock()
+            .expect("mounts")
+            .get(&id)
+            .map(|m| (m.spans().cached_count(), m.spans().span_count()))
+    }
+}
+
+/// Detaches whatever is mounted at `dir` (a FUSE mount left by a previous daemon process).
+pub fn detach_stale_mount(dir: &Path) {
+    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+        // SAFETY: valid C string; MNT_DETACH on a path that may not be a mount point is harmless.
+        unsafe {
+            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}

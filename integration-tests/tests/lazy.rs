@@ -1,0 +1,117 @@
+//! Lazy loading end to end: real registry, real containerd, the daemon, FUSE.
+
+use std::process::Command;
+
+use integration_tests::containerd::Containerd;
+use integration_tests::daemon::SociDaemon;
+use integration_tests::image::{
+    busybox_layer, random_bytes, Compression, Entry, Layer, LayoutWriter,
+};
+use integration_tests::registry::Registry;
+use integration_tests::{bin, run};
+
+fn proxy(d: &SociDaemon) -> String {
+    format!(
+        "[proxy_plugins]\n  [proxy_plugins.soci]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+        d.socket.display()
+    )
+}
+
+fn daemon_config(reg: &Registry) -> String {
+    format!("[resolver]\nplain_http_hosts = [\"{}\"]\n[background_fetch]\nsilence_period_msec = 600000\n", reg.addr)
+}
+
+fn soci_ctd(ctd: &Containerd, args: &[&str]) -> String {
+    let out = run(Command::new(bin("soci"))
+        .arg("-a")
+        .arg(&ctd.socket)
+        .args(args))
+    .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A ≥ 250 MiB image: busybox plus four layers of incompressible data and a few small files.
+fn big_image(reg: &Registry, dir: &std::path::Path) -> (String, u64) {
+    let mut layers = vec![busybox_layer()];
+    for l in 0..4u64 {
+        let mut entries = vec![Entry::Dir(format!("data{l}/"))];
+        for f in 0..8u64 {
+            entries.push(Entry::File(
+                format!("data{l}/blob{f}.bin"),
+                random_bytes(8 << 20, l * 100 + f),
+                0o644,
+            ));
+        }
+        entries.push(Entry::File(
+            format!("data{l}/small.txt"),
+            format!("small file of layer {l}\n").into_bytes(),
+            0o644,
+        ));
+        layers.push(Layer {
+            entries,
+            compression: Compression::Gzip,
+        });
+    }
+    let mut w = LayoutWriter::new(&dir.join("big"));
+    let m = w.manifest(
+        "amd64",
+        &layers,
+        &["/bin/sh", "-c", "cat /data0/small.txt /data3/small.txt"],
+    );
+    w.tag_manifest(&m, "v1");
+    reg.push_layout(&w.dir, "v1", "big:v1", None);
+    let size: u64 = m.descriptor["size"].as_u64().unwrap();
+    let _ = size;
+    let compressed: u64 = m
+        .layers
+        .iter()
+        .map(|(d, _)| {
+            std::fs::metadata(w.dir.join("blobs/sha256").join(&d[7..]))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    (format!("{}/big", reg.addr), compressed)
+}
+
+#[test]
+fn converted_image_runs_lazily_and_fetches_little() {
+    let reg = Registry::start();
+    let tmp = tempfile::Builder::new()
+        .prefix("soci-lazy")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (repo, compressed) = big_image(&reg, tmp.path());
+    assert!(compressed >= 250 << 20, "image is {compressed} bytes");
+    run(Command::new(bin("soci")).args([
+        "convert",
+        "--plain-http",
+        &format!("{repo}:v1"),
+        &format!("{repo}:soci"),
+    ]))
+    .unwrap();
+
+    let daemon = SociDaemon::start(&tmp.path().join("d"), &daemon_config(&reg));
+    let ctd = Containerd::start(&proxy(&daemon));
+    let before = reg.blob_bytes_served();
+    let image = format!("{repo}:soci");
+    let mode = soci_ctd(&ctd, &["image", "rpull", "--plain-http", &image]);
+    assert!(
+        mode.contains("snapshotter: soci (lazy: 4 of 5 layers)"),
+        "{mode}\n{}",
+        daemon.log_text()
+    );
+    let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "soci", &image, "lazy-1"]);
+    assert_eq!(out, "small file of layer 0\nsmall file of layer 3\n");
+    let served = reg.blob_bytes_served() - before;
+    assert!(
+        served * 10 < compressed,
+        "registry served {served} of {compressed} bytes"
+    );
+    eprintln!(
+        "lazy run: registry served {served} bytes of a {compressed}-byte image ({:.2}%)",
+        served as f64 * 100.0 / compressed as f64
+    );
+    let mode = soci_ctd(&ctd, &["image", "mode", &image]);
+    assert!(mode.contains("snapshotter: soci"), "{mode}");
+}
