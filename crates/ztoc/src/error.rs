@@ -14,7 +14,7 @@ pub enum ZtocError {
     BadCheckpoints(String),
     /// The layer's tar stream is invalid or uses an unsupported feature.
     #[error("layer tar stream: {0}")]
-    Tar(#[from] TarError),
+    Tar(TarError),
     /// The layer's gzip stream is invalid or truncated.
     #[error("layer gzip stream: {0}")]
     Gzip(String),
@@ -41,8 +41,31 @@ pub enum ZtocError {
     #[error("no entry named {0:?} in the zTOC")]
     NotFound(String),
     /// Reading the layer failed.
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("reading the layer: {0}")]
+    Io(std::io::Error),
+}
+
+// No `#[source]` on these: the message already includes the cause, and error reporters that
+// print the whole chain would repeat it.
+impl From<TarError> for ZtocError {
+    fn from(e: TarError) -> Self {
+        match e {
+            // An I/O error under the tar walker is the gzip layer's error (or the file's).
+            TarError::Io(io) => ZtocError::from(io),
+            e => ZtocError::Tar(e),
+        }
+    }
+}
+
+impl From<std::io::Error> for ZtocError {
+    fn from(e: std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+                ZtocError::Gzip(e.to_string())
+            }
+            _ => ZtocError::Io(e),
+        }
+    }
 }
 
 impl From<ZlibError> for ZtocError {

@@ -146,7 +146,10 @@ pub struct TarEntry {
 pub struct TarWalker<R> {
     r: R,
     pos: u64,
+    /// Unread data of the previous entry (must be present).
     skip: u64,
+    /// Padding after it (Go's reader accepts a stream that ends right before it).
+    skip_pad: u64,
     done: bool,
 }
 
@@ -157,6 +160,7 @@ impl<R: Read> TarWalker<R> {
             r,
             pos: 0,
             skip: 0,
+            skip_pad: 0,
             done: false,
         }
     }
@@ -170,6 +174,27 @@ impl<R: Read> TarWalker<R> {
     /// Gives back the underlying reader.
     pub fn into_inner(self) -> R {
         self.r
+    }
+
+    /// Reads data of the entry last returned by [`Self::next_entry`]; 0 at its end. Data not
+    /// read is skipped by the next call to [`Self::next_entry`].
+    pub fn read_data(&mut self, buf: &mut [u8]) -> Result<usize, TarError> {
+        if self.skip == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.skip.min(usize::MAX as u64) as usize);
+        loop {
+            match self.r.read(&mut buf[..want]) {
+                Ok(0) => return Err(TarError::Truncated { offset: self.pos }),
+                Ok(n) => {
+                    self.pos += n as u64;
+                    self.skip -= n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Reads up to one block; returns how many bytes were read (0 or 512, or an error).
@@ -187,6 +212,21 @@ impl<R: Read> TarWalker<R> {
         if n != 0 && n != blk.len() {
             return Err(TarError::Truncated { offset: self.pos });
         }
+        Ok(n)
+    }
+
+    /// Reads until `buf` is full or the stream ends; returns the bytes read.
+    fn read_upto(&mut self, buf: &mut [u8]) -> Result<usize, TarError> {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.r.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.pos += n as u64;
         Ok(n)
     }
 
@@ -239,6 +279,19 @@ impl<R: Read> TarWalker<R> {
         loop {
             let skip = std::mem::take(&mut self.skip);
             self.discard(skip)?;
+            let padding = std::mem::take(&mut self.skip_pad);
+            if padding > 0 {
+                let mut blk = [0u8; 512];
+                let got = self.read_upto(&mut blk[..padding as usize])?;
+                if got == 0 {
+                    // Like Go's archive/tar: a stream ending right after the data is complete.
+                    self.done = true;
+                    return Ok(None);
+                }
+                if got as u64 != padding {
+                    return Err(TarError::Truncated { offset: self.pos });
+                }
+            }
             let hdr_off = self.pos;
             let mut blk = [0u8; 512];
             if self.read_block(&mut blk)? == 0 {
@@ -305,7 +358,8 @@ impl<R: Read> TarWalker<R> {
                 EntryKind::Regular => size,
                 _ => 0,
             };
-            self.skip = data_len + pad(data_len);
+            self.skip = data_len;
+            self.skip_pad = pad(data_len);
             return Ok(Some(TarEntry {
                 name: e.name,
                 kind,
@@ -697,5 +751,17 @@ mod tests {
         assert_eq!(walk(&data).unwrap().1, 2048);
         assert!(data.len() >= 2048);
         assert_eq!(walk(&[]).unwrap().0.len(), 0);
+        // Ends right after the last entry's data (no padding, no end blocks), as umoci writes:
+        // accepted like Go's reader; a partial padding is not.
+        let (e, end) = walk(&data[..515]).unwrap();
+        assert_eq!((e.len(), end), (1, 515));
+        assert!(matches!(
+            walk(&data[..600]),
+            Err(TarError::Truncated { .. })
+        ));
+        assert!(matches!(
+            walk(&data[..514]),
+            Err(TarError::Truncated { .. })
+        ));
     }
 }

@@ -206,7 +206,7 @@ fn bad_layers_give_typed_errors() {
     let opts = BuildOptions::default();
     assert!(matches!(
         build(&gz[..gz.len() / 2], &opts),
-        Err(ZtocError::Io(_) | ZtocError::Tar(_))
+        Err(ZtocError::Gzip(_))
     ));
     let mut corrupt = gz.clone();
     corrupt[gz.len() / 2] ^= 0xff;
