@@ -166,6 +166,42 @@ impl LayoutWriter {
             layer_descs.push(json!({"mediaType": mt, "digest": d, "size": size}));
             written.push((d, tar));
         }
+        self.finish_manifest(arch, layer_descs, diff_ids, written, cmd)
+    }
+
+    /// Writes a manifest whose first layer is `first` and whose other layers are given as raw
+    /// tar streams (for entries the [`Entry`] list cannot express: whiteouts, PAX xattrs).
+    pub fn manifest_from_tars(
+        &mut self,
+        arch: &str,
+        first: &Layer,
+        tars: &[Vec<u8>],
+        c: Compression,
+        cmd: &[&str],
+    ) -> WrittenManifest {
+        let mut all = vec![tar_bytes(&first.entries)];
+        all.extend(tars.iter().cloned());
+        let mut layer_descs = Vec::new();
+        let mut diff_ids = Vec::new();
+        let mut written = Vec::new();
+        for tar in all {
+            diff_ids.push(sha(&tar));
+            let (blob, mt) = self.compress(&tar, c);
+            let (d, size) = self.blob(&blob);
+            layer_descs.push(json!({"mediaType": mt, "digest": d, "size": size}));
+            written.push((d, tar));
+        }
+        self.finish_manifest(arch, layer_descs, diff_ids, written, cmd)
+    }
+
+    fn finish_manifest(
+        &mut self,
+        arch: &str,
+        layer_descs: Vec<serde_json::Value>,
+        diff_ids: Vec<String>,
+        written: Vec<(String, Vec<u8>)>,
+        cmd: &[&str],
+    ) -> WrittenManifest {
         let config = json!({
             "architecture": arch,
             "os": "linux",

@@ -168,6 +168,9 @@ impl LayerTree {
                 t.remove_child(parent, name);
                 t.node_mut(parent).children.insert(name.to_vec(), ino);
                 t.node_mut(ino).nlink += 1;
+                // Like containerd's unpack: the link's header sets owner, mode and time of the
+                // shared inode.
+                t.apply_meta(ino, e);
                 continue;
             }
             let kind = if whiteout {

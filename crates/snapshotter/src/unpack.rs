@@ -207,7 +207,6 @@ pub fn unpack(r: impl Read, dst: &Path) -> io::Result<u64> {
                 let target = dst.join(safe_rel(&e.linkname)?);
                 prepare_parent(dst, &safe_rel(&e.linkname)?)?;
                 std::fs::hard_link(&target, &path)?;
-                continue;
             }
             EntryKind::Char | EntryKind::Block | EntryKind::Fifo => {
                 let (fmt, dev) = match e.kind {
@@ -229,6 +228,7 @@ pub fn unpack(r: impl Read, dst: &Path) -> io::Result<u64> {
                 lsetxattr(&path, name, v)?;
             }
         }
+        // Like containerd's unpack, a hardlink's header also sets the shared inode's metadata.
         if e.kind == EntryKind::Directory {
             dirs.push((path, e));
         } else {
