@@ -115,3 +115,142 @@ fn converted_image_runs_lazily_and_fetches_little() {
     let mode = soci_ctd(&ctd, &["image", "mode", &image]);
     assert!(mode.contains("snapshotter: soci"), "{mode}");
 }
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+fn get_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn background_fetch_fills_layers_then_registry_is_not_needed() {
+    let reg = Registry::start();
+    let tmp = tempfile::Builder::new()
+        .prefix("soci-bg")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mut data = vec![Entry::Dir("data/".into())];
+    for i in 0..4u64 {
+        data.push(Entry::File(
+            format!("data/f{i}"),
+            random_bytes(3 << 20, 90 + i),
+            0o644,
+        ));
+    }
+    let layers = [
+        busybox_layer(),
+        Layer {
+            entries: data,
+            compression: Compression::Gzip,
+        },
+    ];
+    let mut w = LayoutWriter::new(&tmp.path().join("bg"));
+    let m = w.manifest(
+        "amd64",
+        &layers,
+        &[
+            "/bin/sh",
+            "-c",
+            "sha256sum /data/f0 /data/f1 /data/f2 /data/f3 | cut -c1-12",
+        ],
+    );
+    w.tag_manifest(&m, "v1");
+    reg.push_layout(&w.dir, "v1", "bg:v1", None);
+    let repo = format!("{}/bg", reg.addr);
+    run(Command::new(bin("soci")).args([
+        "convert",
+        "--plain-http",
+        "--min-layer-size",
+        "1000000",
+        "--span-size",
+        "1048576",
+        &format!("{repo}:v1"),
+        &format!("{repo}:soci"),
+    ]))
+    .unwrap();
+    let info = run(Command::new(bin("soci")).args([
+        "index",
+        "info",
+        "--plain-http",
+        "--platform",
+        "linux/amd64",
+        &format!("{repo}:soci"),
+    ]))
+    .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let total_spans: u64 = info["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["ztoc"]["spans"].as_u64())
+        .sum();
+    assert!(total_spans >= 12, "{info}");
+
+    let maddr = format!("127.0.0.1:{}", integration_tests::registry::free_port());
+    let cfg = format!(
+        "metrics_address = \"{maddr}\"\n[resolver]\nplain_http_hosts = [\"{}\"]\n[background_fetch]\nsilence_period_msec = 0\nfetch_period_msec = 0\n",
+        reg.addr
+    );
+    let daemon = SociDaemon::start(&tmp.path().join("d"), &cfg);
+    let ctd = Containerd::start(&proxy(&daemon));
+    let image = format!("{repo}:soci");
+    soci_ctd(&ctd, &["image", "rpull", "--plain-http", &image]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let text = loop {
+        let t = get_metrics(&maddr);
+        if metric(&t, "soci_spans_verified_total") >= total_spans {
+            break t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "background fetch did not finish:\n{t}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        metric(&text, "soci_fetched_bytes_total{priority=\"background\"}") > 0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "soci_layers_total{mode=\"lazy\"}"),
+        2,
+        "{text}"
+    );
+    assert!(
+        text.contains("soci_fuse_read_duration_seconds_bucket"),
+        "{text}"
+    );
+
+    // With every span on local disk, the registry is no longer needed.
+    drop(reg);
+    let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "soci", &image, "bg-1"]);
+    use sha2::Digest;
+    let want: String = (0..4u64)
+        .map(|i| {
+            format!(
+                "{}\n",
+                &hex::encode(sha2::Sha256::digest(random_bytes(3 << 20, 90 + i)))[..12]
+            )
+        })
+        .collect();
+    assert_eq!(out, want);
+    let after = get_metrics(&maddr);
+    assert_eq!(metric(&after, "soci_read_errors_total"), 0, "{after}");
+    assert!(
+        metric(&after, "soci_fuse_read_duration_seconds_count") > 0,
+        "{after}"
+    );
+}
