@@ -254,3 +254,113 @@ fn background_fetch_fills_layers_then_registry_is_not_needed() {
         "{after}"
     );
 }
+
+#[test]
+fn lazy_layers_are_remounted_after_restart_and_crash() {
+    let reg = Registry::start();
+    let tmp = tempfile::Builder::new()
+        .prefix("soci-restart")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mut data = vec![Entry::Dir("data/".into())];
+    for i in 0..3u64 {
+        data.push(Entry::File(
+            format!("data/f{i}"),
+            random_bytes(4 << 20, 120 + i),
+            0o644,
+        ));
+    }
+    data.push(Entry::File(
+        "data/msg".into(),
+        b"still lazy\n".to_vec(),
+        0o644,
+    ));
+    let layers = [
+        busybox_layer(),
+        Layer {
+            entries: data,
+            compression: Compression::Gzip,
+        },
+    ];
+    let mut w = LayoutWriter::new(&tmp.path().join("rs"));
+    let m = w.manifest("amd64", &layers, &["/bin/cat", "/data/msg"]);
+    w.tag_manifest(&m, "v1");
+    reg.push_layout(&w.dir, "v1", "rs:v1", None);
+    let repo = format!("{}/rs", reg.addr);
+    run(Command::new(bin("soci")).args([
+        "convert",
+        "--plain-http",
+        "--min-layer-size",
+        "1000000",
+        &format!("{repo}:v1"),
+        &format!("{repo}:soci"),
+    ]))
+    .unwrap();
+    let mut daemon = SociDaemon::start(&tmp.path().join("d"), &daemon_config(&reg));
+    let ctd = Containerd::start(&proxy(&daemon));
+    let image = format!("{repo}:soci");
+    soci_ctd(&ctd, &["image", "rpull", "--plain-http", &image]);
+    assert_eq!(
+        ctd.ctr_ok(&["run", "--rm", "--snapshotter", "soci", &image, "r0"]),
+        "still lazy\n"
+    );
+
+    let fuse_mounts = |d: &SociDaemon| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(" - fuse soci ") && l.contains(d.root.to_str().unwrap()))
+            .count()
+    };
+    let wait_mounts = |d: &SociDaemon, n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while fuse_mounts(d) != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected {n} FUSE mounts:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait_mounts(&daemon, 2);
+
+    // Graceful: SIGTERM unmounts, start mounts again, containers run.
+    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(fuse_mounts(&daemon), 0, "SIGTERM unmounts the lazy layers");
+    daemon.restart();
+    wait_mounts(&daemon, 2);
+    let out = retry_run(&ctd, &image, "r1");
+    assert_eq!(out, "still lazy\n");
+
+    // Crash: kill -9 leaves dead FUSE mounts; the next start detaches and remounts them.
+    daemon.kill9();
+    daemon.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while daemon.log_text().matches("lazy layer restored").count() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(retry_run(&ctd, &image, "r2"), "still lazy\n");
+}
+
+/// `ctr run`, retried while containerd's client reconnects to the restarted daemon.
+fn retry_run(ctd: &Containerd, image: &str, name: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let o = ctd.ctr(&["run", "--rm", "--snapshotter", "soci", image, name]);
+        if o.status.success() {
+            return String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
