@@ -78,6 +78,44 @@ impl Containerd {
         c
     }
 
+    /// Starts containerd with `socket` registered as the `soci` proxy snapshotter.
+    pub fn start_with_soci(socket: &Path) -> Containerd {
+        Containerd::start(&format!(
+            "[proxy_plugins]\n  [proxy_plugins.soci]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+            socket.display()
+        ))
+    }
+
+    /// Runs `ctr`, retrying while containerd's client reconnects to a restarted snapshotter;
+    /// returns stdout.
+    pub fn ctr_retry(&self, args: &[&str], within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let o = self.ctr(args);
+            if o.status.success() {
+                return String::from_utf8_lossy(&o.stdout).into_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ctr {args:?} kept failing: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Runs `soci -a SOCKET args...` against this containerd; fails on a non-zero exit.
+    pub fn soci(&self, args: &[&str]) -> String {
+        let out = crate::run(
+            Command::new(crate::bin("soci"))
+                .arg("-a")
+                .arg(&self.socket)
+                .args(args),
+        )
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `ctr -a SOCKET args...` and returns its output (not checked).
     pub fn ctr(&self, args: &[&str]) -> Output {
         Command::new("ctr")

@@ -10,24 +10,8 @@ use integration_tests::image::{
 use integration_tests::registry::Registry;
 use integration_tests::{bin, run};
 
-fn proxy(d: &SociDaemon) -> String {
-    format!(
-        "[proxy_plugins]\n  [proxy_plugins.soci]\n    type = \"snapshot\"\n    address = \"{}\"\n",
-        d.socket.display()
-    )
-}
-
 fn daemon_config(reg: &Registry) -> String {
     format!("[resolver]\nplain_http_hosts = [\"{}\"]\n[background_fetch]\nsilence_period_msec = 600000\n", reg.addr)
-}
-
-fn soci_ctd(ctd: &Containerd, args: &[&str]) -> String {
-    let out = run(Command::new(bin("soci"))
-        .arg("-a")
-        .arg(&ctd.socket)
-        .args(args))
-    .unwrap();
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A ≥ 250 MiB image: busybox plus four layers of incompressible data and a few small files.
@@ -92,10 +76,10 @@ fn converted_image_runs_lazily_and_fetches_little() {
     .unwrap();
 
     let daemon = SociDaemon::start(&tmp.path().join("d"), &daemon_config(&reg));
-    let ctd = Containerd::start(&proxy(&daemon));
+    let ctd = Containerd::start_with_soci(&daemon.socket);
     let before = reg.blob_bytes_served();
     let image = format!("{repo}:soci");
-    let mode = soci_ctd(&ctd, &["image", "rpull", "--plain-http", &image]);
+    let mode = ctd.soci(&["image", "rpull", "--plain-http", &image]);
     assert!(
         mode.contains("snapshotter: soci (lazy: 4 of 5 layers)"),
         "{mode}\n{}",
@@ -112,7 +96,7 @@ fn converted_image_runs_lazily_and_fetches_little() {
         "lazy run: registry served {served} bytes of a {compressed}-byte image ({:.2}%)",
         served as f64 * 100.0 / compressed as f64
     );
-    let mode = soci_ctd(&ctd, &["image", "mode", &image]);
+    let mode = ctd.soci(&["image", "mode", &image]);
     assert!(mode.contains("snapshotter: soci"), "{mode}");
 }
 
@@ -205,9 +189,9 @@ fn background_fetch_fills_layers_then_registry_is_not_needed() {
         reg.addr
     );
     let daemon = SociDaemon::start(&tmp.path().join("d"), &cfg);
-    let ctd = Containerd::start(&proxy(&daemon));
+    let ctd = Containerd::start_with_soci(&daemon.socket);
     let image = format!("{repo}:soci");
-    soci_ctd(&ctd, &["image", "rpull", "--plain-http", &image]);
+    ctd.soci(&["image", "rpull", "--plain-http", &image]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let text = loop {
         let t = get_metrics(&maddr);
@@ -297,9 +281,9 @@ fn lazy_layers_are_remounted_after_restart_and_crash() {
     ]))
     .unwrap();
     let mut daemon = SociDaemon::start(&tmp.path().join("d"), &daemon_config(&reg));
-    let ctd = Containerd::start(&proxy(&daemon));
+    let ctd = Containerd::start_with_soci(&daemon.socket);
     let image = format!("{repo}:soci");
-    soci_ctd(&ctd, &["image", "rpull", "--plain-http", &image]);
+    ctd.soci(&["image", "rpull", "--plain-http", &image]);
     assert_eq!(
         ctd.ctr_ok(&["run", "--rm", "--snapshotter", "soci", &image, "r0"]),
         "still lazy\n"
@@ -330,7 +314,10 @@ fn lazy_layers_are_remounted_after_restart_and_crash() {
     assert_eq!(fuse_mounts(&daemon), 0, "SIGTERM unmounts the lazy layers");
     daemon.restart();
     wait_mounts(&daemon, 2);
-    let out = retry_run(&ctd, &image, "r1");
+    let out = ctd.ctr_retry(
+        &["run", "--rm", "--snapshotter", "soci", &image, "r1"],
+        std::time::Duration::from_secs(60),
+    );
     assert_eq!(out, "still lazy\n");
 
     // Crash: kill -9 leaves dead FUSE mounts; the next start detaches and remounts them.
@@ -345,22 +332,11 @@ fn lazy_layers_are_remounted_after_restart_and_crash() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert_eq!(retry_run(&ctd, &image, "r2"), "still lazy\n");
-}
-
-/// `ctr run`, retried while containerd's client reconnects to the restarted daemon.
-fn retry_run(ctd: &Containerd, image: &str, name: &str) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let o = ctd.ctr(&["run", "--rm", "--snapshotter", "soci", image, name]);
-        if o.status.success() {
-            return String::from_utf8_lossy(&o.stdout).into_owned();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
+    assert_eq!(
+        ctd.ctr_retry(
+            &["run", "--rm", "--snapshotter", "soci", &image, "r2"],
+            std::time::Duration::from_secs(60)
+        ),
+        "still lazy\n"
+    );
 }

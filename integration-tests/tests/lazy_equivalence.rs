@@ -8,7 +8,7 @@ use std::process::Command;
 
 use integration_tests::containerd::Containerd;
 use integration_tests::daemon::SociDaemon;
-use integration_tests::image::{busybox_layer, random_bytes, Compression, Layer, LayoutWriter};
+use integration_tests::image::{busybox_layer, random_bytes, Compression, LayoutWriter};
 use integration_tests::registry::Registry;
 use integration_tests::{bin, run};
 

@@ -14,27 +14,11 @@ use soci_index::{SociIndex, SociVersion, ARTIFACT_TYPE_V1};
 use soci_registry::oci::MEDIA_TYPE_OCI_MANIFEST;
 use soci_registry::{Client, ClientOptions, Descriptor, HostsConfig, ImageIndex, Reference};
 
-fn proxy(d: &SociDaemon) -> String {
-    format!(
-        "[proxy_plugins]\n  [proxy_plugins.soci]\n    type = \"snapshot\"\n    address = \"{}\"\n",
-        d.socket.display()
-    )
-}
-
 fn setup(reg: &Registry, tmp: &std::path::Path) -> (SociDaemon, Containerd) {
     let cfg = format!("[resolver]\nplain_http_hosts = [\"{}\"]\n[background_fetch]\ndisable = true\n[blob]\nmax_span_verification_retries = 1\nfetching_timeout_sec = 10\n", reg.addr);
     let d = SociDaemon::start(&tmp.join("d"), &cfg);
-    let c = Containerd::start(&proxy(&d));
+    let c = Containerd::start_with_soci(&d.socket);
     (d, c)
-}
-
-fn soci_ctd(ctd: &Containerd, args: &[&str]) -> String {
-    let out = run(Command::new(bin("soci"))
-        .arg("-a")
-        .arg(&ctd.socket)
-        .args(args))
-    .unwrap();
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn image(reg: &Registry, dir: &std::path::Path, name: &str, big: Compression) -> String {
@@ -74,7 +58,7 @@ fn image(reg: &Registry, dir: &std::path::Path, name: &str, big: Compression) ->
 }
 
 fn expect_full(ctd: &Containerd, image: &str, reason: &str, expected_output: &str) {
-    let mode = soci_ctd(ctd, &["image", "rpull", "--plain-http", image]);
+    let mode = ctd.soci(&["image", "rpull", "--plain-http", image]);
     // Layers shared with earlier images (busybox) keep the reason of their first pull.
     let summary = mode.lines().last().unwrap_or("");
     assert!(
@@ -255,7 +239,7 @@ fn tampered_span_gives_eio_not_wrong_bytes() {
     ]))
     .unwrap();
     let image = format!("{name}:soci");
-    let mode = soci_ctd(&ctd, &["image", "rpull", "--plain-http", &image]);
+    let mode = ctd.soci(&["image", "rpull", "--plain-http", &image]);
     assert!(
         mode.contains("snapshotter: soci (lazy: 2 of 2 layers)"),
         "{mode}"

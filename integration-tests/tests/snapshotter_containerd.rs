@@ -11,30 +11,6 @@ use integration_tests::image::{
 };
 use integration_tests::registry::Registry;
 
-fn proxy_config(d: &SociDaemon) -> String {
-    format!(
-        "[proxy_plugins]\n  [proxy_plugins.soci]\n    type = \"snapshot\"\n    address = \"{}\"\n",
-        d.socket.display()
-    )
-}
-
-/// Retries a ctr command while containerd's client reconnects to a restarted daemon.
-fn ctr_retry(c: &Containerd, args: &[&str], within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let o = c.ctr(args);
-        if o.status.success() {
-            return String::from_utf8_lossy(&o.stdout).into_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ctr {args:?} kept failing: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 fn push_image(reg: &Registry, dir: &std::path::Path, name: &str) -> String {
     let mut data = vec![Entry::Dir("data/".into())];
     for i in 0..4 {
@@ -76,7 +52,7 @@ fn pull_and_run_through_containerd_across_restarts() {
         .unwrap();
     let image = push_image(&reg, tmp.path(), "app");
     let mut daemon = SociDaemon::start(&tmp.path().join("d"), "");
-    let ctd = Containerd::start(&proxy_config(&daemon));
+    let ctd = Containerd::start_with_soci(&daemon.socket);
     let plugins = ctd.ctr_ok(&["plugins", "ls"]);
     assert!(
         plugins
@@ -105,8 +81,7 @@ fn pull_and_run_through_containerd_across_restarts() {
     // Graceful restart between pull and run.
     assert_eq!(daemon.stop(), Some(0));
     daemon.restart();
-    let out = ctr_retry(
-        &ctd,
+    let out = ctd.ctr_retry(
         &["run", "--rm", "--snapshotter", "soci", &image, "run-1"],
         Duration::from_secs(60),
     );
@@ -123,7 +98,7 @@ fn kill9_during_pull_then_pull_completes() {
         .unwrap();
     let image = push_image(&reg, tmp.path(), "crash");
     let mut daemon = SociDaemon::start(&tmp.path().join("d"), "");
-    let ctd = Containerd::start(&proxy_config(&daemon));
+    let ctd = Containerd::start_with_soci(&daemon.socket);
     let mut pull = Command::new("ctr")
         .arg("-a")
         .arg(&ctd.socket)
@@ -151,8 +126,7 @@ fn kill9_during_pull_then_pull_completes() {
     daemon.kill9();
     let _ = pull.wait();
     daemon.restart();
-    ctr_retry(
-        &ctd,
+    ctd.ctr_retry(
         &[
             "images",
             "pull",
@@ -163,8 +137,7 @@ fn kill9_during_pull_then_pull_completes() {
         ],
         Duration::from_secs(90),
     );
-    let out = ctr_retry(
-        &ctd,
+    let out = ctd.ctr_retry(
         &["run", "--rm", "--snapshotter", "soci", &image, "run-2"],
         Duration::from_secs(30),
     );

@@ -305,7 +305,6 @@ impl SpanManager {
             self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
         })?;
         for (id, plain) in decoded {
-            self.metrics.spans_verified.fetch_add(1, Ordering::Relaxed);
             let path = self.cfg.cache_dir.join(id.to_string());
             let tmp = self.cfg.cache_dir.join(format!("{id}.tmp"));
             std::fs::write(&tmp, &plain)?;
@@ -315,6 +314,8 @@ impl SpanManager {
                 .expect("span cache")
                 .put(id, Arc::new(plain));
             self.on_disk[id].store(true, Ordering::Release);
+            // Counted once the span is servable, so the metric never runs ahead of the cache.
+            self.metrics.spans_verified.fetch_add(1, Ordering::Relaxed);
         }
         debug!(layer = %self.layer, spans = ?run, "spans fetched and verified");
         Ok(())

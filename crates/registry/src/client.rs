@@ -1,19 +1,15 @@
 //! The registry client.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
 use reqwest::header::{
-    HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE,
-    RETRY_AFTER, WWW_AUTHENTICATE,
+    HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
-use reqwest::{Method, RequestBuilder, Response, StatusCode};
-use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use reqwest::{RequestBuilder, Response, StatusCode};
 use tracing::{debug, warn};
 
 use crate::auth::{parse_challenge, DockerConfig};
@@ -154,7 +150,7 @@ impl Client {
 
     /// Sends a request built by `build`, handling auth challenges and retrying transport
     /// errors, 429 and 5xx with exponential backoff.
-    async fn send(
+    pub(crate) async fn send(
         &self,
         ep: &Endpoint,
         repo: &Repository,
@@ -312,12 +308,12 @@ impl Client {
         Ok(())
     }
 
-    fn url(ep: &Endpoint, repo: &Repository, tail: &str) -> String {
+    pub(crate) fn url(ep: &Endpoint, repo: &Repository, tail: &str) -> String {
         format!("{}{}/{}/{}", ep.base, ep.path_prefix, repo.name, tail)
     }
 
     /// Tries each pull endpoint in order; moves on after not-found and transport errors.
-    async fn pull_endpoints<T, F, Fut>(
+    pub(crate) async fn pull_endpoints<T, F, Fut>(
         &self,
         repo: &Repository,
         resolve: bool,
@@ -351,7 +347,7 @@ impl Client {
             .unwrap_or_else(|| RegistryError::Config(format!("no endpoint for {}", repo.registry))))
     }
 
-    fn push_endpoint(&self, repo: &Repository) -> Result<Endpoint> {
+    pub(crate) fn push_endpoint(&self, repo: &Repository) -> Result<Endpoint> {
         self.opts
             .hosts
             .endpoints(&repo.registry)?
@@ -360,7 +356,11 @@ impl Client {
             .ok_or_else(|| RegistryError::Config(format!("no push endpoint for {}", repo.registry)))
     }
 
-    async fn check_status(resp: Response, what: &str, ok: &[StatusCode]) -> Result<Response> {
+    pub(crate) async fn check_status(
+        resp: Response,
+        what: &str,
+        ok: &[StatusCode],
+    ) -> Result<Response> {
         let status = resp.status();
         if ok.contains(&status) {
             return Ok(resp);
@@ -470,381 +470,6 @@ impl Client {
             }
         })
         .await
-    }
-
-    async fn blob_response(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        what: &str,
-        range: Option<&Range<u64>>,
-    ) -> Result<Response> {
-        self.pull_endpoints(repo, false, |ep| async move {
-            let url = Self::url(&ep, repo, &format!("blobs/{digest}"));
-            let range_header = range.map(|r| format!("bytes={}-{}", r.start, r.end - 1));
-            let resp = self
-                .send(&ep, repo, false, what, &|c| {
-                    let b = c.get(&url);
-                    match &range_header {
-                        Some(h) => b.header(RANGE, h),
-                        None => b,
-                    }
-                })
-                .await?;
-            Self::check_status(resp, what, &[StatusCode::OK, StatusCode::PARTIAL_CONTENT]).await
-        })
-        .await
-    }
-
-    /// Fetches a whole blob into memory and verifies it (size capped by `desc.size`).
-    pub async fn get_blob(&self, repo: &Repository, desc: &Descriptor) -> Result<Bytes> {
-        let mut buf = Vec::with_capacity(desc.size.min(64 << 20) as usize);
-        self.get_blob_to(repo, desc, &mut buf).await?;
-        Ok(Bytes::from(buf))
-    }
-
-    /// Streams a blob into `out`, verifying its size and digest. On error `out` may hold a
-    /// partial copy: discard it.
-    pub async fn get_blob_to<W: AsyncWrite + Unpin>(
-        &self,
-        repo: &Repository,
-        desc: &Descriptor,
-        out: &mut W,
-    ) -> Result<()> {
-        let what = format!("blob {} in {}/{}", desc.digest, repo.registry, repo.name);
-        let mut resp = self.blob_response(repo, &desc.digest, &what, None).await?;
-        let mut hasher = Sha256::new();
-        let mut n: u64 = 0;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Transport {
-            what: what.clone(),
-            url: resp.url().to_string(),
-            message: format!("{e}"),
-        })? {
-            n += chunk.len() as u64;
-            if n > desc.size {
-                return Err(RegistryError::TooLarge {
-                    what,
-                    limit: desc.size,
-                });
-            }
-            hasher.update(&chunk);
-            out.write_all(&chunk).await.map_err(|e| RegistryError::Io {
-                what: what.clone(),
-                source: e,
-            })?;
-        }
-        out.flush().await.map_err(|e| RegistryError::Io {
-            what: what.clone(),
-            source: e,
-        })?;
-        let actual = Digest::from_hasher(hasher);
-        if n != desc.size || actual != desc.digest {
-            return Err(RegistryError::DigestMismatch {
-                what,
-                expected: desc.digest.to_string(),
-                actual: actual.to_string(),
-            });
-        }
-        Ok(())
-    }
-
-    /// Reads bytes `range` of a blob with an HTTP range request (not verified here: callers
-    /// verify span digests). A server that ignores `Range` is handled by reading up to the
-    /// range end and slicing.
-    pub async fn get_blob_range(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        range: Range<u64>,
-    ) -> Result<Bytes> {
-        let what = format!(
-            "blob {digest} bytes {}-{} in {}/{}",
-            range.start, range.end, repo.registry, repo.name
-        );
-        if range.start >= range.end {
-            return Ok(Bytes::new());
-        }
-        let want = range.end - range.start;
-        let mut resp = self
-            .blob_response(repo, digest, &what, Some(&range))
-            .await?;
-        let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
-        if partial {
-            let cr = resp
-                .headers()
-                .get(CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let expect_prefix = format!("bytes {}-{}/", range.start, range.end - 1);
-            if !cr.is_empty() && !cr.starts_with(&expect_prefix) {
-                return Err(RegistryError::Status {
-                    what,
-                    status: 206,
-                    body: format!("unexpected Content-Range {cr}"),
-                });
-            }
-        }
-        let (skip, limit) = if partial {
-            (0, want)
-        } else {
-            (range.start, range.end)
-        };
-        let mut out = Vec::with_capacity(want as usize);
-        let mut pos: u64 = 0;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Transport {
-            what: what.clone(),
-            url: resp.url().to_string(),
-            message: format!("{e}"),
-        })? {
-            let (cs, ce) = (pos, pos + chunk.len() as u64);
-            pos = ce;
-            let (a, b) = (cs.max(skip), ce.min(limit));
-            if a < b {
-                out.extend_from_slice(&chunk[(a - cs) as usize..(b - cs) as usize]);
-            }
-            if pos >= limit {
-                break;
-            }
-        }
-        if out.len() as u64 != want {
-            return Err(RegistryError::Transport {
-                what,
-                url: resp.url().to_string(),
-                message: format!("short read: {} of {want} bytes", out.len()),
-            });
-        }
-        Ok(Bytes::from(out))
-    }
-
-    /// Size of a blob if it exists (HEAD).
-    pub async fn blob_size(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
-        let what = format!("blob {digest} in {}/{}", repo.registry, repo.name);
-        let ep = self.push_endpoint(repo)?;
-        let url = Self::url(&ep, repo, &format!("blobs/{digest}"));
-        let resp = self
-            .send(&ep, repo, false, &what, &|c| c.head(&url))
-            .await?;
-        match resp.status() {
-            StatusCode::OK => Ok(resp
-                .headers()
-                .get(CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.parse().ok())),
-            StatusCode::NOT_FOUND => Ok(None),
-            s => Err(RegistryError::Status {
-                what,
-                status: s.as_u16(),
-                body: String::new(),
-            }),
-        }
-    }
-
-    fn absolute(ep: &Endpoint, location: &str) -> String {
-        if location.starts_with("http://") || location.starts_with("https://") {
-            location.to_string()
-        } else {
-            format!("{}{}", ep.base, location)
-        }
-    }
-
-    async fn start_upload(
-        &self,
-        ep: &Endpoint,
-        repo: &Repository,
-        what: &str,
-        query: &str,
-    ) -> Result<Response> {
-        let url = format!("{}{}", Self::url(ep, repo, "blobs/uploads/"), query);
-        let resp = self
-            .send(ep, repo, true, what, &|c| {
-                c.request(Method::POST, &url).header(CONTENT_LENGTH, "0")
-            })
-            .await?;
-        Self::check_status(resp, what, &[StatusCode::ACCEPTED, StatusCode::CREATED]).await
-    }
-
-    fn location(resp: &Response, ep: &Endpoint, what: &str) -> Result<String> {
-        let loc = resp
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| RegistryError::Status {
-                what: what.into(),
-                status: resp.status().as_u16(),
-                body: "upload without Location".into(),
-            })?;
-        Ok(Self::absolute(ep, loc))
-    }
-
-    fn with_digest(loc: &str, digest: &Digest) -> String {
-        let sep = if loc.contains('?') { '&' } else { '?' };
-        format!("{loc}{sep}digest={digest}")
-    }
-
-    /// Pushes a blob in one request (skipped when the registry already has it).
-    pub async fn push_blob(&self, repo: &Repository, digest: &Digest, data: Bytes) -> Result<()> {
-        if self.blob_size(repo, digest).await?.is_some() {
-            return Ok(());
-        }
-        let what = format!("push of blob {digest} to {}/{}", repo.registry, repo.name);
-        let actual = Digest::of(&data);
-        if &actual != digest {
-            return Err(RegistryError::DigestMismatch {
-                what,
-                expected: digest.to_string(),
-                actual: actual.to_string(),
-            });
-        }
-        let ep = self.push_endpoint(repo)?;
-        let resp = self.start_upload(&ep, repo, &what, "").await?;
-        let put = Self::with_digest(&Self::location(&resp, &ep, &what)?, digest);
-        let resp = self
-            .send(&ep, repo, true, &what, &|c| {
-                c.put(&put)
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .body(data.clone())
-            })
-            .await?;
-        Self::check_status(
-            resp,
-            &what,
-            &[StatusCode::CREATED, StatusCode::NO_CONTENT, StatusCode::OK],
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Pushes a blob from a file in chunks (PATCH with Content-Range, then PUT).
-    pub async fn push_blob_file(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        path: &std::path::Path,
-    ) -> Result<()> {
-        use tokio::io::AsyncReadExt;
-        if self.blob_size(repo, digest).await?.is_some() {
-            return Ok(());
-        }
-        let what = format!("push of blob {digest} to {}/{}", repo.registry, repo.name);
-        let io = |e| RegistryError::Io {
-            what: what.clone(),
-            source: e,
-        };
-        let mut f = tokio::fs::File::open(path).await.map_err(io)?;
-        let ep = self.push_endpoint(repo)?;
-        let resp = self.start_upload(&ep, repo, &what, "").await?;
-        let mut loc = Self::location(&resp, &ep, &what)?;
-        let mut offset: u64 = 0;
-        let mut hasher = Sha256::new();
-        loop {
-            let mut chunk = Vec::with_capacity(self.opts.upload_chunk_bytes as usize);
-            (&mut f)
-                .take(self.opts.upload_chunk_bytes)
-                .read_to_end(&mut chunk)
-                .await
-                .map_err(io)?;
-            if chunk.is_empty() {
-                break;
-            }
-            hasher.update(&chunk);
-            let end = offset + chunk.len() as u64 - 1;
-            let body = Bytes::from(chunk);
-            let l = loc.clone();
-            let resp = self
-                .send(&ep, repo, true, &what, &|c| {
-                    c.patch(&l)
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header(CONTENT_RANGE, format!("{offset}-{end}"))
-                        .body(body.clone())
-                })
-                .await?;
-            let resp =
-                Self::check_status(resp, &what, &[StatusCode::ACCEPTED, StatusCode::NO_CONTENT])
-                    .await?;
-            loc = Self::location(&resp, &ep, &what)?;
-            offset = end + 1;
-        }
-        let actual = Digest::from_hasher(hasher);
-        if &actual != digest {
-            return Err(RegistryError::DigestMismatch {
-                what,
-                expected: digest.to_string(),
-                actual: actual.to_string(),
-            });
-        }
-        let put = Self::with_digest(&loc, digest);
-        let resp = self
-            .send(&ep, repo, true, &what, &|c| {
-                c.put(&put).header(CONTENT_LENGTH, "0")
-            })
-            .await?;
-        Self::check_status(
-            resp,
-            &what,
-            &[StatusCode::CREATED, StatusCode::NO_CONTENT, StatusCode::OK],
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Asks the registry to mount a blob from another repository; `false` if it did not.
-    pub async fn mount_blob(
-        &self,
-        repo: &Repository,
-        from: &Repository,
-        digest: &Digest,
-    ) -> Result<bool> {
-        if repo.registry != from.registry {
-            return Ok(false);
-        }
-        if self.blob_size(repo, digest).await?.is_some() {
-            return Ok(true);
-        }
-        let what = format!(
-            "mount of blob {digest} from {} into {}",
-            from.name, repo.name
-        );
-        let ep = self.push_endpoint(repo)?;
-        let resp = self
-            .start_upload(
-                &ep,
-                repo,
-                &what,
-                &format!("?mount={digest}&from={}", from.name),
-            )
-            .await?;
-        Ok(resp.status() == StatusCode::CREATED)
-    }
-
-    /// Pushes a manifest under a tag or its digest; returns its digest.
-    pub async fn put_manifest(
-        &self,
-        repo: &Repository,
-        object: &str,
-        media_type: &str,
-        body: Bytes,
-    ) -> Result<Digest> {
-        let digest = Digest::of(&body);
-        let what = format!(
-            "push of manifest {digest} to {}/{}:{object}",
-            repo.registry, repo.name
-        );
-        let ep = self.push_endpoint(repo)?;
-        let url = Self::url(&ep, repo, &format!("manifests/{object}"));
-        let resp = self
-            .send(&ep, repo, true, &what, &|c| {
-                c.put(&url)
-                    .header(CONTENT_TYPE, media_type)
-                    .body(body.clone())
-            })
-            .await?;
-        Self::check_status(
-            resp,
-            &what,
-            &[StatusCode::CREATED, StatusCode::OK, StatusCode::ACCEPTED],
-        )
-        .await?;
-        Ok(digest)
     }
 
     /// The referrers of `digest` (OCI 1.1 referrers API, then the `sha256-<hex>` tag

@@ -5,11 +5,13 @@
 //! whole blob read is checked against its digest.
 
 pub mod auth;
+mod blobs;
 mod client;
 pub mod digest;
 mod error;
 pub mod hosts;
 pub mod oci;
+mod push;
 pub mod reference;
 
 pub use client::{Client, ClientOptions};

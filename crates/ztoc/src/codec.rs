@@ -377,12 +377,10 @@ impl<'a> Table<'a> {
         };
         let start = follow(self.buf, p)?;
         let len = read::<u32>(self.buf, start)? as usize;
-        let end = len
-            .checked_mul(4)
+        len.checked_mul(4)
             .and_then(|n| n.checked_add(start + 4))
             .filter(|&e| e <= self.buf.len())
             .ok_or_else(|| format!("vector at {start} overruns the buffer"))?;
-        let _ = end;
         Ok(Some(OffsetVector {
             buf: self.buf,
             start: start + 4,
