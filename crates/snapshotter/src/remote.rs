@@ -65,6 +65,15 @@ impl RangeReader for RegistryReader {
 
 type Discovery = Arc<tokio::sync::OnceCell<Result<Arc<SociImage>, NoSoci>>>;
 
+/// A layer ready to mount: its validated span table and inode tree.
+#[derive(Clone)]
+struct PreparedLayer {
+    spans: soci_ztoc::Spans,
+    tree: Arc<LayerTree>,
+}
+
+type Prepared = Arc<tokio::sync::OnceCell<Result<PreparedLayer, String>>>;
+
 /// State of remote layers.
 pub struct Remote {
     client: Arc<Client>,
@@ -72,6 +81,8 @@ pub struct Remote {
     cache_root: PathBuf,
     tmp_root: PathBuf,
     images: Mutex<HashMap<String, Discovery>>,
+    /// zTOCs fetched and parsed ahead of the layer's Prepare, by zTOC digest.
+    prepared: Mutex<HashMap<Digest, Prepared>>,
     mounts: Mutex<HashMap<u64, MountedLayer>>,
     logged: Mutex<HashSet<String>>,
     /// FUSE and span counters.
@@ -121,6 +132,7 @@ impl Remote {
             cache_root,
             tmp_root,
             images: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             logged: Mutex::new(HashSet::new()),
             metrics: Arc::new(FsMetrics::default()),
@@ -132,7 +144,7 @@ impl Remote {
 
     /// Discovers an image's SOCI index once per (reference, manifest) and shares the result.
     async fn image(
-        &self,
+        self: &Arc<Self>,
         image_ref: &str,
         manifest: Option<&str>,
     ) -> Result<Arc<SociImage>, NoSoci> {
@@ -165,7 +177,18 @@ impl Remote {
                         )));
                     }
                 }
-                Ok(Arc::new(img))
+                let img = Arc::new(img);
+                // containerd prepares layers one after another: fetch every zTOC now, in
+                // parallel, so no layer waits for its own round trip.
+                for (layer, ztoc) in img.layer_ztocs() {
+                    if let Some(z) = ztoc {
+                        let (me, img) = (self.clone(), img.clone());
+                        tokio::spawn(async move {
+                            let _ = me.prepare_layer(&img, &z, &layer).await;
+                        });
+                    }
+                }
+                Ok(img)
             })
             .await
             .clone();
@@ -177,7 +200,10 @@ impl Remote {
     }
 
     /// Decides how a layer is provided.
-    pub async fn plan(&self, labels: &BTreeMap<String, String>) -> Result<LayerPlan, String> {
+    pub async fn plan(
+        self: &Arc<Self>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<LayerPlan, String> {
         let image_ref = labels
             .get(LABEL_IMAGE_REF)
             .ok_or("no image reference label")?;
@@ -276,6 +302,46 @@ impl Remote {
         }
     }
 
+    /// Fetches, verifies and parses a layer's zTOC and builds its tree, once per zTOC.
+    async fn prepare_layer(
+        &self,
+        img: &SociImage,
+        ztoc: &Descriptor,
+        layer: &Descriptor,
+    ) -> Result<PreparedLayer, String> {
+        let cell = self
+            .prepared
+            .lock()
+            .expect("prepared")
+            .entry(ztoc.digest.clone())
+            .or_default()
+            .clone();
+        let r = cell
+            .get_or_init(|| async {
+                let z = img
+                    .fetch_ztoc(&self.client, ztoc, layer)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let spans = z
+                    .spans()
+                    .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
+                let tree = tokio::task::spawn_blocking(move || LayerTree::build(&z))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
+                Ok(PreparedLayer {
+                    spans,
+                    tree: Arc::new(tree),
+                })
+            })
+            .await
+            .clone();
+        if r.is_err() {
+            self.prepared.lock().expect("prepared").remove(&ztoc.digest);
+        }
+        r
+    }
+
     /// Mounts a layer lazily at `fs_dir` for snapshot `id`.
     pub async fn mount_lazy(
         &self,
@@ -285,17 +351,9 @@ impl Remote {
         ztoc: &Descriptor,
         layer: &Descriptor,
     ) -> Result<(), String> {
-        let z = img
-            .fetch_ztoc(&self.client, ztoc, layer)
-            .await
-            .map_err(|e| e.to_string())?;
-        let spans = z
-            .spans()
-            .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
-        let tree = tokio::task::spawn_blocking(move || LayerTree::build(&z))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
+        let PreparedLayer { spans, tree } = self.prepare_layer(img, ztoc, layer).await?;
+        // Mounted layers keep their own copy; the prepared one is not needed any more.
+        self.prepared.lock().expect("prepared").remove(&ztoc.digest);
         let reader = Arc::new(RegistryReader {
             client: self.client.clone(),
             repo: img.reference.repository.clone(),
@@ -323,12 +381,11 @@ impl Remote {
         let metrics = self.metrics.clone();
         let dir = fs_dir.to_path_buf();
         let m2 = mgr.clone();
-        let mounted = tokio::task::spawn_blocking(move || {
-            soci_fs::mount(Arc::new(tree), m2, &dir, rt, ttl, metrics)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("FUSE mount at {}: {e}", fs_dir.display()))?;
+        let mounted =
+            tokio::task::spawn_blocking(move || soci_fs::mount(tree, m2, &dir, rt, ttl, metrics))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("FUSE mount at {}: {e}", fs_dir.display()))?;
         if !self.cfg.background_fetch.disable {
             let bg = &self.cfg.background_fetch;
             tokio::spawn(mgr.background_fill(
