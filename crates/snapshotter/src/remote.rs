@@ -74,6 +74,19 @@ struct PreparedLayer {
 
 type Prepared = Arc<tokio::sync::OnceCell<Result<PreparedLayer, String>>>;
 
+/// A layer blob downloaded (digest-verified) into a temp file, started ahead of its Prepare.
+type Download = Arc<tokio::sync::OnceCell<Result<Arc<tempfile::TempPath>, String>>>;
+
+/// The layers of an image (for full pulls) and the downloads it may run at once.
+struct ImageLayers {
+    layers: Vec<Descriptor>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Downloads of one image that may run at once (upstream's
+/// `max_concurrent_downloads_per_image` default).
+const DOWNLOADS_PER_IMAGE: usize = 3;
+
 /// State of remote layers.
 pub struct Remote {
     client: Arc<Client>,
@@ -83,6 +96,11 @@ pub struct Remote {
     images: Mutex<HashMap<String, Discovery>>,
     /// zTOCs fetched and parsed ahead of the layer's Prepare, by zTOC digest.
     prepared: Mutex<HashMap<Digest, Prepared>>,
+    /// Layer lists of images pulled in full, by image reference and manifest.
+    image_layers:
+        Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Result<Arc<ImageLayers>, String>>>>>,
+    /// Layer downloads started ahead of their Prepare, by layer digest.
+    downloads: Mutex<HashMap<Digest, Download>>,
     mounts: Mutex<HashMap<u64, MountedLayer>>,
     logged: Mutex<HashSet<String>>,
     /// FUSE and span counters.
@@ -123,6 +141,8 @@ impl Remote {
         let client = Client::new(opts).map_err(|e| e.to_string())?;
         let cache_root = root.join("cache");
         let tmp_root = root.join("tmp");
+        // Downloads of a previous run are of no use: start clean.
+        let _ = std::fs::remove_dir_all(&tmp_root);
         for d in [&cache_root, &tmp_root] {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
@@ -133,6 +153,8 @@ impl Remote {
             tmp_root,
             images: Mutex::new(HashMap::new()),
             prepared: Mutex::new(HashMap::new()),
+            image_layers: Mutex::new(HashMap::new()),
+            downloads: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             logged: Mutex::new(HashSet::new()),
             metrics: Arc::new(FsMetrics::default()),
@@ -229,24 +251,156 @@ impl Remote {
                     .ok_or_else(|| format!("layer {layer_digest} is not in image {image_ref}"))?;
                 match img.index.ztoc_for(&layer_digest).cloned() {
                     Some(z) => Ok(LayerPlan::Lazy(img, z, layer)),
-                    None => Ok(LayerPlan::Full(r.repository, layer, None)),
+                    None => {
+                        let unindexed: Vec<Descriptor> = img
+                            .manifest
+                            .layers
+                            .iter()
+                            .filter(|l| img.index.ztoc_for(&l.digest).is_none())
+                            .cloned()
+                            .collect();
+                        let key = format!("{image_ref}@{}", img.manifest_desc.digest);
+                        let slots = self
+                            .layer_list(&key, async { Ok(unindexed) })
+                            .await?
+                            .slots
+                            .clone();
+                        self.start_downloads(
+                            &r.repository,
+                            labels,
+                            &img.manifest.layers,
+                            &slots,
+                            |d| img.index.ztoc_for(d).is_none(),
+                        );
+                        Ok(LayerPlan::Full(r.repository, layer, None))
+                    }
                 }
             }
             Err(reason) => {
                 self.note_fallback(image_ref, &reason);
-                let layer = self.layer_descriptor(&r, labels, &layer_digest).await?;
+                let key = format!(
+                    "{image_ref}@{}",
+                    labels
+                        .get(LABEL_MANIFEST_DIGEST)
+                        .map(String::as_str)
+                        .unwrap_or("")
+                );
+                let list = self.layer_list(&key, self.fetch_layers(&r, labels)).await?;
+                let layer = list
+                    .layers
+                    .iter()
+                    .find(|l| l.digest == layer_digest)
+                    .cloned()
+                    .ok_or_else(|| format!("layer {layer_digest} is not in image {r}"))?;
+                self.start_downloads(&r.repository, labels, &list.layers, &list.slots, |_| true);
                 Ok(LayerPlan::Full(r.repository, layer, Some(reason)))
             }
         }
     }
 
-    /// The layer's descriptor from the image manifest (media type and size are needed to unpack).
-    async fn layer_descriptor(
+    /// The layer list of an image, looked up once per image.
+    async fn layer_list(
+        &self,
+        key: &str,
+        fetch: impl std::future::Future<Output = Result<Vec<Descriptor>, String>>,
+    ) -> Result<Arc<ImageLayers>, String> {
+        let cell = self
+            .image_layers
+            .lock()
+            .expect("image layers")
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let r = cell
+            .get_or_init(|| async {
+                let layers = fetch.await?;
+                Ok(Arc::new(ImageLayers {
+                    layers,
+                    slots: Arc::new(tokio::sync::Semaphore::new(DOWNLOADS_PER_IMAGE)),
+                }))
+            })
+            .await
+            .clone();
+        if r.is_err() {
+            self.image_layers.lock().expect("image layers").remove(key);
+        }
+        r
+    }
+
+    /// Starts downloading the layers containerd will prepare next (this one and those above
+    /// it, from the `cri.image-layers` label) that `wanted` selects.
+    fn start_downloads(
+        self: &Arc<Self>,
+        repo: &Repository,
+        labels: &BTreeMap<String, String>,
+        layers: &[Descriptor],
+        slots: &Arc<tokio::sync::Semaphore>,
+        wanted: impl Fn(&Digest) -> bool,
+    ) {
+        let upcoming: Vec<&str> = labels
+            .get("containerd.io/snapshot/cri.image-layers")
+            .map(|s| s.split(',').collect())
+            .unwrap_or_else(|| {
+                labels
+                    .get(LABEL_LAYER_DIGEST)
+                    .map(|d| vec![d.as_str()])
+                    .unwrap_or_default()
+            });
+        for l in layers
+            .iter()
+            .filter(|l| upcoming.contains(&l.digest.as_str()) && wanted(&l.digest))
+        {
+            let cell = {
+                let mut map = self.downloads.lock().expect("downloads");
+                if map.contains_key(&l.digest) {
+                    continue;
+                }
+                map.entry(l.digest.clone()).or_default().clone()
+            };
+            let (me, repo, layer, slots) = (self.clone(), repo.clone(), l.clone(), slots.clone());
+            tokio::spawn(async move {
+                let _ = cell
+                    .get_or_init(|| async {
+                        let _permit = slots.acquire_owned().await.map_err(|e| e.to_string())?;
+                        me.download(&repo, &layer).await
+                    })
+                    .await;
+            });
+        }
+    }
+
+    /// Downloads a layer blob (digest-verified) into a temp file.
+    async fn download(
+        &self,
+        repo: &Repository,
+        layer: &Descriptor,
+    ) -> Result<Arc<tempfile::TempPath>, String> {
+        let tmp = tempfile::NamedTempFile::new_in(&self.tmp_root)
+            .map_err(|e| e.to_string())?
+            .into_temp_path();
+        let mut f = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.client
+            .get_blob_to(repo, layer, &mut f)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(tmp))
+    }
+
+    /// Forgets a download not needed (the layer already exists).
+    pub fn discard_download(&self, layer: &str) {
+        if let Some(d) = Digest::parse(layer) {
+            self.downloads.lock().expect("downloads").remove(&d);
+        }
+    }
+
+    /// The layers of an image from its manifest (media type and size are needed to unpack).
+    async fn fetch_layers(
         &self,
         r: &Reference,
         labels: &BTreeMap<String, String>,
-        layer: &Digest,
-    ) -> Result<Descriptor, String> {
+    ) -> Result<Vec<Descriptor>, String> {
         let object = labels
             .get(LABEL_MANIFEST_DIGEST)
             .cloned()
@@ -278,11 +432,7 @@ impl Remote {
             } else {
                 serde_json::from_slice(&bytes).map_err(|e| e.to_string())?
             };
-        manifest
-            .layers
-            .into_iter()
-            .find(|l| &l.digest == layer)
-            .ok_or_else(|| format!("layer {layer} is not in image {r}"))
+        Ok(manifest.layers)
     }
 
     fn note_fallback(&self, image_ref: &str, reason: &NoSoci) {
@@ -407,17 +557,25 @@ impl Remote {
         layer: &Descriptor,
     ) -> Result<(), String> {
         let compression = layer_compression(&layer.media_type);
-        let tmp = tempfile::NamedTempFile::new_in(&self.tmp_root).map_err(|e| e.to_string())?;
-        let mut f = tokio::fs::File::create(tmp.path())
+        // Started ahead by `start_downloads`, or fetched now.
+        let cell = self
+            .downloads
+            .lock()
+            .expect("downloads")
+            .entry(layer.digest.clone())
+            .or_default()
+            .clone();
+        let file = cell
+            .get_or_init(|| self.download(repo, layer))
             .await
-            .map_err(|e| e.to_string())?;
-        self.client
-            .get_blob_to(repo, layer, &mut f)
-            .await
-            .map_err(|e| e.to_string())?;
-        drop(f);
+            .clone();
+        self.downloads
+            .lock()
+            .expect("downloads")
+            .remove(&layer.digest);
+        let file = file?;
         let dir = fs_dir.to_path_buf();
-        let path = tmp.path().to_path_buf();
+        let path = file.to_path_buf();
         let digest = layer.digest.clone();
         tokio::task::spawn_blocking(move || {
             let file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);

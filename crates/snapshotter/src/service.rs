@@ -326,6 +326,9 @@ impl Service {
         let t = target.clone();
         if let Ok(s) = self.blocking(move |s| s.store.get(&t)).await {
             if s.kind == Kind::Committed {
+                if let Some(l) = labels.get(remote::LABEL_LAYER_DIGEST) {
+                    remote.discard_download(l);
+                }
                 return exists();
             }
         }
