@@ -19,6 +19,8 @@ pub struct SociDaemon {
     config: PathBuf,
     /// Log file (stderr of every run, appended).
     pub log: PathBuf,
+    /// Listening socket held by the test, as systemd would (socket activation).
+    activation: Option<std::os::unix::net::UnixListener>,
 }
 
 impl SociDaemon {
@@ -33,18 +35,70 @@ impl SociDaemon {
             socket: dir.join("soci.sock"),
             config: cfg,
             log: dir.join("daemon.log"),
+            activation: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Like [`Self::start`], but the test binds the socket and passes it to every run of the
+    /// daemon as fd 3 with `LISTEN_FDS`/`LISTEN_PID` (systemd socket activation).
+    pub fn start_activated(dir: &Path, config: &str) -> SociDaemon {
+        fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("config.toml");
+        fs::write(&cfg, config).unwrap();
+        let socket = dir.join("soci.sock");
+        let listener =
+            std::os::unix::net::UnixListener::bind(&socket).expect("bind activation socket");
+        let mut d = SociDaemon {
+            child: None,
+            root: dir.join("root"),
+            socket,
+            config: cfg,
+            log: dir.join("daemon.log"),
+            activation: Some(listener),
         };
         d.spawn();
         d
     }
 
     fn spawn(&mut self) {
+        let serving_before = self
+            .log_text()
+            .matches("soci-snapshotter-grpc serving")
+            .count();
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(bin("soci-snapshotter-grpc"))
+        let mut cmd = match &self.activation {
+            None => Command::new(bin("soci-snapshotter-grpc")),
+            Some(l) => {
+                use std::os::fd::AsRawFd;
+                use std::os::unix::process::CommandExt;
+                let fd = l.as_raw_fd();
+                // `exec` keeps the shell's pid, so LISTEN_PID=$$ names the daemon.
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+                    .arg(bin("soci-snapshotter-grpc"));
+                // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+                unsafe {
+                    c.pre_exec(move || {
+                        if fd == 3 {
+                            let flags = libc::fcntl(3, libc::F_GETFD);
+                            libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                        } else if libc::dup2(fd, 3) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                c
+            }
+        };
+        let child = cmd
             .arg("--root")
             .arg(&self.root)
             .arg("--address")
@@ -59,7 +113,17 @@ impl SociDaemon {
             .expect("start soci-snapshotter-grpc");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+        let ready = |d: &SociDaemon| {
+            if d.activation.is_some() {
+                d.log_text()
+                    .matches("soci-snapshotter-grpc serving")
+                    .count()
+                    > serving_before
+            } else {
+                std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
+            }
+        };
+        while !ready(self) {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
                     panic!(

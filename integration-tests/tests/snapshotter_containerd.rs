@@ -143,3 +143,47 @@ fn kill9_during_pull_then_pull_completes() {
     );
     assert_eq!(out, "ran on soci\n5\n");
 }
+
+#[test]
+fn socket_activation_hides_a_daemon_crash_from_containerd() {
+    let reg = Registry::start();
+    let tmp = tempfile::Builder::new()
+        .prefix("soci-sa")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let image = push_image(&reg, tmp.path(), "sa");
+    let mut daemon = SociDaemon::start_activated(&tmp.path().join("d"), "");
+    let ctd = Containerd::start_with_soci(&daemon.socket);
+    ctd.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "soci",
+        &image,
+    ]);
+    assert!(daemon.log_text().contains("socket activation"));
+
+    // Crash the daemon, start a container while it is down, bring the daemon back: the call
+    // waits in the socket backlog and succeeds, with no retry.
+    daemon.kill9();
+    let sock = ctd.socket.clone();
+    let img = image.clone();
+    let run = std::thread::spawn(move || {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&sock)
+            .args(["run", "--rm", "--snapshotter", "soci", &img, "sa-1"])
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.restart();
+    let o = run.join().unwrap();
+    assert!(
+        o.status.success(),
+        "ctr run failed across the restart: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ran on soci\n5\n");
+}

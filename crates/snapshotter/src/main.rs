@@ -77,6 +77,56 @@ fn run() -> Result<()> {
     rt.block_on(serve(cfg, root, address))
 }
 
+/// Binds the gRPC socket (mode 0600), replacing a stale one.
+fn bind(address: &std::path::Path) -> Result<UnixListener> {
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(address) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", address.display()))
+        }
+    }
+    let listener = UnixListener::bind(address)
+        .with_context(|| format!("listening on {}", address.display()))?;
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// The listening socket passed by systemd socket activation (`LISTEN_PID` = our pid,
+/// `LISTEN_FDS` >= 1, first fd 3). The socket outlives daemon restarts, so containerd's
+/// connection attempts queue instead of failing while the daemon is down.
+fn activated_listener() -> Result<Option<UnixListener>> {
+    let pid_matches = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let fds: u32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if !pid_matches || fds == 0 {
+        return Ok(None);
+    }
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    const SD_LISTEN_FDS_START: std::os::fd::RawFd = 3;
+    // SAFETY: the service manager passed fd 3 to this process as a listening socket and
+    // nothing else in the process owns it; ownership moves into the listener here, once.
+    let std_listener = unsafe {
+        <std::os::unix::net::UnixListener as std::os::fd::FromRawFd>::from_raw_fd(
+            SD_LISTEN_FDS_START,
+        )
+    };
+    std_listener.set_nonblocking(true)?;
+    Ok(Some(
+        UnixListener::from_std(std_listener).context("socket passed by the service manager")?,
+    ))
+}
+
 async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
     std::fs::create_dir_all(&root).with_context(|| format!("creating root {}", root.display()))?;
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
@@ -102,19 +152,15 @@ async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
         });
     }
 
-    if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    match std::fs::remove_file(&address) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing stale socket {}", address.display()))
+    let activated = activated_listener()?;
+    let owns_socket = activated.is_none();
+    let listener = match activated {
+        Some(l) => {
+            info!("using the socket passed by the service manager (socket activation)");
+            l
         }
-    }
-    let listener = UnixListener::bind(&address)
-        .with_context(|| format!("listening on {}", address.display()))?;
-    std::fs::set_permissions(&address, std::fs::Permissions::from_mode(0o600))?;
+        None => bind(&address)?,
+    };
     info!(address = %address.display(), root = %root.display(), "soci-snapshotter-grpc serving");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -141,7 +187,9 @@ async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
         Ok(Err(e)) => error!(error = %e, "gRPC server task failed"),
         Err(_) => error!("in-flight calls did not finish in time; exiting anyway"),
     }
-    let _ = std::fs::remove_file(&address);
+    if owns_socket {
+        let _ = std::fs::remove_file(&address);
+    }
     if let Some(r) = snapshotter.remote() {
         let r = r.clone();
         let _ = tokio::task::spawn_blocking(move || r.unmount_all()).await;
