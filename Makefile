@@ -22,6 +22,7 @@ demo: build
 # Benchmarks: prints ratios measured side by side in one run.
 bench: build
 	bash bench/ztoc.sh
+	bash bench/start.sh 20 3
 
 # Fuzz every parser for FUZZ_SECONDS each (needs nightly-free cargo-fuzz; not part of CI).
 FUZZ_SECONDS ?= 60
