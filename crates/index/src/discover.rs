@@ -204,21 +204,41 @@ pub async fn discover(
             root_desc.media_type
         )));
     };
-    let (manifest_desc, manifest_bytes) = if manifest_desc.digest == root_desc.digest {
-        (root_desc, root)
-    } else {
-        let (d, b) = client
-            .get_manifest(repo, manifest_desc.digest.as_str())
-            .await?;
-        (
-            Descriptor {
-                platform: manifest_desc.platform.clone(),
-                annotations: manifest_desc.annotations.clone(),
-                ..d
-            },
-            b,
-        )
+    // The image-index entry usually carries the SOCI index digest too: fetch that index while
+    // the manifest is fetched (one round trip instead of two), and check it against the
+    // manifest's own annotation below.
+    let hinted = manifest_desc
+        .annotations
+        .get(ANNOTATION_INDEX_DIGEST)
+        .and_then(|d| Digest::parse(d))
+        .filter(|_| image_index.is_some());
+    let fetch_hinted = async {
+        match &hinted {
+            Some(d) => Some(client.get_manifest(repo, d.as_str()).await),
+            None => None,
+        }
     };
+    let fetch_manifest = async {
+        if manifest_desc.digest == root_desc.digest {
+            Ok((root_desc.clone(), root.clone()))
+        } else {
+            client
+                .get_manifest(repo, manifest_desc.digest.as_str())
+                .await
+                .map(|(d, b)| {
+                    (
+                        Descriptor {
+                            platform: manifest_desc.platform.clone(),
+                            annotations: manifest_desc.annotations.clone(),
+                            ..d
+                        },
+                        b,
+                    )
+                })
+        }
+    };
+    let (fetched, prefetched_index) = tokio::join!(fetch_manifest, fetch_hinted);
+    let (manifest_desc, manifest_bytes) = fetched?;
     let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes).map_err(|e| {
         NoSoci::Registry(format!(
             "image manifest {}: invalid JSON: {e}",
@@ -273,17 +293,18 @@ pub async fn discover(
         }
     };
 
-    let (index_desc, index_bytes) = client
-        .get_manifest(repo, index_digest.as_str())
-        .await
-        .map_err(|e| match e {
-            RegistryError::NotFound { .. } => NoSoci::NoIndex(format!(
-                "SOCI index {index_digest} named by {} is missing",
-                manifest_desc.digest
-            )),
-            RegistryError::DigestMismatch { .. } => NoSoci::DigestMismatch(e.to_string()),
-            e => NoSoci::Registry(e.to_string()),
-        })?;
+    let index_result = match (hinted, prefetched_index) {
+        (Some(h), Some(r)) if h == index_digest => r,
+        _ => client.get_manifest(repo, index_digest.as_str()).await,
+    };
+    let (index_desc, index_bytes) = index_result.map_err(|e| match e {
+        RegistryError::NotFound { .. } => NoSoci::NoIndex(format!(
+            "SOCI index {index_digest} named by {} is missing",
+            manifest_desc.digest
+        )),
+        RegistryError::DigestMismatch { .. } => NoSoci::DigestMismatch(e.to_string()),
+        e => NoSoci::Registry(e.to_string()),
+    })?;
     let index = SociIndex::parse(&index_bytes)
         .map_err(|e| NoSoci::CorruptIndex(index_digest.to_string(), e))?;
     if index.version != version {
