@@ -280,7 +280,9 @@ impl SpanManager {
         let verify = !self.cfg.disable_verification;
         let run2 = run.clone();
         let layer = self.layer.clone();
-        // Verification and decompression are CPU work: off the async workers.
+        let dir = self.cfg.cache_dir.clone();
+        // Verification, decompression and the cache file writes are CPU and blocking I/O work:
+        // off the async workers.
         let decoded: Vec<(SpanId, Vec<u8>)> = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             for id in run2 {
@@ -295,6 +297,9 @@ impl SpanManager {
                 let plain = spans
                     .decompress(id, slice)
                     .map_err(|e| eio(format!("layer {layer}: {e}")))?;
+                let tmp = dir.join(format!("{id}.tmp"));
+                std::fs::write(&tmp, &plain)?;
+                std::fs::rename(&tmp, dir.join(id.to_string()))?;
                 out.push((id, plain));
             }
             Ok::<_, io::Error>(out)
@@ -305,10 +310,6 @@ impl SpanManager {
             self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
         })?;
         for (id, plain) in decoded {
-            let path = self.cfg.cache_dir.join(id.to_string());
-            let tmp = self.cfg.cache_dir.join(format!("{id}.tmp"));
-            std::fs::write(&tmp, &plain)?;
-            std::fs::rename(&tmp, &path)?;
             self.memory
                 .lock()
                 .expect("span cache")
