@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use fuse::LayerFs;
-pub use spans::{FsMetrics, Priority, RangeReader, SpanConfig, SpanManager, LATENCY_BUCKETS_MS};
+pub use spans::{
+    BackgroundConfig, FsMetrics, Priority, RangeReader, SpanConfig, SpanManager, LATENCY_BUCKETS_MS,
+};
 pub use tree::{LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};
 
 /// A mounted layer; unmounted on [`MountedLayer::unmount`] or drop.

@@ -102,6 +102,22 @@ pub struct SpanManager {
     on_disk: Vec<AtomicBool>,
     locks: Vec<tokio::sync::Mutex<()>>,
     closed: AtomicBool,
+    /// When the last demand read started (ms since `born`).
+    last_demand_ms: AtomicU64,
+    born: std::time::Instant,
+}
+
+/// Background fetch pacing.
+#[derive(Debug, Clone)]
+pub struct BackgroundConfig {
+    /// Wait after mount before starting.
+    pub delay: Duration,
+    /// Pause between span fetches.
+    pub period: Duration,
+    /// Quiet time after a demand read before background fetching resumes.
+    pub yield_to_demand: Duration,
+    /// Shared by every layer: bounds background fetches across the daemon.
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 fn eio(msg: String) -> io::Error {
@@ -133,6 +149,8 @@ impl SpanManager {
             on_disk,
             locks: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
             closed: AtomicBool::new(false),
+            last_demand_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
         })
     }
 
@@ -160,6 +178,8 @@ impl SpanManager {
 
     /// Reads uncompressed bytes `range` of the layer.
     pub async fn read(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
+        self.last_demand_ms
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
         let ids = self.spans.spans_for(&range);
         self.ensure(ids.clone(), Priority::Demand).await?;
         let mut out = Vec::with_capacity((range.end - range.start) as usize);
@@ -322,23 +342,183 @@ impl SpanManager {
         Ok(())
     }
 
-    /// Fetches every span not yet cached, one at a time, after `delay`, pausing `period`
-    /// between spans, until done or closed.
-    pub async fn background_fill(self: Arc<Self>, delay: Duration, period: Duration) {
-        tokio::time::sleep(delay).await;
+    /// Fetches every span not yet cached, one at a time: after `cfg.delay`, pausing
+    /// `cfg.period` between spans, holding one of the shared `cfg.slots` per fetch, and backing
+    /// off while demand reads are active; until done or closed.
+    pub async fn background_fill(self: Arc<Self>, cfg: BackgroundConfig) {
+        tokio::time::sleep(cfg.delay).await;
         for id in 0..self.spans.len() {
-            if self.closed.load(Ordering::Relaxed) {
-                return;
+            loop {
+                if self.closed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let since = self.born.elapsed().as_millis() as u64
+                    - self.last_demand_ms.load(Ordering::Relaxed);
+                let quiet = cfg.yield_to_demand.as_millis() as u64;
+                if self.last_demand_ms.load(Ordering::Relaxed) == 0 || since >= quiet {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(quiet - since)).await;
             }
             if self.is_cached(id) {
                 continue;
             }
+            let Ok(_permit) = cfg.slots.acquire().await else {
+                return;
+            };
             if let Err(e) = self.ensure(id..id + 1, Priority::Background).await {
                 warn!(layer = %self.layer, span = id, error = %e, "background fetch failed; stopping it");
                 return;
             }
-            tokio::time::sleep(period).await;
+            drop(_permit);
+            tokio::time::sleep(cfg.period).await;
         }
         debug!(layer = %self.layer, "background fetch complete");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// An in-memory blob that records requests and can corrupt the first N responses.
+    struct FakeReader {
+        blob: Vec<u8>,
+        calls: Mutex<Vec<Range<u64>>>,
+        corrupt: AtomicU32,
+    }
+
+    impl RangeReader for FakeReader {
+        fn read_range(
+            &self,
+            range: Range<u64>,
+        ) -> Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send + '_>> {
+            Box::pin(async move {
+                self.calls.lock().unwrap().push(range.clone());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let mut data = self.blob[range.start as usize..range.end as usize].to_vec();
+                if self.corrupt.load(Ordering::SeqCst) > 0 {
+                    self.corrupt.fetch_sub(1, Ordering::SeqCst);
+                    data[0] ^= 1;
+                }
+                Ok(Bytes::from(data))
+            })
+        }
+    }
+
+    fn layer() -> (Vec<u8>, soci_ztoc::Ztoc) {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut x: u32 = 7;
+        let data: Vec<u8> = (0..300_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "f", data.as_slice()).unwrap();
+        let blob = b.into_inner().unwrap();
+        let opts = soci_ztoc::BuildOptions {
+            span_size: 65536,
+            ..Default::default()
+        };
+        let z = soci_ztoc::build(blob.as_slice(), &opts).unwrap();
+        (blob, z)
+    }
+
+    fn manager(
+        corrupt: u32,
+        retries: u32,
+    ) -> (
+        Arc<SpanManager>,
+        Arc<FakeReader>,
+        Vec<u8>,
+        tempfile::TempDir,
+    ) {
+        let (blob, z) = layer();
+        let reader = Arc::new(FakeReader {
+            blob: blob.clone(),
+            calls: Mutex::new(Vec::new()),
+            corrupt: AtomicU32::new(corrupt),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SpanConfig {
+            cache_dir: dir.path().join("c"),
+            disable_verification: false,
+            max_verification_retries: retries,
+            fetch_timeout: Duration::from_secs(5),
+            memory_spans: 2,
+        };
+        let m = SpanManager::new(
+            "sha256:test".into(),
+            z.spans().unwrap(),
+            reader.clone(),
+            cfg,
+            Arc::new(FsMetrics::default()),
+        )
+        .unwrap();
+        (Arc::new(m), reader, blob, dir)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readers_share_one_coalesced_fetch() {
+        let (m, reader, blob, _d) = manager(0, 0);
+        // 512..200_000 touches four 64 KiB spans: one range request for all of them.
+        let reads = (0..8).map(|_| {
+            let m = m.clone();
+            tokio::spawn(async move { m.read(512..200_000).await.unwrap() })
+        });
+        for r in reads {
+            assert_eq!(r.await.unwrap(), &blob[512..200_000]);
+        }
+        let calls = reader.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(m.cached_count(), 4);
+        // Served from the caches afterwards, memory or disk.
+        assert_eq!(m.read(100..150_000).await.unwrap(), &blob[100..150_000]);
+        assert_eq!(reader.calls.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn bad_span_is_refetched_then_eio() {
+        let (m, reader, blob, _d) = manager(1, 1);
+        assert_eq!(
+            m.read(0..1000).await.unwrap(),
+            &blob[0..1000],
+            "one retry fixes one bad fetch"
+        );
+        assert_eq!(reader.calls.lock().unwrap().len(), 2);
+        let (m, _reader, _blob, _d) = manager(5, 2);
+        assert!(m.read(0..1000).await.is_err(), "never unverified bytes");
+        assert_eq!(m.cached_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn background_fill_caches_everything() {
+        let (m, reader, blob, _d) = manager(0, 0);
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let cfg = BackgroundConfig {
+            delay: Duration::ZERO,
+            period: Duration::ZERO,
+            yield_to_demand: Duration::ZERO,
+            slots,
+        };
+        m.clone().background_fill(cfg).await;
+        assert_eq!(m.cached_count(), m.span_count());
+        let n = reader.calls.lock().unwrap().len();
+        assert_eq!(
+            m.read(0..blob.len() as u64 - 2048).await.unwrap().len(),
+            blob.len() - 2048
+        );
+        assert_eq!(
+            reader.calls.lock().unwrap().len(),
+            n,
+            "no fetch after the fill"
+        );
     }
 }

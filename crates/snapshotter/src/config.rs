@@ -105,10 +105,13 @@ impl Default for FuseConfig {
 pub struct BackgroundFetchConfig {
     /// Turn background fetch off. Default false.
     pub disable: bool,
-    /// Wait after a layer is mounted before fetching in the background (ms). Default 30000.
+    /// Wait after a layer is mounted, and after any on-demand read, before fetching in the
+    /// background (ms). Default 30000.
     pub silence_period_msec: u64,
     /// Pause between background span fetches (ms). Default 500.
     pub fetch_period_msec: u64,
+    /// Background span fetches running at once across all layers. Default 2.
+    pub max_concurrent_fetches: usize,
 }
 
 impl Default for BackgroundFetchConfig {
@@ -117,6 +120,7 @@ impl Default for BackgroundFetchConfig {
             disable: false,
             silence_period_msec: 30_000,
             fetch_period_msec: 500,
+            max_concurrent_fetches: 2,
         }
     }
 }

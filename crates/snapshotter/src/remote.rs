@@ -103,6 +103,8 @@ pub struct Remote {
     downloads: Mutex<HashMap<Digest, Download>>,
     mounts: Mutex<HashMap<u64, MountedLayer>>,
     logged: Mutex<HashSet<String>>,
+    /// Shared bound on background span fetches.
+    background_slots: Arc<tokio::sync::Semaphore>,
     /// FUSE and span counters.
     pub metrics: Arc<FsMetrics>,
     /// Fallbacks by reason label.
@@ -157,6 +159,9 @@ impl Remote {
             downloads: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             logged: Mutex::new(HashSet::new()),
+            background_slots: Arc::new(tokio::sync::Semaphore::new(
+                cfg.background_fetch.max_concurrent_fetches.max(1),
+            )),
             metrics: Arc::new(FsMetrics::default()),
             fallbacks: Mutex::new(BTreeMap::new()),
             layers_lazy: Default::default(),
@@ -538,10 +543,13 @@ impl Remote {
                 .map_err(|e| format!("FUSE mount at {}: {e}", fs_dir.display()))?;
         if !self.cfg.background_fetch.disable {
             let bg = &self.cfg.background_fetch;
-            tokio::spawn(mgr.background_fill(
-                Duration::from_millis(bg.silence_period_msec),
-                Duration::from_millis(bg.fetch_period_msec),
-            ));
+            let silence = Duration::from_millis(bg.silence_period_msec);
+            tokio::spawn(mgr.background_fill(soci_fs::BackgroundConfig {
+                delay: silence,
+                period: Duration::from_millis(bg.fetch_period_msec),
+                yield_to_demand: silence,
+                slots: self.background_slots.clone(),
+            }));
         }
         self.mounts.lock().expect("mounts").insert(id, mounted);
         self.layers_lazy
