@@ -14,7 +14,8 @@ use std::time::Duration;
 
 pub use fuse::LayerFs;
 pub use spans::{
-    BackgroundConfig, FsMetrics, Priority, RangeReader, SpanConfig, SpanManager, LATENCY_BUCKETS_MS,
+    BackgroundConfig, FsMetrics, MemoryCache, Priority, RangeReader, SpanConfig, SpanManager,
+    LATENCY_BUCKETS_MS,
 };
 pub use tree::{LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};
 

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::io;
-use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -67,6 +66,79 @@ impl FsMetrics {
     }
 }
 
+/// Decompressed spans kept in memory for all layers, bounded by bytes (least recently used
+/// spans go first; they stay on disk).
+pub struct MemoryCache {
+    inner: Mutex<(LruCache<(u64, SpanId), Arc<Vec<u8>>>, usize)>,
+    budget: usize,
+}
+
+impl MemoryCache {
+    /// A cache of at most `budget` bytes.
+    pub fn new(budget: usize) -> Arc<MemoryCache> {
+        Arc::new(MemoryCache {
+            inner: Mutex::new((LruCache::unbounded(), 0)),
+            budget,
+        })
+    }
+
+    fn get(&self, key: (u64, SpanId)) -> Option<Arc<Vec<u8>>> {
+        self.inner
+            .lock()
+            .expect("memory cache")
+            .0
+            .get(&key)
+            .cloned()
+    }
+
+    fn put(&self, key: (u64, SpanId), data: Arc<Vec<u8>>) {
+        if data.len() > self.budget {
+            return;
+        }
+        let mut g = self.inner.lock().expect("memory cache");
+        let (lru, bytes) = &mut *g;
+        *bytes += data.len();
+        if let Some(old) = lru.put(key, data) {
+            *bytes -= old.len();
+        }
+        while *bytes > self.budget {
+            match lru.pop_lru() {
+                Some((_, d)) => *bytes -= d.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Drops every span of layer `layer`.
+    fn forget(&self, layer: u64) {
+        let mut g = self.inner.lock().expect("memory cache");
+        let (lru, bytes) = &mut *g;
+        let keys: Vec<(u64, SpanId)> = lru
+            .iter()
+            .filter(|(k, _)| k.0 == layer)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            if let Some(d) = lru.pop(&k) {
+                *bytes -= d.len();
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().expect("memory cache").1
+    }
+}
+
+impl std::fmt::Debug for MemoryCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemoryCache({} of {} bytes)", self.bytes(), self.budget)
+    }
+}
+
+static NEXT_LAYER_KEY: AtomicU64 = AtomicU64::new(1);
+
 /// Span manager settings.
 #[derive(Debug, Clone)]
 pub struct SpanConfig {
@@ -78,8 +150,8 @@ pub struct SpanConfig {
     pub max_verification_retries: u32,
     /// Deadline for one fetch.
     pub fetch_timeout: Duration,
-    /// Spans kept in memory.
-    pub memory_spans: usize,
+    /// Memory cache shared by all layers.
+    pub memory: Arc<MemoryCache>,
 }
 
 /// Why a span fetch is made.
@@ -98,7 +170,8 @@ pub struct SpanManager {
     reader: Arc<dyn RangeReader>,
     cfg: SpanConfig,
     metrics: Arc<FsMetrics>,
-    memory: Mutex<LruCache<SpanId, Arc<Vec<u8>>>>,
+    /// This layer's key in the shared memory cache.
+    key: u64,
     on_disk: Vec<AtomicBool>,
     locks: Vec<tokio::sync::Mutex<()>>,
     closed: AtomicBool,
@@ -138,14 +211,13 @@ impl SpanManager {
         let on_disk: Vec<AtomicBool> = (0..n)
             .map(|i| AtomicBool::new(cfg.cache_dir.join(i.to_string()).exists()))
             .collect();
-        let cap = NonZeroUsize::new(cfg.memory_spans.max(1)).expect("non-zero");
         Ok(SpanManager {
             layer,
             spans,
             reader,
             cfg,
             metrics,
-            memory: Mutex::new(LruCache::new(cap)),
+            key: NEXT_LAYER_KEY.fetch_add(1, Ordering::Relaxed),
             on_disk,
             locks: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
             closed: AtomicBool::new(false),
@@ -170,6 +242,7 @@ impl SpanManager {
     /// Stops background work (the layer is being unmounted).
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        self.cfg.memory.forget(self.key);
     }
 
     fn is_cached(&self, id: SpanId) -> bool {
@@ -191,7 +264,7 @@ impl SpanManager {
                 continue;
             }
             let rel = (from - s.uncompressed.start)..(to - s.uncompressed.start);
-            let cached = self.memory.lock().expect("span cache").get(&id).cloned();
+            let cached = self.cfg.memory.get((self.key, id));
             match cached {
                 Some(data) => out.extend_from_slice(&data[rel.start as usize..rel.end as usize]),
                 None => {
@@ -330,10 +403,7 @@ impl SpanManager {
             self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
         })?;
         for (id, plain) in decoded {
-            self.memory
-                .lock()
-                .expect("span cache")
-                .put(id, Arc::new(plain));
+            self.cfg.memory.put((self.key, id), Arc::new(plain));
             self.on_disk[id].store(true, Ordering::Release);
             // Counted once the span is servable, so the metric never runs ahead of the cache.
             self.metrics.spans_verified.fetch_add(1, Ordering::Relaxed);
@@ -452,7 +522,7 @@ mod tests {
             disable_verification: false,
             max_verification_retries: retries,
             fetch_timeout: Duration::from_secs(5),
-            memory_spans: 2,
+            memory: MemoryCache::new(100_000),
         };
         let m = SpanManager::new(
             "sha256:test".into(),
@@ -482,6 +552,16 @@ mod tests {
         // Served from the caches afterwards, memory or disk.
         assert_eq!(m.read(100..150_000).await.unwrap(), &blob[100..150_000]);
         assert_eq!(reader.calls.lock().unwrap().len(), 1);
+        assert!(
+            m.cfg.memory.bytes() <= 100_000,
+            "memory cache stays within its budget"
+        );
+        m.close();
+        assert_eq!(
+            m.cfg.memory.bytes(),
+            0,
+            "a closed layer leaves nothing in memory"
+        );
     }
 
     #[tokio::test]

@@ -71,8 +71,9 @@ pub struct BlobConfig {
     pub fetching_timeout_sec: u64,
     /// Re-fetches of a span whose digest does not match. Default 3.
     pub max_span_verification_retries: u32,
-    /// Decompressed spans kept in memory per layer. Default 8.
-    pub memory_cache_spans: usize,
+    /// Memory for decompressed spans, shared by all layers, in MiB (spans are also cached on
+    /// disk). Default 64.
+    pub memory_cache_mb: usize,
 }
 
 impl Default for BlobConfig {
@@ -80,7 +81,7 @@ impl Default for BlobConfig {
         BlobConfig {
             fetching_timeout_sec: 30,
             max_span_verification_retries: 3,
-            memory_cache_spans: 8,
+            memory_cache_mb: 64,
         }
     }
 }

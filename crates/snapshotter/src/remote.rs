@@ -103,6 +103,8 @@ pub struct Remote {
     downloads: Mutex<HashMap<Digest, Download>>,
     mounts: Mutex<HashMap<u64, MountedLayer>>,
     logged: Mutex<HashSet<String>>,
+    /// Decompressed spans in memory, all layers.
+    memory: Arc<soci_fs::MemoryCache>,
     /// Shared bound on background span fetches.
     background_slots: Arc<tokio::sync::Semaphore>,
     /// FUSE and span counters.
@@ -159,6 +161,7 @@ impl Remote {
             downloads: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             logged: Mutex::new(HashSet::new()),
+            memory: soci_fs::MemoryCache::new(cfg.blob.memory_cache_mb << 20),
             background_slots: Arc::new(tokio::sync::Semaphore::new(
                 cfg.background_fetch.max_concurrent_fetches.max(1),
             )),
@@ -519,7 +522,7 @@ impl Remote {
             disable_verification: self.cfg.disable_verification,
             max_verification_retries: self.cfg.blob.max_span_verification_retries,
             fetch_timeout: Duration::from_secs(self.cfg.blob.fetching_timeout_sec.max(1)),
-            memory_spans: self.cfg.blob.memory_cache_spans,
+            memory: self.memory.clone(),
         };
         let mgr = Arc::new(
             SpanManager::new(
