@@ -405,6 +405,21 @@ fn multi_arch_zstd_and_oci_layouts() {
         String::from_utf8_lossy(&o.stderr)
     );
 
+    // A hosts.toml mirror: the name resolves nowhere, the mirror serves it.
+    let hosts = dir.path().join("certs.d/registry.invalid");
+    fs::create_dir_all(&hosts).unwrap();
+    fs::write(hosts.join("hosts.toml"), format!("server = \"https://registry.invalid\"\n[host.\"http://{a}\"]\n  capabilities = [\"pull\", \"resolve\"]\n")).unwrap();
+    let info = soci_ok(&[
+        "index",
+        "info",
+        "--hosts-dir",
+        dir.path().join("certs.d").to_str().unwrap(),
+        "--platform",
+        "linux/arm64",
+        "registry.invalid/multi:arm",
+    ]);
+    assert!(info.contains("\"version\": \"v2\""), "{info}");
+
     // OCI layout source and target.
     let out_dir = dir.path().join("out");
     soci_ok(&[
@@ -502,6 +517,43 @@ fn basic_auth_and_tampered_blobs() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let idx = skopeo_raw(&format!("{a}/auth:soci"), Some("soci:s3cret-pw"));
     assert_eq!(idx["manifests"].as_array().unwrap().len(), 2);
+
+    // Credentials from a credential helper (credHelpers), run as `docker-credential-NAME get`.
+    let helper_dir = dir.path().join("helper");
+    fs::create_dir_all(&helper_dir).unwrap();
+    let helper = helper_dir.join("docker-credential-socitest");
+    fs::write(&helper, "#!/bin/sh\nread server\necho '{\"ServerURL\":\"'$server'\",\"Username\":\"soci\",\"Secret\":\"s3cret-pw\"}'\n").unwrap();
+    fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let helper_cfg = dir.path().join("helpercfg");
+    fs::create_dir_all(&helper_cfg).unwrap();
+    fs::write(
+        helper_cfg.join("config.json"),
+        format!(r#"{{"credHelpers":{{"{a}":"socitest"}}}}"#),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        helper_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let o = Command::new(bin("soci"))
+        .env("DOCKER_CONFIG", &helper_cfg)
+        .env("PATH", &path)
+        .args([
+            "index",
+            "info",
+            "--plain-http",
+            "--platform",
+            "linux/amd64",
+            &format!("{a}/auth:soci"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "credential helper: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // A layer tampered with in the registry storage is caught by its digest.
     let layer_digest = m.layers[0].0.clone();
