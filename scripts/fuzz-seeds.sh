@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 c=fuzz/corpus
-mkdir -p $c/ztoc_parse $c/checkpoints $c/tar_walk $c/ztoc_build
-[ -n "$(ls -A $c/tar_walk)" ] && exit 0
+mkdir -p $c/ztoc_parse $c/checkpoints $c/tar_walk $c/ztoc_build $c/oci_json
+[ -n "$(ls -A $c/tar_walk)" ] && [ -n "$(ls -A $c/oci_json)" ] && exit 0
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/t/d"; echo hello > "$tmp/t/d/f"; ln -s d/f "$tmp/t/l"; ln "$tmp/t/d/f" "$tmp/t/h"
 for fmt in gnu pax ustar; do
@@ -19,4 +19,7 @@ c = sys.argv[1]
 w = bytes(32768)
 blob = struct.pack('<iq', 2, 1 << 22) + struct.pack('<qqB', 10, 0, 0) + w + struct.pack('<qqB', 5000, 4300000, 3) + w
 open(f"{c}/checkpoints/v2.bin", "wb").write(blob)
+d = "sha256:" + "a" * 64
+open(f"{c}/oci_json/soci.json", "w").write('{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.amazon.soci.index.v2+json","digest":"%s","size":2},"layers":[{"mediaType":"application/octet-stream","digest":"%s","size":5,"annotations":{"com.amazon.soci.image-layer-digest":"%s"}}]}' % (d, d, d))
+open(f"{c}/oci_json/index.json", "w").write('{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":1,"platform":{"architecture":"amd64","os":"linux"},"artifactType":"x","annotations":{"a":"b"}}]}' % d)
 PY
