@@ -66,10 +66,13 @@ impl FsMetrics {
     }
 }
 
+type SpanLru = LruCache<(u64, SpanId), Arc<Vec<u8>>>;
+
 /// Decompressed spans kept in memory for all layers, bounded by bytes (least recently used
 /// spans go first; they stay on disk).
 pub struct MemoryCache {
-    inner: Mutex<(LruCache<(u64, SpanId), Arc<Vec<u8>>>, usize)>,
+    /// Spans by (layer key, span id), and the bytes they hold.
+    inner: Mutex<(SpanLru, usize)>,
     budget: usize,
 }
 

@@ -83,6 +83,8 @@ struct ImageLayers {
     slots: Arc<tokio::sync::Semaphore>,
 }
 
+type LayerList = Arc<tokio::sync::OnceCell<Result<Arc<ImageLayers>, String>>>;
+
 /// Downloads of one image that may run at once (upstream's
 /// `max_concurrent_downloads_per_image` default).
 const DOWNLOADS_PER_IMAGE: usize = 3;
@@ -97,8 +99,7 @@ pub struct Remote {
     /// zTOCs fetched and parsed ahead of the layer's Prepare, by zTOC digest.
     prepared: Mutex<HashMap<Digest, Prepared>>,
     /// Layer lists of images pulled in full, by image reference and manifest.
-    image_layers:
-        Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Result<Arc<ImageLayers>, String>>>>>,
+    image_layers: Mutex<HashMap<String, LayerList>>,
     /// Layer downloads started ahead of their Prepare, by layer digest.
     downloads: Mutex<HashMap<Digest, Download>>,
     mounts: Mutex<HashMap<u64, MountedLayer>>,

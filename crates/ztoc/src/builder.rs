@@ -340,7 +340,7 @@ impl<R: Read> TarSpanHasher<R> {
         if self.pos == 0 {
             return Err(ZtocError::OutOfRange("empty layer".into()));
         }
-        if self.pos % self.span_size != 0 {
+        if !self.pos.is_multiple_of(self.span_size) {
             let h = std::mem::take(&mut self.hasher);
             self.digests.push(SpanDigest(h.finalize().into()));
         }
@@ -368,7 +368,7 @@ impl<R: Read> Read for TarSpanHasher<R> {
             self.hasher.update(&data[..take]);
             self.pos += take as u64;
             data = &data[take..];
-            if self.pos % self.span_size == 0 {
+            if self.pos.is_multiple_of(self.span_size) {
                 let h = std::mem::take(&mut self.hasher);
                 self.digests.push(SpanDigest(h.finalize().into()));
             }
