@@ -3,6 +3,7 @@
 
 pub mod containerd;
 pub mod daemon;
+pub mod fault_proxy;
 pub mod image;
 pub mod registry;
 

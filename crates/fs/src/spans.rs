@@ -326,6 +326,12 @@ impl SpanManager {
             .await
             {
                 Ok(Ok(d)) => d,
+                // A broken transfer (reset, truncated body) is fetched again like a bad span.
+                Ok(Err(e)) if attempt < self.cfg.max_verification_retries => {
+                    attempt += 1;
+                    warn!(layer = %self.layer, spans = ?run, attempt, error = %e, "span fetch failed; fetching again");
+                    continue;
+                }
                 Ok(Err(e)) => {
                     error!(layer = %self.layer, spans = ?run, error = %e, "span fetch failed");
                     return Err(eio(format!(
@@ -333,6 +339,7 @@ impl SpanManager {
                         self.layer
                     )));
                 }
+                // A stalled registry is not waited for twice: the reader gets EIO now.
                 Err(_) => {
                     error!(layer = %self.layer, spans = ?run, timeout = ?self.cfg.fetch_timeout, "span fetch timed out");
                     return Err(eio(format!(
