@@ -340,3 +340,84 @@ fn lazy_layers_are_remounted_after_restart_and_crash() {
         "still lazy\n"
     );
 }
+
+#[test]
+fn startup_with_registry_down_marks_lazy_layers_broken_and_serves() {
+    let reg = Registry::start();
+    let tmp = tempfile::Builder::new()
+        .prefix("soci-broken")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mut data = vec![Entry::Dir("data/".into())];
+    data.push(Entry::File(
+        "data/big".into(),
+        random_bytes(3 << 20, 777),
+        0o644,
+    ));
+    let layers = [
+        busybox_layer(),
+        Layer {
+            entries: data,
+            compression: Compression::Gzip,
+        },
+    ];
+    let mut w = LayoutWriter::new(&tmp.path().join("b"));
+    let m = w.manifest("amd64", &layers, &["/bin/true"]);
+    w.tag_manifest(&m, "v1");
+    reg.push_layout(&w.dir, "v1", "broken:v1", None);
+    let repo = format!("{}/broken", reg.addr);
+    run(Command::new(bin("soci")).args([
+        "convert",
+        "--plain-http",
+        "--min-layer-size",
+        "1000000",
+        &format!("{repo}:v1"),
+        &format!("{repo}:soci"),
+    ]))
+    .unwrap();
+    let cfg = format!("{}[blob]\nfetching_timeout_sec = 2\n", daemon_config(&reg));
+    let mut daemon = SociDaemon::start(&tmp.path().join("d"), &cfg);
+    let ctd = Containerd::start_with_soci(&daemon.socket);
+    ctd.soci(&["image", "rpull", "--plain-http", &format!("{repo}:soci")]);
+    assert_eq!(daemon.stop(), Some(0));
+    drop(reg);
+
+    // The registry is gone: start-up does not wait for it.
+    let started = std::time::Instant::now();
+    daemon.restart();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "start-up took {:?}",
+        started.elapsed()
+    );
+    let snaps = ctd.ctr_retry(
+        &["snapshots", "--snapshotter", "soci", "ls"],
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(
+        snaps.lines().filter(|l| l.contains("Committed")).count(),
+        2,
+        "{snaps}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while daemon.log_text().matches("marked broken").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The label is visible through containerd.
+    let key = snaps
+        .lines()
+        .find(|l| l.contains("Committed"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let info = ctd.ctr_retry(
+        &["snapshots", "--snapshotter", "soci", "info", &key],
+        std::time::Duration::from_secs(10),
+    );
+    assert!(info.contains("containerd.io/snapshot/broken"), "{info}");
+}
