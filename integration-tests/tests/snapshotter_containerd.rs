@@ -177,7 +177,8 @@ fn socket_activation_hides_a_daemon_crash_from_containerd() {
             .output()
             .unwrap()
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // A supervised restart is about this quick; containerd's handshake deadline is ~1 s.
+    std::thread::sleep(Duration::from_millis(100));
     daemon.restart();
     let o = run.join().unwrap();
     assert!(
