@@ -32,6 +32,10 @@ measure() { # measure KIND -> prints "seconds bytes"
   if [ "$1" = soci ]; then
     "$BIN/soci" -a "$ctd" image rpull --plain-http "$PROXY/demo:soci" > /dev/null
     ctr -a "$ctd" run --rm --snapshotter soci "$PROXY/demo:soci" c > /dev/null
+  elif [ "$1" = soci-full ]; then
+    # No SOCI index: the snapshotter pulls every layer in full (the fallback path).
+    "$BIN/soci" -a "$ctd" image rpull --plain-http "$PROXY/demo:v1" > /dev/null
+    ctr -a "$ctd" run --rm --snapshotter soci "$PROXY/demo:v1" c > /dev/null
   else
     ctr -a "$ctd" image pull --plain-http "$PROXY/demo:v1" > /dev/null
     ctr -a "$ctd" run --rm "$PROXY/demo:v1" c > /dev/null
@@ -41,11 +45,12 @@ measure() { # measure KIND -> prints "seconds bytes"
   stop_soci_containerd run
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-for kind in soci overlayfs; do
+for kind in soci soci-full overlayfs; do
   for i in $(seq "$RUNS"); do measure "$kind"; done > "$W/$kind.txt"
 done
 s_t=$(cut -d' ' -f1 "$W/soci.txt" | median); o_t=$(cut -d' ' -f1 "$W/overlayfs.txt" | median)
 s_b=$(cut -d' ' -f2 "$W/soci.txt" | median); o_b=$(cut -d' ' -f2 "$W/overlayfs.txt" | median)
+f_t=$(cut -d' ' -f1 "$W/soci-full.txt" | median); f_b=$(cut -d' ' -f2 "$W/soci-full.txt" | median)
 mkdir -p bench/results
 {
   echo "Cold start, $RTT ms RTT (delaying proxy), $((size >> 20)) MiB image (3 gzip layers), median of $RUNS runs, fresh containerd + daemon each run"
@@ -53,8 +58,9 @@ mkdir -p bench/results
   echo "| snapshotter | pull start to container exit (s) | registry bytes served |"
   echo "|---|---|---|"
   printf '| soci-rs (soci image rpull + ctr run) | %.2f | %d (%.1f%%) |\n' "$s_t" "$s_b" "$(echo "100 * $s_b / $size" | bc -l)"
+  printf '| soci-rs full pull, no SOCI index (fallback) | %.2f | %d |\n' "$f_t" "$f_b"
   printf '| overlayfs (ctr image pull + ctr run) | %.2f | %d |\n' "$o_t" "$o_b"
   echo
-  printf 'soci-rs / overlayfs = **%.3f**\n' "$(echo "$s_t / $o_t" | bc -l)"
+  printf 'soci-rs / overlayfs = **%.3f**; fallback / overlayfs = **%.3f**\n' "$(echo "$s_t / $o_t" | bc -l)" "$(echo "$f_t / $o_t" | bc -l)"
   echo "command: bash bench/start.sh $RTT $RUNS; machine: $(nproc) cores, $(uname -m), $(date -u +%F)"
 } | tee bench/results/start.md
