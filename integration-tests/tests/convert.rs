@@ -420,6 +420,34 @@ fn multi_arch_zstd_and_oci_layouts() {
     ]);
     assert!(info.contains("\"version\": \"v2\""), "{info}");
 
+    // OCI layout to registry: blobs are uploaded (chunked), not mounted.
+    soci_ok(&[
+        "convert",
+        "--plain-http",
+        "--all-platforms",
+        &format!("oci:{}:v1", w.dir.display()),
+        &format!("{a}/fromlayout:soci"),
+    ]);
+    let idx = skopeo_raw(&format!("{a}/fromlayout:soci"), None);
+    assert_eq!(idx["manifests"].as_array().unwrap().len(), 4, "{idx}");
+    let amd = idx["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["platform"]["architecture"] == "amd64" && e.get("artifactType").is_none())
+        .unwrap();
+    let m = skopeo_raw(
+        &format!("{a}/fromlayout@{}", amd["digest"].as_str().unwrap()),
+        None,
+    );
+    let big_layer = m["layers"][1]["digest"].as_str().unwrap();
+    let data = fs::read(reg.blob_path(big_layer)).unwrap();
+    assert_eq!(
+        format!("sha256:{}", integration_tests::sha256_hex(&data)),
+        big_layer,
+        "uploaded layer intact"
+    );
+
     // OCI layout source and target.
     let out_dir = dir.path().join("out");
     soci_ok(&[

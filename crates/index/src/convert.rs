@@ -204,6 +204,7 @@ async fn convert_index(
     // Old SOCI entries of converted platforms are replaced; others are kept.
     let mut reports = Vec::new();
     let mut new_soci_entries = Vec::new();
+    let mut written = std::collections::HashSet::new();
     for &i in &selected {
         let entry = index.manifests[i].clone();
         let platform = entry
@@ -213,6 +214,8 @@ async fn convert_index(
         progress(&format!("converting {platform} manifest {}", entry.digest));
         let (new_entry, soci_entry, report) =
             convert_manifest(src, dst, opts, progress, &entry, &platform, tmp).await?;
+        written.insert(new_entry.digest.clone());
+        written.extend(soci_entry.iter().map(|d| d.digest.clone()));
         index.manifests[i] = new_entry;
         new_soci_entries.extend(soci_entry);
         reports.push(report);
@@ -231,14 +234,12 @@ async fn convert_index(
     }
     // Entries of platforms not converted must exist in the destination too.
     if !dst.same_as(src) {
+        // Converted manifests and SOCI indexes were written to dst already.
         for d in index
             .manifests
             .iter()
-            .filter(|d| is_manifest(&d.media_type))
+            .filter(|d| is_manifest(&d.media_type) && !written.contains(&d.digest))
         {
-            if dst.has_blob(&d.digest).await? && !matches!(dst, ImageStore::Layout { .. }) {
-                continue;
-            }
             copy_manifest(src, dst, d, tmp).await?;
         }
     }
@@ -260,12 +261,7 @@ async fn copy_manifest(
     d: &Descriptor,
     tmp: &Path,
 ) -> Result<(), ConvertError> {
-    let (_, bytes) = match src.get_manifest(d.digest.as_str()).await {
-        Ok(v) => v,
-        // Converted entries were pushed to dst only.
-        Err(_) if dst.has_blob(&d.digest).await.unwrap_or(false) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
+    let (_, bytes) = src.get_manifest(d.digest.as_str()).await?;
     let m: ImageManifest = serde_json::from_slice(&bytes)
         .map_err(|e| ConvertError::Image(format!("manifest {}: {e}", d.digest)))?;
     dst.copy_blob_from(src, &m.config, tmp).await?;

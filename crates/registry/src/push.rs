@@ -71,21 +71,9 @@ impl Client {
         }
         let ep = self.push_endpoint(repo)?;
         let resp = self.start_upload(&ep, repo, &what, "").await?;
-        let put = Self::with_digest(&Self::location(&resp, &ep, &what)?, digest);
-        let resp = self
-            .send(&ep, repo, true, &what, &|c| {
-                c.put(&put)
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .body(data.clone())
-            })
-            .await?;
-        Self::check_status(
-            resp,
-            &what,
-            &[StatusCode::CREATED, StatusCode::NO_CONTENT, StatusCode::OK],
-        )
-        .await?;
-        Ok(())
+        let location = Self::location(&resp, &ep, &what)?;
+        self.finish_upload(&ep, repo, &what, &location, digest, data)
+            .await
     }
 
     /// Pushes a blob from a file in chunks (PATCH with Content-Range, then PUT).
@@ -146,15 +134,31 @@ impl Client {
                 actual: actual.to_string(),
             });
         }
-        let put = Self::with_digest(&loc, digest);
+        self.finish_upload(&ep, repo, &what, &loc, digest, Bytes::new())
+            .await
+    }
+
+    /// Completes an upload session with a PUT of `body` (empty after PATCHed chunks).
+    async fn finish_upload(
+        &self,
+        ep: &Endpoint,
+        repo: &Repository,
+        what: &str,
+        location: &str,
+        digest: &Digest,
+        body: Bytes,
+    ) -> Result<()> {
+        let put = Self::with_digest(location, digest);
         let resp = self
-            .send(&ep, repo, true, &what, &|c| {
-                c.put(&put).header(CONTENT_LENGTH, "0")
+            .send(ep, repo, true, what, &|c| {
+                c.put(&put)
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
             })
             .await?;
         Self::check_status(
             resp,
-            &what,
+            what,
             &[StatusCode::CREATED, StatusCode::NO_CONTENT, StatusCode::OK],
         )
         .await?;
