@@ -405,6 +405,25 @@ fn multi_arch_zstd_and_oci_layouts() {
         String::from_utf8_lossy(&o.stderr)
     );
 
+    // Into another repository of the same registry: blobs are mounted; skopeo fetches every
+    // blob of the result.
+    soci_ok(&[
+        "convert",
+        "--plain-http",
+        "--platform",
+        "linux/amd64",
+        &format!("{a}/multi:v1"),
+        &format!("{a}/other:soci"),
+    ]);
+    run(Command::new("skopeo").args([
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        &format!("docker://{a}/other:soci"),
+        &format!("oci:{}:x", dir.path().join("check").display()),
+    ]))
+    .unwrap();
+
     // A hosts.toml mirror: the name resolves nowhere, the mirror serves it.
     let hosts = dir.path().join("certs.d/registry.invalid");
     fs::create_dir_all(&hosts).unwrap();
