@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 
@@ -202,6 +202,45 @@ impl Filesystem for LayerFs {
             .skip(offset as usize)
         {
             if reply.add(INodeNo(child), (i + 1) as u64, ft, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(n) = self.tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if n.kind != NodeKind::Dir {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let dots = [(ino.0, &b"."[..]), (n.parent, &b".."[..])];
+        let children = n.children.iter().map(|(name, &c)| (c, name.as_slice()));
+        for (i, (child, name)) in dots
+            .into_iter()
+            .chain(children)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let Some(cn) = self.tree.get(child) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(child),
+                (i + 1) as u64,
+                OsStr::from_bytes(name),
+                &self.ttl,
+                &attr(child, cn),
+                Generation(0),
+            ) {
                 break;
             }
         }
