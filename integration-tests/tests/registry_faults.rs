@@ -3,7 +3,7 @@
 //! recover once the fault stops.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use integration_tests::containerd::Containerd;
 use integration_tests::daemon::SociDaemon;

@@ -4,6 +4,7 @@
 //! [`SpanManager`] fetches, verifies, decompresses and caches spans through a [`RangeReader`];
 //! [`mount`] serves both over FUSE (read-only, `allow_other`, `default_permissions`).
 
+mod cache;
 mod fuse;
 mod spans;
 mod tree;
