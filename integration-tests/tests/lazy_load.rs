@@ -89,6 +89,35 @@ fn rss_kb_and_fds(d: &SociDaemon) -> (u64, usize) {
     )
 }
 
+/// Runs the image's check in a container that writes its result to `out/NAME` (a bind mount),
+/// so the result does not depend on ctr's stdout streaming under load; returns it.
+fn run_to_file(sock: &std::path::Path, img: &str, name: &str, out: &std::path::Path) -> String {
+    let o = Command::new("ctr")
+        .arg("-a")
+        .arg(sock)
+        .args(["run", "--rm", "--snapshotter", "soci"])
+        .arg("--mount")
+        .arg(format!(
+            "type=bind,src={},dst=/out,options=rbind:rw",
+            out.display()
+        ))
+        .args([
+            img,
+            name,
+            "/bin/sh",
+            "-c",
+            &format!("sha256sum /data/f0 /data/f1 /data/f2 | cut -c1-16 > /out/{name}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::read_to_string(out.join(name)).unwrap_or_default()
+}
+
 #[test]
 fn twenty_containers_and_five_images_at_once() {
     let reg = Registry::start();
@@ -110,30 +139,16 @@ fn twenty_containers_and_five_images_at_once() {
     let (img0, want0) = images[0].clone();
     ctd.soci(&["image", "rpull", "--plain-http", &img0]);
     let sock = ctd.socket.clone();
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
     let runs: Vec<_> = (0..20)
         .map(|i| {
-            let (sock, img) = (sock.clone(), img0.clone());
-            std::thread::spawn(move || {
-                Command::new("ctr")
-                    .arg("-a")
-                    .arg(&sock)
-                    .args([
-                        "run",
-                        "--rm",
-                        "--snapshotter",
-                        "soci",
-                        &img,
-                        &format!("load-{i}"),
-                    ])
-                    .output()
-                    .unwrap()
-            })
+            let (sock, img, out) = (sock.clone(), img0.clone(), out.clone());
+            std::thread::spawn(move || run_to_file(&sock, &img, &format!("load-{i}"), &out))
         })
         .collect();
     for r in runs {
-        let o = r.join().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(String::from_utf8_lossy(&o.stdout), want0);
+        assert_eq!(r.join().unwrap(), want0);
     }
     let (rss, fds) = rss_kb_and_fds(&daemon);
     eprintln!("after 20 concurrent containers: daemon RSS {rss} kB, {fds} open fds");
@@ -143,7 +158,7 @@ fn twenty_containers_and_five_images_at_once() {
         .iter()
         .enumerate()
         .map(|(i, (img, want))| {
-            let (sock, img, want) = (sock.clone(), img.clone(), want.clone());
+            let (sock, img, want, out) = (sock.clone(), img.clone(), want.clone(), out.clone());
             std::thread::spawn(move || {
                 let pull = Command::new(bin("soci"))
                     .arg("-a")
@@ -156,27 +171,26 @@ fn twenty_containers_and_five_images_at_once() {
                     "rpull {img}: {}",
                     String::from_utf8_lossy(&pull.stderr)
                 );
-                let o = Command::new("ctr")
-                    .arg("-a")
-                    .arg(&sock)
-                    .args([
-                        "run",
-                        "--rm",
-                        "--snapshotter",
-                        "soci",
-                        &img,
-                        &format!("img-{i}"),
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-                assert_eq!(String::from_utf8_lossy(&o.stdout), want);
+                assert_eq!(run_to_file(&sock, &img, &format!("img-{i}"), &out), want);
             })
         })
         .collect();
-    for j in jobs {
-        j.join().unwrap();
-    }
+    let failed = jobs
+        .into_iter()
+        .map(|j| j.join())
+        .filter(|r| r.is_err())
+        .count();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of 5 image jobs failed; daemon log:\n{}",
+        daemon
+            .log_text()
+            .lines()
+            .filter(|l| !l.contains("DEBUG"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let (rss, fds) = rss_kb_and_fds(&daemon);
     eprintln!("after 5 images at once: daemon RSS {rss} kB, {fds} open fds");
     assert!(rss < 200 * 1024, "daemon RSS {rss} kB");

@@ -20,6 +20,9 @@ pub struct Snapshotter {
     store: MetaStore,
     layout: Layout,
     remote: Option<Arc<Remote>>,
+    /// Held while a snapshot's directories are created and recorded, and while orphan
+    /// directories are removed: a directory whose record is not committed yet is not an orphan.
+    dirs: std::sync::Mutex<()>,
 }
 
 fn ts(ns: i128) -> prost_types::Timestamp {
@@ -62,6 +65,7 @@ impl Snapshotter {
             store,
             layout: Layout::new(root),
             remote,
+            dirs: std::sync::Mutex::new(()),
         };
         let removed = s.cleanup()?;
         let n = s.store.list()?.len();
@@ -84,9 +88,7 @@ impl Snapshotter {
         l: HashMap<String, String>,
     ) -> Result<Vec<crate::proto::types::Mount>> {
         let parent = (!parent.is_empty()).then_some(parent);
-        self.store.create(key, parent, kind, labels(l), |id| {
-            self.layout.make_dirs(id, kind)
-        })?;
+        self.create_record(key, parent, kind, labels(l))?;
         debug!(key, ?parent, ?kind, "created snapshot");
         self.mounts_of(key)
     }
@@ -130,8 +132,23 @@ impl Snapshotter {
         })
     }
 
+    /// Creates a snapshot record and its directories (never concurrently with [`Self::cleanup`]).
+    fn create_record(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        kind: Kind,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
+        let _guard = self.dirs.lock().expect("dirs lock");
+        self.store.create(key, parent, kind, labels, |id| {
+            self.layout.make_dirs(id, kind)
+        })
+    }
+
     /// Removes snapshot directories no snapshot refers to; returns how many.
     pub fn cleanup(&self) -> Result<usize> {
+        let _guard = self.dirs.lock().expect("dirs lock");
         let ids: std::collections::HashSet<u64> =
             self.store.list()?.into_iter().map(|(_, s)| s.id).collect();
         let mut removed = 0;
@@ -340,9 +357,7 @@ impl Service {
         let created = self
             .blocking(move |s| {
                 let parent = (!p.is_empty()).then_some(p.as_str());
-                s.store.create(&k, parent, Kind::Active, l, |id| {
-                    s.layout.make_dirs(id, Kind::Active)
-                })
+                s.create_record(&k, parent, Kind::Active, l)
             })
             .await;
         let snap = match created {
