@@ -312,3 +312,26 @@ pub fn expected_files(layers: &[Layer]) -> BTreeMap<String, Vec<u8>> {
     }
     m
 }
+
+/// Pushes an image of busybox plus one gzip layer holding `entries` to `REGISTRY/name:v1`, with
+/// `cmd` as its command; returns `REGISTRY/name`.
+pub fn push_busybox_image(
+    reg: &crate::registry::Registry,
+    dir: &Path,
+    name: &str,
+    entries: Vec<Entry>,
+    cmd: &[&str],
+) -> String {
+    let layers = [
+        busybox_layer(),
+        Layer {
+            entries,
+            compression: Compression::Gzip,
+        },
+    ];
+    let mut w = LayoutWriter::new(&dir.join(name));
+    let m = w.manifest("amd64", &layers, cmd);
+    w.tag_manifest(&m, "v1");
+    reg.push_layout(&w.dir, "v1", &format!("{name}:v1"), None);
+    format!("{}/{name}", reg.addr)
+}

@@ -5,7 +5,7 @@ use std::process::Command;
 use integration_tests::containerd::Containerd;
 use integration_tests::daemon::SociDaemon;
 use integration_tests::image::{
-    busybox_layer, random_bytes, Compression, Entry, Layer, LayoutWriter,
+    busybox_layer, push_busybox_image, random_bytes, Compression, Entry, Layer, LayoutWriter,
 };
 use integration_tests::registry::Registry;
 use integration_tests::{bin, run};
@@ -134,26 +134,17 @@ fn background_fetch_fills_layers_then_registry_is_not_needed() {
             0o644,
         ));
     }
-    let layers = [
-        busybox_layer(),
-        Layer {
-            entries: data,
-            compression: Compression::Gzip,
-        },
-    ];
-    let mut w = LayoutWriter::new(&tmp.path().join("bg"));
-    let m = w.manifest(
-        "amd64",
-        &layers,
+    let repo = push_busybox_image(
+        &reg,
+        tmp.path(),
+        "bg",
+        data,
         &[
             "/bin/sh",
             "-c",
             "sha256sum /data/f0 /data/f1 /data/f2 /data/f3 | cut -c1-12",
         ],
     );
-    w.tag_manifest(&m, "v1");
-    reg.push_layout(&w.dir, "v1", "bg:v1", None);
-    let repo = format!("{}/bg", reg.addr);
     run(Command::new(bin("soci")).args([
         "convert",
         "--plain-http",
@@ -259,18 +250,7 @@ fn lazy_layers_are_remounted_after_restart_and_crash() {
         b"still lazy\n".to_vec(),
         0o644,
     ));
-    let layers = [
-        busybox_layer(),
-        Layer {
-            entries: data,
-            compression: Compression::Gzip,
-        },
-    ];
-    let mut w = LayoutWriter::new(&tmp.path().join("rs"));
-    let m = w.manifest("amd64", &layers, &["/bin/cat", "/data/msg"]);
-    w.tag_manifest(&m, "v1");
-    reg.push_layout(&w.dir, "v1", "rs:v1", None);
-    let repo = format!("{}/rs", reg.addr);
+    let repo = push_busybox_image(&reg, tmp.path(), "rs", data, &["/bin/cat", "/data/msg"]);
     run(Command::new(bin("soci")).args([
         "convert",
         "--plain-http",
@@ -354,18 +334,7 @@ fn startup_with_registry_down_marks_lazy_layers_broken_and_serves() {
         random_bytes(3 << 20, 777),
         0o644,
     ));
-    let layers = [
-        busybox_layer(),
-        Layer {
-            entries: data,
-            compression: Compression::Gzip,
-        },
-    ];
-    let mut w = LayoutWriter::new(&tmp.path().join("b"));
-    let m = w.manifest("amd64", &layers, &["/bin/true"]);
-    w.tag_manifest(&m, "v1");
-    reg.push_layout(&w.dir, "v1", "broken:v1", None);
-    let repo = format!("{}/broken", reg.addr);
+    let repo = push_busybox_image(&reg, tmp.path(), "broken", data, &["/bin/true"]);
     run(Command::new(bin("soci")).args([
         "convert",
         "--plain-http",

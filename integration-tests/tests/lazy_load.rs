@@ -5,9 +5,7 @@ use std::process::Command;
 
 use integration_tests::containerd::Containerd;
 use integration_tests::daemon::SociDaemon;
-use integration_tests::image::{
-    busybox_layer, random_bytes, Compression, Entry, Layer, LayoutWriter,
-};
+use integration_tests::image::{push_busybox_image, random_bytes, Entry};
 use integration_tests::registry::Registry;
 use integration_tests::{bin, run};
 use sha2::Digest;
@@ -21,26 +19,17 @@ fn image(reg: &Registry, dir: &std::path::Path, name: &str, seed: u64) -> (Strin
             0o644,
         ));
     }
-    let layers = [
-        busybox_layer(),
-        Layer {
-            entries: data,
-            compression: Compression::Gzip,
-        },
-    ];
-    let mut w = LayoutWriter::new(&dir.join(name));
-    let m = w.manifest(
-        "amd64",
-        &layers,
+    let repo = push_busybox_image(
+        reg,
+        dir,
+        name,
+        data,
         &[
             "/bin/sh",
             "-c",
             "sha256sum /data/f0 /data/f1 /data/f2 | cut -c1-16",
         ],
     );
-    w.tag_manifest(&m, "v1");
-    reg.push_layout(&w.dir, "v1", &format!("{name}:v1"), None);
-    let repo = format!("{}/{name}", reg.addr);
     run(Command::new(bin("soci")).args([
         "convert",
         "--plain-http",

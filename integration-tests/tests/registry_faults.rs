@@ -8,9 +8,7 @@ use std::time::Instant;
 use integration_tests::containerd::Containerd;
 use integration_tests::daemon::SociDaemon;
 use integration_tests::fault_proxy::{Fault, FaultProxy};
-use integration_tests::image::{
-    busybox_layer, random_bytes, Compression, Entry, Layer, LayoutWriter,
-};
+use integration_tests::image::{push_busybox_image, random_bytes, Entry};
 use integration_tests::registry::Registry;
 use integration_tests::{bin, run};
 use sha2::Digest;
@@ -61,17 +59,7 @@ fn faults_give_correct_bytes_or_eio_and_reads_recover() {
             0o644,
         ));
     }
-    let layers = [
-        busybox_layer(),
-        Layer {
-            entries: data,
-            compression: Compression::Gzip,
-        },
-    ];
-    let mut w = LayoutWriter::new(&tmp.path().join("img"));
-    let m = w.manifest("amd64", &layers, &["/bin/true"]);
-    w.tag_manifest(&m, "v1");
-    reg.push_layout(&w.dir, "v1", "faults:v1", None);
+    let repo = push_busybox_image(&reg, tmp.path(), "faults", data, &["/bin/true"]);
     run(Command::new(bin("soci")).args([
         "convert",
         "--plain-http",
@@ -79,8 +67,8 @@ fn faults_give_correct_bytes_or_eio_and_reads_recover() {
         "1000000",
         "--span-size",
         "262144",
-        &format!("{}/faults:v1", reg.addr),
-        &format!("{}/faults:soci", reg.addr),
+        &format!("{repo}:v1"),
+        &format!("{repo}:soci"),
     ]))
     .unwrap();
 

@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::containerd::Containerd;
 use integration_tests::daemon::SociDaemon;
-use integration_tests::image::{
-    busybox_layer, random_bytes, Compression, Entry, Layer, LayoutWriter,
-};
+use integration_tests::image::{push_busybox_image, random_bytes, Entry};
 use integration_tests::registry::Registry;
 
 fn push_image(reg: &Registry, dir: &std::path::Path, name: &str) -> String {
@@ -25,22 +23,14 @@ fn push_image(reg: &Registry, dir: &std::path::Path, name: &str) -> String {
         b"ran on soci\n".to_vec(),
         0o644,
     ));
-    let layers = [
-        busybox_layer(),
-        Layer {
-            entries: data,
-            compression: Compression::Gzip,
-        },
-    ];
-    let mut w = LayoutWriter::new(&dir.join(name));
-    let m = w.manifest(
-        "amd64",
-        &layers,
+    let repo = push_busybox_image(
+        reg,
+        dir,
+        name,
+        data,
         &["/bin/sh", "-c", "cat /data/msg; ls /data | wc -l"],
     );
-    w.tag_manifest(&m, "v1");
-    reg.push_layout(&w.dir, "v1", &format!("{name}:v1"), None);
-    format!("{}/{name}:v1", reg.addr)
+    format!("{repo}:v1")
 }
 
 #[test]
