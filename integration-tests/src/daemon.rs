@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::bin;
-use crate::containerd::unmount_under;
+use crate::containerd::{kill_processes_mentioning, unmount_under};
 
 /// A running daemon; killed and its mounts removed on drop.
 pub struct SociDaemon {
@@ -188,6 +188,8 @@ fn unsafe_kill(pid: u32, sig: i32) {
 impl Drop for SociDaemon {
     fn drop(&mut self) {
         self.kill9();
+        // The fd holder (its own process group) keeps lazy mounts alive across restarts.
+        kill_processes_mentioning(&self.root.to_string_lossy());
         unmount_under(&self.root);
     }
 }

@@ -231,19 +231,18 @@ fn background_fetch_fills_layers_then_registry_is_not_needed() {
 }
 
 #[test]
-fn lazy_layers_are_remounted_after_restart_and_crash() {
+fn running_container_keeps_reading_across_restart_and_crash() {
     let reg = Registry::start();
     let tmp = tempfile::Builder::new()
         .prefix("soci-restart")
         .tempdir_in("/tmp")
         .unwrap();
     let mut data = vec![Entry::Dir("data/".into())];
-    for i in 0..3u64 {
-        data.push(Entry::File(
-            format!("data/f{i}"),
-            random_bytes(4 << 20, 120 + i),
-            0o644,
-        ));
+    let mut sums = Vec::new();
+    for i in 0..4u64 {
+        let bytes = random_bytes(4 << 20, 120 + i);
+        sums.push(integration_tests::sha256_hex(&bytes));
+        data.push(Entry::File(format!("data/f{i}"), bytes, 0o644));
     }
     data.push(Entry::File(
         "data/msg".into(),
@@ -260,51 +259,113 @@ fn lazy_layers_are_remounted_after_restart_and_crash() {
         &format!("{repo}:soci"),
     ]))
     .unwrap();
-    let mut daemon = SociDaemon::start(&tmp.path().join("d"), &daemon_config(&reg));
+    // The holder gives up on a daemon that does not come back within 4 s.
+    let config = format!("{}[fuse]\nholder_timeout_sec = 4\n", daemon_config(&reg));
+    let mut daemon = SociDaemon::start(&tmp.path().join("d"), &config);
     let ctd = Containerd::start_with_soci(&daemon.socket);
     let image = format!("{repo}:soci");
     ctd.soci(&["image", "rpull", "--plain-http", &image]);
-    assert_eq!(
-        ctd.ctr_ok(&["run", "--rm", "--snapshotter", "soci", &image, "r0"]),
-        "still lazy\n"
-    );
+
+    // A long-running container reads file N when /out/goN appears, and writes its sum.
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let script = "touch /out/ready; for n in 0 1 2 3; do \
+        while [ ! -e /out/go$n ]; do sleep 0.05; done; \
+        if sha256sum /data/f$n > /out/t$n 2>&1; then mv /out/t$n /out/sum$n; \
+        else echo failed > /out/sum$n; fi; done; sleep 3600";
+    let mount = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
+    // runc's state directory is shared by every containerd on the host: a unique id.
+    let long = format!("long{}", std::process::id());
+    ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "soci",
+        "--mount",
+        &mount,
+        &image,
+        "long",
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    let wait_file = |name: &str, secs: u64| -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(out.join(name)) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no /out/{name} within {secs} s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let go = |n: u32| std::fs::write(out.join(format!("go{n}")), b"").unwrap();
+    let sum_of = |s: String| s.split_whitespace().next().unwrap_or("").to_string();
+    wait_file("ready", 60);
+    go(0);
+    assert_eq!(sum_of(wait_file("sum0", 60)), sums[0]);
 
     let fuse_mounts = |d: &SociDaemon| {
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
             .lines()
-            .filter(|l| l.contains(" - fuse soci ") && l.contains(d.root.to_str().unwrap()))
+            .filter(|l| l.contains(" - fuse.soci soci ") && l.contains(d.root.to_str().unwrap()))
             .count()
     };
-    let wait_mounts = |d: &SociDaemon, n: usize| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while fuse_mounts(d) != n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "expected {n} FUSE mounts:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
-    wait_mounts(&daemon, 2);
+    let lazy = fuse_mounts(&daemon);
+    assert!(lazy >= 1, "no lazy mounts");
 
-    // Graceful: SIGTERM unmounts, start mounts again, containers run.
+    // Graceful restart: the mounts stay; a read while the daemon is down waits, then is served
+    // by the next daemon.
     assert_eq!(daemon.stop(), Some(0));
-    assert_eq!(fuse_mounts(&daemon), 0, "SIGTERM unmounts the lazy layers");
-    daemon.restart();
-    wait_mounts(&daemon, 2);
-    let out = ctd.ctr_retry(
-        &["run", "--rm", "--snapshotter", "soci", &image, "r1"],
-        std::time::Duration::from_secs(60),
+    assert_eq!(
+        fuse_mounts(&daemon),
+        lazy,
+        "SIGTERM leaves the mounts to the fd holder"
     );
-    assert_eq!(out, "still lazy\n");
+    go(1);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        !out.join("sum1").exists(),
+        "read completed with no daemon serving"
+    );
+    daemon.restart();
+    assert_eq!(sum_of(wait_file("sum1", 60)), sums[1]);
 
-    // Crash: kill -9 leaves dead FUSE mounts; the next start detaches and remounts them.
+    // Crash: the same with kill -9.
     daemon.kill9();
+    assert_eq!(fuse_mounts(&daemon), lazy);
+    go(2);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    daemon.restart();
+    assert_eq!(sum_of(wait_file("sum2", 60)), sums[2]);
+    let log = daemon.log_text();
+    assert!(
+        log.matches("serving the mount kept by the fd holder again")
+            .count()
+            >= 2 * lazy,
+        "{log}"
+    );
+    // Snapshots are all there and new containers run.
+    assert_eq!(
+        ctd.ctr_retry(
+            &["run", "--rm", "--snapshotter", "soci", &image, "r1"],
+            std::time::Duration::from_secs(60)
+        ),
+        "still lazy\n"
+    );
+
+    // A daemon that never comes back: after the holder's timeout the read fails instead of
+    // hanging, and a later daemon mounts the layers afresh.
+    daemon.kill9();
+    go(3);
+    assert_eq!(wait_file("sum3", 30).trim(), "failed");
     daemon.restart();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while daemon.log_text().matches("lazy layer restored").count() < 4 {
+    while daemon.log_text().matches("lazy layer restored").count() < 3 * lazy {
         assert!(
             std::time::Instant::now() < deadline,
             "{}",
@@ -312,6 +373,7 @@ fn lazy_layers_are_remounted_after_restart_and_crash() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    assert_eq!(fuse_mounts(&daemon), lazy);
     assert_eq!(
         ctd.ctr_retry(
             &["run", "--rm", "--snapshotter", "soci", &image, "r2"],
@@ -319,6 +381,10 @@ fn lazy_layers_are_remounted_after_restart_and_crash() {
         ),
         "still lazy\n"
     );
+    let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", &long]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let _ = ctd.ctr(&["task", "delete", "-f", &long]);
+    let _ = ctd.ctr(&["container", "delete", &long]);
 }
 
 #[test]

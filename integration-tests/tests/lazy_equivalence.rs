@@ -202,7 +202,7 @@ fn lazy_rootfs_equals_overlayfs_rootfs() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let fuse: Vec<std::path::PathBuf> = mounts
         .lines()
-        .filter(|l| l.contains(" - fuse soci ") && l.contains(daemon.root.to_str().unwrap()))
+        .filter(|l| l.contains(" - fuse.soci soci ") && l.contains(daemon.root.to_str().unwrap()))
         .filter_map(|l| l.split_whitespace().nth(4).map(std::path::PathBuf::from))
         .collect();
     assert_eq!(fuse.len(), 4, "{mounts}");

@@ -92,11 +92,23 @@ impl Default for BlobConfig {
 pub struct FuseConfig {
     /// Attribute and entry cache timeout in seconds. Default 1.
     pub attr_timeout: u64,
+    /// Keep lazy layers mounted across daemon restarts: a small holder process
+    /// (`soci-snapshotter-grpc fd-holder`) keeps their `/dev/fuse` descriptors and the next
+    /// daemon resumes serving them, so running containers keep reading. When false, layers
+    /// are unmounted on shutdown and mounted again at start. Default true.
+    pub keep_mounts_across_restart: bool,
+    /// How long the holder waits for a daemon to come back before it lets the mounts fail
+    /// (readers then get an error instead of waiting). Seconds. Default 60.
+    pub holder_timeout_sec: u64,
 }
 
 impl Default for FuseConfig {
     fn default() -> Self {
-        FuseConfig { attr_timeout: 1 }
+        FuseConfig {
+            attr_timeout: 1,
+            keep_mounts_across_restart: true,
+            holder_timeout_sec: 60,
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod holder;
 pub mod metrics;
 pub mod overlay;
 pub mod proto;

@@ -34,6 +34,23 @@ struct Args {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Internal: the process that keeps lazy layers' FUSE descriptors open across daemon
+    /// restarts (started by the daemon itself).
+    #[command(hide = true)]
+    FdHolder {
+        /// Socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Seconds to wait for a daemon to come back before releasing the mounts.
+        #[arg(long, default_value_t = 60)]
+        timeout_sec: u64,
+    },
 }
 
 fn init_logging(level: &str, format: &str) -> Result<()> {
@@ -60,6 +77,14 @@ fn main() {
 
 fn run() -> Result<()> {
     let args = Args::parse();
+    if let Some(Command::FdHolder {
+        socket,
+        timeout_sec,
+    }) = &args.command
+    {
+        return soci_snapshotter::holder::run(socket, Duration::from_secs(*timeout_sec))
+            .map_err(Into::into);
+    }
     let cfg = match &args.config {
         Some(p) => Config::load(p, true),
         None => Config::load(DEFAULT_CONFIG_PATH.as_ref(), false),
@@ -135,11 +160,15 @@ async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
             .map_err(anyhow::Error::msg)
             .context("setting up remote layers")?,
     );
-    let r = root.clone();
-    let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&r, Some(remote)))
+    let (r, rem) = (root.clone(), remote.clone());
+    let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&r, Some(rem)))
         .await?
         .with_context(|| format!("opening snapshotter state in {}", root.display()))?;
     let snapshotter = Arc::new(snapshotter);
+    {
+        let r = remote.clone();
+        tokio::task::spawn_blocking(move || r.connect_holder()).await?;
+    }
     // Lazy layers of an earlier run are mounted again in the background: start-up never waits
     // on a registry.
     tokio::spawn(snapshotter.clone().restore_lazy_layers());
@@ -192,7 +221,8 @@ async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
     }
     if let Some(r) = snapshotter.remote() {
         let r = r.clone();
-        let _ = tokio::task::spawn_blocking(move || r.unmount_all()).await;
+        let wait = Duration::from_secs(cfg.blob.fetching_timeout_sec.max(1));
+        let _ = tokio::task::spawn_blocking(move || r.shutdown(wait)).await;
     }
     info!("stopped");
     Ok(())

@@ -198,7 +198,9 @@ impl Snapshotter {
         };
         for (name, snap) in lazy {
             let fs_dir = self.layout.fs(snap.id);
-            remote::detach_stale_mount(&fs_dir);
+            if !remote.is_held(snap.id) {
+                remote::detach_stale_mount(&fs_dir);
+            }
             let result = match remote.plan(&snap.labels).await {
                 Ok(LayerPlan::Lazy(img, z, layer))
                     if snap.labels.get(remote::LABEL_ZTOC) == Some(&z.digest.to_string()) =>
@@ -212,12 +214,14 @@ impl Snapshotter {
                 Ok(()) => info!(snapshot = %name, "lazy layer restored"),
                 Err(e) => {
                     warn!(snapshot = %name, error = %e, "lazy layer cannot be restored; marked broken");
+                    remote.drop_held(snap.id, &fs_dir);
                     let mut labels = snap.labels.clone();
                     labels.insert(remote::LABEL_BROKEN.into(), e.chars().take(200).collect());
                     let _ = self.store.update_labels(&name, labels, &[]);
                 }
             }
         }
+        remote.drop_unclaimed_held();
     }
 
     fn list(&self, filters: &[String]) -> Result<Vec<pb::Info>> {

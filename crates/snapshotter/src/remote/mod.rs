@@ -21,6 +21,7 @@ use soci_registry::{
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::holder::{Held, HolderClient};
 
 mod full_pull;
 
@@ -104,6 +105,11 @@ pub struct Remote {
     /// Layer downloads started ahead of their Prepare, by layer digest.
     downloads: Mutex<HashMap<Digest, Download>>,
     mounts: Mutex<HashMap<u64, MountedLayer>>,
+    /// The fd holder keeping lazy mounts alive across restarts (if enabled and reachable).
+    holder: Mutex<Option<HolderClient>>,
+    holder_path: PathBuf,
+    /// Mounts an earlier daemon left to the holder, not resumed yet.
+    held: Mutex<BTreeMap<u64, Held>>,
     logged: Mutex<HashSet<String>>,
     /// Decompressed spans in memory, all layers.
     memory: Arc<soci_fs::MemoryCache>,
@@ -162,6 +168,9 @@ impl Remote {
             image_layers: Mutex::new(HashMap::new()),
             downloads: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
+            holder: Mutex::new(None),
+            holder_path: root.join("fuse-holder.sock"),
+            held: Mutex::new(BTreeMap::new()),
             logged: Mutex::new(HashSet::new()),
             memory: soci_fs::MemoryCache::new(cfg.blob.memory_cache_mb << 20),
             background_slots: Arc::new(tokio::sync::Semaphore::new(
@@ -399,16 +408,28 @@ impl Remote {
             )
             .map_err(|e| e.to_string())?,
         );
-        let rt = tokio::runtime::Handle::current();
-        let ttl = Duration::from_secs(self.cfg.fuse.attr_timeout);
-        let metrics = self.metrics.clone();
+        let served = soci_fs::Served {
+            tree,
+            spans: mgr.clone(),
+            rt: tokio::runtime::Handle::current(),
+            ttl: Duration::from_secs(self.cfg.fuse.attr_timeout),
+            metrics: self.metrics.clone(),
+        };
         let dir = fs_dir.to_path_buf();
-        let m2 = mgr.clone();
-        let mounted =
-            tokio::task::spawn_blocking(move || soci_fs::mount(tree, m2, &dir, rt, ttl, metrics))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("FUSE mount at {}: {e}", fs_dir.display()))?;
+        let held = self.held.lock().expect("held").remove(&id);
+        let resumed = held.is_some();
+        let mounted = tokio::task::spawn_blocking(move || match held {
+            Some(h) => soci_fs::resume(served, h.fd, h.minor, &dir),
+            None => soci_fs::mount(served, &dir),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("FUSE mount at {}: {e}", fs_dir.display()))?;
+        if resumed {
+            info!(id, mountpoint = %fs_dir.display(), "serving the mount kept by the fd holder again");
+        } else {
+            self.hold(id, &mounted);
+        }
         if !self.cfg.background_fetch.disable {
             let bg = &self.cfg.background_fetch;
             let silence = Duration::from_millis(bg.silence_period_msec);
@@ -425,8 +446,88 @@ impl Remote {
         Ok(())
     }
 
+    /// Connects to the fd holder (starting it if needed) and takes the list of mounts an
+    /// earlier daemon left with it. Without a holder, lazy layers are simply mounted again.
+    pub fn connect_holder(&self) {
+        if !self.cfg.fuse.keep_mounts_across_restart {
+            return;
+        }
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => return warn!(error = %e, "no fd holder: cannot find our executable"),
+        };
+        let timeout = Duration::from_secs(self.cfg.fuse.holder_timeout_sec.max(1));
+        match HolderClient::connect_or_spawn(&self.holder_path, &exe, timeout)
+            .and_then(|c| Ok((c.list()?, c)))
+        {
+            Ok((held, c)) => {
+                if !held.is_empty() {
+                    info!(
+                        mounts = held.len(),
+                        "fd holder kept lazy mounts from the last run"
+                    );
+                }
+                *self.held.lock().expect("held") = held;
+                *self.holder.lock().expect("holder") = Some(c);
+            }
+            Err(e) => warn!(error = %e, "no fd holder: lazy mounts will not survive a restart"),
+        }
+    }
+
+    /// Whether an earlier daemon left mount `id` with the holder (to be resumed).
+    pub fn is_held(&self, id: u64) -> bool {
+        self.held.lock().expect("held").contains_key(&id)
+    }
+
+    /// Gives up mount `id` (left by an earlier daemon, or half set up): the holder closes its
+    /// descriptor, ending the connection, and the mount point is detached.
+    pub fn drop_held(&self, id: u64, fs_dir: &Path) {
+        self.held.lock().expect("held").remove(&id);
+        self.unhold(id);
+        detach_stale_mount(fs_dir);
+    }
+
+    /// Held mounts no snapshot claimed after the restore pass: their connections end.
+    pub fn drop_unclaimed_held(&self) {
+        let left: Vec<u64> = std::mem::take(&mut *self.held.lock().expect("held"))
+            .into_keys()
+            .collect();
+        for id in left {
+            warn!(id, "fd holder kept a mount no snapshot claims; released");
+            self.unhold(id);
+        }
+    }
+
+    fn hold(&self, id: u64, m: &MountedLayer) {
+        let mut guard = self.holder.lock().expect("holder");
+        let Some(c) = guard.as_ref() else { return };
+        if let Err(e) = c.put(id, m.proto_minor(), m.fuse_fd()) {
+            // The holder may have exited (it does when it holds nothing): start a new one.
+            let exe = std::env::current_exe().unwrap_or_default();
+            let timeout = Duration::from_secs(self.cfg.fuse.holder_timeout_sec.max(1));
+            let retry = HolderClient::connect_or_spawn(&self.holder_path, &exe, timeout)
+                .and_then(|c| c.put(id, m.proto_minor(), m.fuse_fd()).map(|()| c));
+            match retry {
+                Ok(c) => *guard = Some(c),
+                Err(e2) => {
+                    warn!(id, error = %e, retry = %e2, "fd holder unavailable: this mount will not survive a restart");
+                    *guard = None;
+                }
+            }
+        }
+    }
+
+    fn unhold(&self, id: u64) {
+        if let Some(c) = self.holder.lock().expect("holder").as_ref() {
+            if let Err(e) = c.del(id) {
+                warn!(id, error = %e, "fd holder did not release a mount");
+            }
+        }
+    }
+
     /// Unmounts the lazy layer of snapshot `id` (if any) and drops its span cache.
     pub fn release(&self, id: u64) {
+        self.unhold(id);
         if let Some(m) = self.mounts.lock().expect("mounts").remove(&id) {
             if let Err(e) = m.unmount() {
                 warn!(id, error = %e, "unmounting lazy layer failed");
@@ -440,7 +541,27 @@ impl Remote {
         self.mounts.lock().expect("mounts").contains_key(&id)
     }
 
-    /// Unmounts every lazy layer (shutdown).
+    /// Shutdown: with a holder, stops serving every lazy layer but leaves them mounted for
+    /// the next daemon (reads in flight are answered first, within `wait`); without one,
+    /// unmounts them.
+    pub fn shutdown(&self, wait: Duration) {
+        if self.holder.lock().expect("holder").is_none() {
+            return self.unmount_all();
+        }
+        let all: Vec<(u64, MountedLayer)> = self.mounts.lock().expect("mounts").drain().collect();
+        let n = all.len();
+        for (_, m) in all {
+            m.detach(wait);
+        }
+        if n > 0 {
+            info!(
+                mounts = n,
+                "lazy layers left mounted for the next daemon (fd holder)"
+            );
+        }
+    }
+
+    /// Unmounts every lazy layer.
     pub fn unmount_all(&self) {
         let all: Vec<(u64, MountedLayer)> = self.mounts.lock().expect("mounts").drain().collect();
         for (id, m) in all {
