@@ -228,6 +228,49 @@ fn background_fetch_fills_layers_then_registry_is_not_needed() {
         metric(&after, "soci_fuse_read_duration_seconds_count") > 0,
         "{after}"
     );
+
+    // The disk cache gauge is what is on disk, and goes when the snapshots go.
+    let on_disk = |dir: &std::path::Path| -> u64 {
+        let out = Command::new("du")
+            .args(["-sb", "--apparent-size"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        let total: u64 = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let dirs = Command::new("find")
+            .arg(dir)
+            .args(["-type", "d"])
+            .output()
+            .unwrap();
+        // du counts each directory's own size too.
+        let dir_bytes: u64 = String::from_utf8_lossy(&dirs.stdout)
+            .lines()
+            .map(|d| std::fs::metadata(d).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        total - dir_bytes
+    };
+    let disk = metric(&after, "soci_span_cache_bytes{place=\"disk\"}");
+    assert!(disk > 12 << 20, "{after}");
+    assert_eq!(disk, on_disk(&daemon.root.join("cache")));
+    ctd.ctr_ok(&["image", "rm", "--sync", &image]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let t = get_metrics(&maddr);
+        if metric(&t, "soci_span_cache_bytes{place=\"disk\"}") == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "disk cache not released:\n{t}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(on_disk(&daemon.root.join("cache")), 0);
 }
 
 #[test]

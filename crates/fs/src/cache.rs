@@ -33,6 +33,10 @@ impl MemoryCache {
             .cloned()
     }
 
+    pub(crate) fn contains(&self, key: (u64, SpanId)) -> bool {
+        self.inner.lock().expect("memory cache").0.contains(&key)
+    }
+
     pub(crate) fn put(&self, key: (u64, SpanId), data: Arc<Vec<u8>>) {
         if data.len() > self.budget {
             return;
@@ -76,5 +80,78 @@ impl MemoryCache {
 impl std::fmt::Debug for MemoryCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "MemoryCache({} of {} bytes)", self.bytes(), self.budget)
+    }
+}
+
+/// A byte budget for decompressed spans on disk, shared by every layer. Spans that do not fit
+/// are served from memory only (and fetched again when evicted); background fetch stops.
+#[derive(Debug)]
+pub struct DiskBudget {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl DiskBudget {
+    /// A budget of `limit` bytes; 0 means no limit.
+    pub fn new(limit: u64) -> Arc<DiskBudget> {
+        Arc::new(DiskBudget {
+            limit,
+            used: Default::default(),
+        })
+    }
+
+    /// Bytes of span files on disk now.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `n` more bytes would fit.
+    pub fn fits(&self, n: u64) -> bool {
+        self.limit == 0 || self.used().saturating_add(n) <= self.limit
+    }
+
+    /// Takes `n` bytes of the budget if they fit.
+    pub(crate) fn try_reserve(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                let after = u.saturating_add(n);
+                (self.limit == 0 || after <= self.limit).then_some(after)
+            })
+            .is_ok()
+    }
+
+    /// Counts `n` bytes already on disk (found at start-up), limit or not.
+    pub(crate) fn add(&self, n: u64) {
+        self.used.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Gives back `n` bytes.
+    pub(crate) fn release(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+}
+
+#[cfg(test)]
+mod disk_tests {
+    use super::DiskBudget;
+
+    #[test]
+    fn budget_bounds_and_releases() {
+        let b = DiskBudget::new(100);
+        assert!(b.try_reserve(60));
+        assert!(!b.try_reserve(50));
+        assert!(b.fits(40) && !b.fits(41));
+        b.release(60);
+        assert!(b.try_reserve(100));
+        b.add(10);
+        assert_eq!(b.used(), 110);
+        let unlimited = DiskBudget::new(0);
+        assert!(unlimited.try_reserve(u64::MAX / 2));
     }
 }

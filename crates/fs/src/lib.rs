@@ -13,7 +13,7 @@ mod tree;
 
 pub use fuse::{mount, resume, MountedLayer, Served};
 pub use spans::{
-    BackgroundConfig, FsMetrics, MemoryCache, Priority, RangeReader, SpanConfig, SpanManager,
-    LATENCY_BUCKETS_MS,
+    BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, Priority, RangeReader, SpanConfig,
+    SpanManager, LATENCY_BUCKETS_MS,
 };
 pub use tree::{LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};

@@ -19,8 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use soci_ztoc::{SpanId, Spans};
 
-pub use crate::cache::MemoryCache;
-use tracing::{debug, error, warn};
+pub use crate::cache::{DiskBudget, MemoryCache};
+use tracing::{debug, error, info, warn};
 
 /// Reads byte ranges of the compressed layer blob (an HTTP range reader in production).
 pub trait RangeReader: Send + Sync + 'static {
@@ -82,6 +82,8 @@ pub struct SpanConfig {
     pub fetch_timeout: Duration,
     /// Memory cache shared by all layers.
     pub memory: Arc<MemoryCache>,
+    /// Disk budget shared by all layers.
+    pub disk: Arc<DiskBudget>,
 }
 
 /// Why a span fetch is made.
@@ -103,6 +105,8 @@ pub struct SpanManager {
     /// This layer's key in the shared memory cache.
     key: u64,
     on_disk: Vec<AtomicBool>,
+    /// Bytes of this layer's span files counted in the disk budget.
+    disk_bytes: AtomicU64,
     locks: Vec<tokio::sync::Mutex<()>>,
     closed: AtomicBool,
     /// When the last demand read started (ms since `born`).
@@ -138,9 +142,15 @@ impl SpanManager {
     ) -> io::Result<Self> {
         std::fs::create_dir_all(&cfg.cache_dir)?;
         let n = spans.len();
+        let mut found = 0u64;
         let on_disk: Vec<AtomicBool> = (0..n)
-            .map(|i| AtomicBool::new(cfg.cache_dir.join(i.to_string()).exists()))
+            .map(|i| {
+                let len = std::fs::metadata(cfg.cache_dir.join(i.to_string())).map(|m| m.len());
+                found += len.as_ref().copied().unwrap_or(0);
+                AtomicBool::new(len.is_ok())
+            })
             .collect();
+        cfg.disk.add(found);
         Ok(SpanManager {
             layer,
             spans,
@@ -149,6 +159,7 @@ impl SpanManager {
             metrics,
             key: NEXT_LAYER_KEY.fetch_add(1, Ordering::Relaxed),
             on_disk,
+            disk_bytes: AtomicU64::new(found),
             locks: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
             closed: AtomicBool::new(false),
             last_demand_ms: AtomicU64::new(0),
@@ -169,6 +180,17 @@ impl SpanManager {
             .count()
     }
 
+    /// Removes this layer's span files and gives their bytes back to the disk budget.
+    pub fn remove_cache(&self) {
+        let _ = std::fs::remove_dir_all(&self.cfg.cache_dir);
+        for b in &self.on_disk {
+            b.store(false, Ordering::Release);
+        }
+        self.cfg
+            .disk
+            .release(self.disk_bytes.swap(0, Ordering::AcqRel));
+    }
+
     /// Stops background work (the layer is being unmounted).
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
@@ -176,7 +198,31 @@ impl SpanManager {
     }
 
     fn is_cached(&self, id: SpanId) -> bool {
-        self.on_disk[id].load(Ordering::Acquire)
+        self.on_disk[id].load(Ordering::Acquire) || self.cfg.memory.contains((self.key, id))
+    }
+
+    /// Bytes `rel` of span `id`: from memory, from disk, or fetched again if it was evicted
+    /// from memory without being on disk (over the disk budget).
+    async fn span_bytes(&self, id: SpanId, rel: Range<u64>) -> io::Result<Vec<u8>> {
+        for _ in 0..3 {
+            if let Some(data) = self.cfg.memory.get((self.key, id)) {
+                return Ok(data[rel.start as usize..rel.end as usize].to_vec());
+            }
+            match std::fs::File::open(self.cfg.cache_dir.join(id.to_string())) {
+                Ok(f) => {
+                    let mut buf = vec![0u8; (rel.end - rel.start) as usize];
+                    f.read_exact_at(&mut buf, rel.start)?;
+                    return Ok(buf);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            self.ensure(id..id + 1, Priority::Demand).await?;
+        }
+        Err(eio(format!(
+            "layer {}: span {id} evicted from memory before it could be read (memory cache too small for the disk budget)",
+            self.layer
+        )))
     }
 
     /// Reads uncompressed bytes `range` of the layer.
@@ -194,16 +240,7 @@ impl SpanManager {
                 continue;
             }
             let rel = (from - s.uncompressed.start)..(to - s.uncompressed.start);
-            let cached = self.cfg.memory.get((self.key, id));
-            match cached {
-                Some(data) => out.extend_from_slice(&data[rel.start as usize..rel.end as usize]),
-                None => {
-                    let mut buf = vec![0u8; (rel.end - rel.start) as usize];
-                    let f = std::fs::File::open(self.cfg.cache_dir.join(id.to_string()))?;
-                    f.read_exact_at(&mut buf, rel.start)?;
-                    out.extend_from_slice(&buf);
-                }
-            }
+            out.extend_from_slice(&self.span_bytes(id, rel).await?);
         }
         Ok(out)
     }
@@ -311,9 +348,10 @@ impl SpanManager {
         let run2 = run.clone();
         let layer = self.layer.clone();
         let dir = self.cfg.cache_dir.clone();
+        let disk = self.cfg.disk.clone();
         // Verification, decompression and the cache file writes are CPU and blocking I/O work:
         // off the async workers.
-        let decoded: Vec<(SpanId, Vec<u8>)> = tokio::task::spawn_blocking(move || {
+        let decoded: Vec<(SpanId, Vec<u8>, bool)> = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             for id in run2 {
                 let s = spans.span(id).map_err(|e| eio(e.to_string()))?;
@@ -327,10 +365,18 @@ impl SpanManager {
                 let plain = spans
                     .decompress(id, slice)
                     .map_err(|e| eio(format!("layer {layer}: {e}")))?;
-                let tmp = dir.join(format!("{id}.tmp"));
-                std::fs::write(&tmp, &plain)?;
-                std::fs::rename(&tmp, dir.join(id.to_string()))?;
-                out.push((id, plain));
+                // Over the disk budget the span is kept in memory only.
+                let stored = disk.try_reserve(plain.len() as u64);
+                if stored {
+                    let tmp = dir.join(format!("{id}.tmp"));
+                    let written = std::fs::write(&tmp, &plain)
+                        .and_then(|()| std::fs::rename(&tmp, dir.join(id.to_string())));
+                    if let Err(e) = written {
+                        disk.release(plain.len() as u64);
+                        return Err(e);
+                    }
+                }
+                out.push((id, plain, stored));
             }
             Ok::<_, io::Error>(out)
         })
@@ -339,9 +385,13 @@ impl SpanManager {
         .inspect_err(|_| {
             self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
         })?;
-        for (id, plain) in decoded {
+        for (id, plain, stored) in decoded {
+            if stored {
+                self.disk_bytes
+                    .fetch_add(plain.len() as u64, Ordering::AcqRel);
+                self.on_disk[id].store(true, Ordering::Release);
+            }
             self.cfg.memory.put((self.key, id), Arc::new(plain));
-            self.on_disk[id].store(true, Ordering::Release);
             // Counted once the span is servable, so the metric never runs ahead of the cache.
             self.metrics.spans_verified.fetch_add(1, Ordering::Relaxed);
         }
@@ -369,6 +419,14 @@ impl SpanManager {
             }
             if self.is_cached(id) {
                 continue;
+            }
+            let want = self
+                .spans
+                .span(id)
+                .map(|s| s.uncompressed.end - s.uncompressed.start);
+            if !self.cfg.disk.fits(want.unwrap_or(0)) {
+                info!(layer = %self.layer, used = self.cfg.disk.used(), "span disk cache is full; background fetch stops");
+                return;
             }
             let Ok(_permit) = cfg.slots.acquire().await else {
                 return;
@@ -448,6 +506,19 @@ mod tests {
         Vec<u8>,
         tempfile::TempDir,
     ) {
+        manager_with(corrupt, retries, DiskBudget::new(0))
+    }
+
+    fn manager_with(
+        corrupt: u32,
+        retries: u32,
+        disk: Arc<DiskBudget>,
+    ) -> (
+        Arc<SpanManager>,
+        Arc<FakeReader>,
+        Vec<u8>,
+        tempfile::TempDir,
+    ) {
         let (blob, z) = layer();
         let reader = Arc::new(FakeReader {
             blob: blob.clone(),
@@ -461,6 +532,7 @@ mod tests {
             max_verification_retries: retries,
             fetch_timeout: Duration::from_secs(5),
             memory: MemoryCache::new(100_000),
+            disk,
         };
         let m = SpanManager::new(
             "sha256:test".into(),
@@ -538,5 +610,35 @@ mod tests {
             n,
             "no fetch after the fill"
         );
+    }
+
+    #[tokio::test]
+    async fn disk_budget_bounds_the_span_files_and_is_given_back() {
+        let one_span = 64 * 1024;
+        let disk = DiskBudget::new(2 * one_span);
+        let (m, _reader, blob, d) = manager_with(0, 0, disk.clone());
+        let all = 0..blob.len() as u64 - 2048;
+        assert_eq!(m.read(all.clone()).await.unwrap().len(), all.end as usize);
+        assert!(m.cached_count() <= 2 && m.cached_count() >= 1);
+        assert!(disk.used() <= 2 * one_span);
+        let files: u64 = std::fs::read_dir(d.path().join("c"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert_eq!(files, disk.used());
+        // Spans that did not fit are still served (from memory or fetched again).
+        assert_eq!(m.read(all.clone()).await.unwrap().len(), all.end as usize);
+        // A background fill stops at the budget instead of fetching for nothing.
+        let cfg = BackgroundConfig {
+            delay: Duration::ZERO,
+            period: Duration::ZERO,
+            yield_to_demand: Duration::ZERO,
+            slots: Arc::new(tokio::sync::Semaphore::new(1)),
+        };
+        m.clone().background_fill(cfg).await;
+        assert!(m.cached_count() < m.span_count());
+        m.remove_cache();
+        assert_eq!(disk.used(), 0);
+        assert_eq!(m.cached_count(), 0);
     }
 }

@@ -74,6 +74,10 @@ pub struct BlobConfig {
     /// Memory for decompressed spans, shared by all layers, in MiB (spans are also cached on
     /// disk). Default 64.
     pub memory_cache_mb: usize,
+    /// Disk for decompressed spans, shared by all layers, in MiB; 0 = no limit. Spans over
+    /// the limit are kept in memory only and background fetch stops; a layer's spans are
+    /// deleted with its snapshot. Default 20480.
+    pub disk_cache_mb: u64,
 }
 
 impl Default for BlobConfig {
@@ -82,6 +86,7 @@ impl Default for BlobConfig {
             fetching_timeout_sec: 30,
             max_span_verification_retries: 3,
             memory_cache_mb: 64,
+            disk_cache_mb: 20480,
         }
     }
 }

@@ -67,6 +67,17 @@ pub fn render(s: &Snapshotter) -> String {
     for (reason, n) in r.fallbacks.lock().expect("fallbacks").iter() {
         let _ = writeln!(o, "soci_fallbacks_total{{reason=\"{reason}\"}} {n}");
     }
+    let _ = writeln!(o, "# HELP soci_span_cache_bytes Decompressed spans cached, by place.\n# TYPE soci_span_cache_bytes gauge");
+    let _ = writeln!(
+        o,
+        "soci_span_cache_bytes{{place=\"disk\"}} {}",
+        r.disk.used()
+    );
+    let _ = writeln!(
+        o,
+        "soci_span_cache_bytes{{place=\"memory\"}} {}",
+        r.memory_bytes()
+    );
     let _ = writeln!(o, "# HELP soci_fuse_read_duration_seconds Latency of FUSE reads.\n# TYPE soci_fuse_read_duration_seconds histogram");
     let mut cum = 0;
     for (i, b) in soci_fs::LATENCY_BUCKETS_MS.iter().enumerate() {

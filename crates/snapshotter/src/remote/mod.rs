@@ -113,6 +113,8 @@ pub struct Remote {
     logged: Mutex<HashSet<String>>,
     /// Decompressed spans in memory, all layers.
     memory: Arc<soci_fs::MemoryCache>,
+    /// Span files on disk, all layers.
+    pub disk: Arc<soci_fs::DiskBudget>,
     /// Shared bound on background span fetches.
     background_slots: Arc<tokio::sync::Semaphore>,
     /// FUSE and span counters.
@@ -173,6 +175,7 @@ impl Remote {
             held: Mutex::new(BTreeMap::new()),
             logged: Mutex::new(HashSet::new()),
             memory: soci_fs::MemoryCache::new(cfg.blob.memory_cache_mb << 20),
+            disk: soci_fs::DiskBudget::new(cfg.blob.disk_cache_mb << 20),
             background_slots: Arc::new(tokio::sync::Semaphore::new(
                 cfg.background_fetch.max_concurrent_fetches.max(1),
             )),
@@ -397,6 +400,7 @@ impl Remote {
             max_verification_retries: self.cfg.blob.max_span_verification_retries,
             fetch_timeout: Duration::from_secs(self.cfg.blob.fetching_timeout_sec.max(1)),
             memory: self.memory.clone(),
+            disk: self.disk.clone(),
         };
         let mgr = Arc::new(
             SpanManager::new(
@@ -529,9 +533,11 @@ impl Remote {
     pub fn release(&self, id: u64) {
         self.unhold(id);
         if let Some(m) = self.mounts.lock().expect("mounts").remove(&id) {
+            let spans = m.spans().clone();
             if let Err(e) = m.unmount() {
                 warn!(id, error = %e, "unmounting lazy layer failed");
             }
+            spans.remove_cache();
         }
         let _ = std::fs::remove_dir_all(self.cache_root.join(id.to_string()));
     }
@@ -569,6 +575,11 @@ impl Remote {
                 warn!(id, error = %e, "unmounting lazy layer failed");
             }
         }
+    }
+
+    /// Bytes of decompressed spans in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory.bytes()
     }
 
     /// Span cache size on disk for snapshot `id`.
