@@ -22,7 +22,9 @@ demo: build
 # Benchmarks: prints ratios measured side by side in one run.
 bench: build
 	bash bench/ztoc.sh
-	bash bench/start.sh 20 3
+	bash bench/stargz.sh build
+	bash bench/start.sh 3
+	bash bench/micro.sh
 
 # Fuzz every parser for FUZZ_SECONDS each (needs nightly-free cargo-fuzz; not part of CI).
 FUZZ_SECONDS ?= 60

@@ -1,66 +1,212 @@
 #!/usr/bin/env bash
-# Cold start over a slow link: time from pull start to container exit, soci-rs (soci image rpull
-# + ctr run --snapshotter soci) vs containerd's overlayfs (ctr image pull + ctr run), side by side
-# in one run, through a delaying TCP proxy in front of the registry.
-# Usage: bench/start.sh [RTT_MS] [RUNS]     (default 20 ms, 3 runs; results in bench/results/start.md)
-# Every run uses a fresh daemon and containerd (nothing cached). Stargz is not compared yet.
+# Cold start, side by side in one run: time from pull start to container exit and registry bytes
+# served, for containerd's overlayfs (ctr image pull + ctr run), soci-rs (soci image rpull +
+# ctr run --snapshotter soci), stargz-snapshotter when bench/stargz.sh has built it, and the
+# soci-rs fallback (full pull of the unconverted image, far profile).
+#
+# The registry runs in its own network namespace behind a veth pair. Profiles:
+#   near: no shaping;  far: 20 ms RTT (delaying proxy) and 200 Mbit/s (tbf on both veth ends).
+# Workloads: true (exit at once), small (read one small file), quarter (read 25% of the files).
+# Every run uses a fresh containerd + snapshotter (nothing cached).
+#
+# Usage: bench/start.sh [RUNS]   (default 3; PROFILES="near far", WORKLOADS="true small quarter")
+# Results: bench/results/start.md (table) and bench/results/start.png (chart).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RTT=${1:-20}
-RUNS=${2:-3}
+RUNS=${1:-3}
+PROFILES=${PROFILES:-near far}
+WORKLOADS=${WORKLOADS:-true small quarter}
+W1=${WORKLOADS%% *}
 BIN=$PWD/target/release
 [ -x "$BIN/soci-delay-proxy" ] || cargo build --release -p integration-tests --bin soci-delay-proxy
+command -v gnuplot >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gnuplot-nox >/dev/null; }
+STARGZ=${STARGZ:-$PWD/target/stargz/stargz-snapshotter}
+CTR_REMOTE=$(command -v ctr-remote || true)
 W=$(mktemp -d /tmp/soci-bench.XXXXXX)
 source scripts/env.sh
-trap env_cleanup EXIT
+NS=socibench$$
+cleanup() {
+  env_cleanup
+  ip netns del "$NS" 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+# Namespaces left by an interrupted run would shadow our addresses.
+for ns in $(ip netns list | awk '/^socibench/ {print $1}'); do
+  kill -0 "${ns#socibench}" 2>/dev/null && continue
+  ip netns pids "$ns" | xargs -r kill -9
+  ip netns del "$ns"
+done
 
-REG=127.0.0.1:$(free_port)
-start_registry "$REG"
-PROXY=127.0.0.1:$(free_port)
-"$BIN/soci-delay-proxy" "$PROXY" "$REG" $((RTT / 2)) > "$W/proxy.log" 2>&1 & PIDS+=($!)
+# --- network: registry in a namespace, reached over veth ------------------------------------
+VH=sbh$$ VN=sbn$$
+ip netns add "$NS"
+ip link add "$VH" type veth peer name "$VN"
+ip link set "$VN" netns "$NS"
+ip addr add 10.213.0.1/30 dev "$VH"
+ip link set "$VH" up
+nsenter --net=/var/run/netns/"$NS" sh -c "ip link set lo up; ip addr add 10.213.0.2/30 dev $VN; ip link set $VN up"
+NEAR=10.213.0.2:5000
+REG_WRAP="nsenter --net=/var/run/netns/$NS" start_registry "$NEAR"
+FAR=127.0.0.1:$(free_port)
+"$BIN/soci-delay-proxy" "$FAR" "$NEAR" 10 > "$W/proxy.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 50); do grep -q ready "$W/proxy.log" && break; sleep 0.1; done
-build_sample_image "$W/layout"
-skopeo copy -q --dest-tls-verify=false "oci:$W/layout:demo" "docker://$REG/demo:v1"
-"$BIN/soci" convert --plain-http "$REG/demo:v1" "$REG/demo:soci" >/dev/null
-size=$(du -cb "$W/layout"/blobs/sha256/* | tail -1 | cut -f1)
+shape() { # shape near|far
+  local q="tbf rate 200mbit burst 256kb latency 100ms"
+  if [ "$1" = far ]; then
+    tc qdisc replace dev "$VH" root $q
+    nsenter --net=/var/run/netns/"$NS" tc qdisc replace dev "$VN" root $q
+  else
+    tc qdisc del dev "$VH" root 2>/dev/null || true
+    nsenter --net=/var/run/netns/"$NS" tc qdisc del dev "$VN" root 2>/dev/null || true
+  fi
+}
+addr() { [ "$1" = far ] && echo "$FAR" || echo "$NEAR"; }
+
+# --- image: >= 400 MiB in 5 gzip layers, from local files ------------------------------------
+L=$W/layout
+umoci init --layout "$L" >/dev/null
+umoci new --image "$L:b" >/dev/null
+mkdir -p "$W/l1/bin" "$W/l1/etc"
+cp /bin/busybox "$W/l1/bin/"
+for a in sh cat true xargs head wc; do ln -s busybox "$W/l1/bin/$a"; done
+echo "hello from a lazily loaded container" > "$W/l1/etc/demo-message"
+umoci insert --image "$L:b" "$W/l1" / >/dev/null
+pick() { # pick DIR MiB -> file list
+  find "$1" -xdev -type f -size -32M -printf '%s %p\n' 2>/dev/null | sort -k2 |
+    awk -v lim=$(($2 << 20)) '{ s += $1; print substr($0, index($0, " ") + 1); if (s > lim) exit }' || true
+}
+usize=$(du -sb "$W/l1" | cut -f1)
+for part in "lib 250" "share 150"; do
+  set -- $part
+  pick "/usr/$1" "$2" > "$W/files-$1"
+  mkdir -p "$W/l-$1"
+  sed 's|^/||' "$W/files-$1" > "$W/names-$1"
+  { tar -C / -cf - --verbatim-files-from -T "$W/names-$1" 2>/dev/null || true; } | tar -C "$W/l-$1" -xf -
+  umoci insert --image "$L:b" "$W/l-$1/usr/$1" "/usr/$1" >/dev/null
+  usize=$((usize + $(du -sb "$W/l-$1" | cut -f1)))
+  rm -rf "$W/l-$1"
+done
+mkdir -p "$W/l4"
+head -c $((240 << 20)) /dev/urandom > "$W/l4/model.bin"
+usize=$((usize + (240 << 20)))
+umoci insert --image "$L:b" "$W/l4" /assets >/dev/null
+mkdir -p "$W/l5/etc"
+cat "$W/files-lib" "$W/files-share" | awk 'NR % 4 == 1' > "$W/l5/etc/bench-files"
+umoci insert --image "$L:b" "$W/l5" / >/dev/null
+rm -rf "$W/l1" "$W/l4" "$W/l5"
+skopeo copy -q --dest-tls-verify=false "oci:$L:b" "docker://$NEAR/bench:v1"
+"$BIN/soci" convert --plain-http "$NEAR/bench:v1" "$NEAR/bench:soci" >/dev/null
+blobs=$(skopeo inspect --tls-verify=false --raw "docker://$NEAR/bench:v1" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(sum(l["size"] for l in m["layers"]), len(m["layers"]))')
+size=${blobs% *}; nlayers=${blobs#* }
+if [ -x "$STARGZ" ] && [ -n "$CTR_REMOTE" ]; then
+  bash bench/stargz.sh convert "$NEAR/bench:v1" "$NEAR/bench:esgz"
+  KINDS=${KINDS:-overlayfs stargz soci}
+else
+  echo "stargz-snapshotter not built (bash bench/stargz.sh build): compared without it" >&2
+  KINDS=${KINDS:-overlayfs soci}
+fi
 
 now() { date +%s.%N; }
-measure() { # measure KIND -> prints "seconds bytes"
-  start_soci_containerd run "$PROXY"
-  local ctd=$W/run/ctd.sock b0 t0 t1
-  b0=$(served); t0=$(now)
-  if [ "$1" = soci ]; then
-    "$BIN/soci" -a "$ctd" image rpull --plain-http "$PROXY/demo:soci" > /dev/null
-    ctr -a "$ctd" run --rm --snapshotter soci "$PROXY/demo:soci" c > /dev/null
-  elif [ "$1" = soci-full ]; then
-    # No SOCI index: the snapshotter pulls every layer in full (the fallback path).
-    "$BIN/soci" -a "$ctd" image rpull --plain-http "$PROXY/demo:v1" > /dev/null
-    ctr -a "$ctd" run --rm --snapshotter soci "$PROXY/demo:v1" c > /dev/null
+measure() { # measure KIND PROFILE WORKLOAD -> "seconds bytes"
+  local kind=$1 a ctd b0 t0 t1 img
+  a=$(addr "$2")
+  case $3 in
+    true) cmd=(/bin/true) ;;
+    small) cmd=(/bin/cat /etc/demo-message) ;;
+    quarter) cmd=(/bin/sh -c 'xargs cat < /etc/bench-files > /dev/null') ;;
+  esac
+  if [ "$kind" = stargz ]; then
+    bash bench/stargz.sh start "$W/run" "$a"
   else
-    ctr -a "$ctd" image pull --plain-http "$PROXY/demo:v1" > /dev/null
-    ctr -a "$ctd" run --rm "$PROXY/demo:v1" c > /dev/null
+    start_soci_containerd run "$a"
   fi
+  ctd=$W/run/ctd.sock
+  b0=$(served); t0=$(now)
+  case $kind in
+    soci)
+      "$BIN/soci" -a "$ctd" image rpull --plain-http "$a/bench:soci" > /dev/null
+      ctr -a "$ctd" run --rm --snapshotter soci "$a/bench:soci" c "${cmd[@]}" > /dev/null ;;
+    soci-full)
+      "$BIN/soci" -a "$ctd" image rpull --plain-http "$a/bench:v1" > /dev/null
+      ctr -a "$ctd" run --rm --snapshotter soci "$a/bench:v1" c "${cmd[@]}" > /dev/null ;;
+    stargz)
+      "$CTR_REMOTE" -a "$ctd" image rpull --plain-http "$a/bench:esgz" > /dev/null
+      ctr -a "$ctd" run --rm --snapshotter stargz "$a/bench:esgz" c "${cmd[@]}" > /dev/null ;;
+    overlayfs)
+      ctr -a "$ctd" image pull --plain-http "$a/bench:v1" > /dev/null
+      ctr -a "$ctd" run --rm "$a/bench:v1" c "${cmd[@]}" > /dev/null ;;
+  esac
   t1=$(now)
   echo "$(echo "$t1 - $t0" | bc -l) $(( $(served) - b0 ))"
   stop_soci_containerd run
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-for kind in soci soci-full overlayfs; do
-  for i in $(seq "$RUNS"); do measure "$kind"; done > "$W/$kind.txt"
+
+: > "$W/results"
+for p in $PROFILES; do
+  shape "$p"
+  for wl in $WORKLOADS; do
+    for kind in $KINDS; do
+      for i in $(seq "$RUNS"); do
+        echo "$p $wl $kind $(measure "$kind" "$p" "$wl")" | tee -a "$W/results" >&2
+      done
+    done
+  done
+  if [ "$p" = far ]; then
+    for i in $(seq "$RUNS"); do
+      echo "$p $W1 soci-full $(measure soci-full "$p" "$W1")" | tee -a "$W/results" >&2
+    done
+  fi
 done
-s_t=$(cut -d' ' -f1 "$W/soci.txt" | median); o_t=$(cut -d' ' -f1 "$W/overlayfs.txt" | median)
-s_b=$(cut -d' ' -f2 "$W/soci.txt" | median); o_b=$(cut -d' ' -f2 "$W/overlayfs.txt" | median)
-f_t=$(cut -d' ' -f1 "$W/soci-full.txt" | median); f_b=$(cut -d' ' -f2 "$W/soci-full.txt" | median)
+shape near
+
+med() { awk -v p="$1" -v w="$2" -v k="$3" -v c="$4" '$1==p && $2==w && $3==k {print $c}' "$W/results" | median; }
 mkdir -p bench/results
 {
-  echo "Cold start, $RTT ms RTT (delaying proxy), $((size >> 20)) MiB image (3 gzip layers), median of $RUNS runs, fresh containerd + daemon each run"
+  echo "Cold start: pull start to container exit (s), median of $RUNS runs; registry bytes served."
+  echo "Image: $((usize >> 20)) MiB unpacked, $((size >> 20)) MiB in $nlayers gzip layers; registry in a"
+  echo "network namespace; near = veth, far = 20 ms RTT + 200 Mbit/s. Fresh containerd + snapshotter each run."
   echo
-  echo "| snapshotter | pull start to container exit (s) | registry bytes served |"
-  echo "|---|---|---|"
-  printf '| soci-rs (soci image rpull + ctr run) | %.2f | %d (%.1f%%) |\n' "$s_t" "$s_b" "$(echo "100 * $s_b / $size" | bc -l)"
-  printf '| soci-rs full pull, no SOCI index (fallback) | %.2f | %d |\n' "$f_t" "$f_b"
-  printf '| overlayfs (ctr image pull + ctr run) | %.2f | %d |\n' "$o_t" "$o_b"
+  echo "| profile | workload | snapshotter | time (s) | bytes served | time / overlayfs |"
+  echo "|---|---|---|---|---|---|"
+  for p in $PROFILES; do for wl in $WORKLOADS; do
+    o=$(med "$p" "$wl" overlayfs 4)
+    for kind in $KINDS; do
+      t=$(med "$p" "$wl" "$kind" 4); b=$(med "$p" "$wl" "$kind" 5)
+      printf '| %s | %s | %s | %.2f | %d MiB (%.1f%%) | %.3f |\n' "$p" "$wl" "$kind" "$t" $((b >> 20)) \
+        "$(echo "100 * $b / $size" | bc -l)" "$(echo "$t / $o" | bc -l)"
+    done
+  done; done
+  if [[ " $PROFILES " == *" far "* ]]; then
+    o=$(med far "$W1" overlayfs 4); f=$(med far "$W1" soci-full 4)
+    printf '| far | %s | soci-rs fallback (no index, full pull) | %.2f | %d MiB | %.3f |\n' "$W1" "$f" \
+      $(( $(med far "$W1" soci-full 5) >> 20 )) "$(echo "$f / $o" | bc -l)"
+  fi
   echo
-  printf 'soci-rs / overlayfs = **%.3f**; fallback / overlayfs = **%.3f**\n' "$(echo "$s_t / $o_t" | bc -l)" "$(echo "$f_t / $o_t" | bc -l)"
-  echo "command: bash bench/start.sh $RTT $RUNS; machine: $(nproc) cores, $(uname -m), $(date -u +%F)"
+  echo "command: bash bench/start.sh $RUNS; machine: $(nproc) cores, $(uname -m), kernel $(uname -r), $(date -u +%F)"
 } | tee bench/results/start.md
+
+# Chart: time to exit per snapshotter, per profile and workload.
+{
+  echo "case $KINDS"
+  for p in $PROFILES; do for wl in $WORKLOADS; do
+    printf '%s/%s' "$p" "$wl"
+    for kind in $KINDS; do printf ' %s' "$(med "$p" "$wl" "$kind" 4)"; done
+    echo
+  done; done
+} > "$W/chart.dat"
+n=$(echo $KINDS | wc -w)
+gnuplot <<GP
+set terminal pngcairo size 900,480 noenhanced
+set output 'bench/results/start.png'
+set title 'Cold start to container exit (s, lower is better, log scale)'
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set logscale y
+set ylabel 'seconds'
+set key top left
+set grid ytics
+plot for [i=2:$((n + 1))] '$W/chart.dat' using i:xtic(1) title columnheader(i)
+GP

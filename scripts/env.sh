@@ -23,7 +23,8 @@ log: {level: info, accesslog: {disabled: false}}
 storage: {filesystem: {rootdirectory: $W/registry}, delete: {enabled: true}}
 http: {addr: $1}
 YML
-  docker-registry serve "$W/registry.yml" >> "$W/registry.log" 2>&1 & PIDS+=($!)
+  # REG_WRAP: an optional command prefix, e.g. nsenter into a network namespace.
+  ${REG_WRAP:-} docker-registry serve "$W/registry.yml" >> "$W/registry.log" 2>&1 & PIDS+=($!)
   for _ in $(seq 100); do curl -fs "http://$1/v2/" >/dev/null && return; sleep 0.1; done
   echo "registry did not start" >&2; return 1
 }

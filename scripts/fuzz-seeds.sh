@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 c=fuzz/corpus
-mkdir -p $c/ztoc_parse $c/checkpoints $c/tar_walk $c/ztoc_build $c/oci_json
-[ -n "$(ls -A $c/tar_walk)" ] && [ -n "$(ls -A $c/oci_json)" ] && exit 0
+mkdir -p $c/ztoc_parse $c/checkpoints $c/tar_walk $c/ztoc_build $c/oci_json $c/fuse_request
+[ -n "$(ls -A $c/tar_walk)" ] && [ -n "$(ls -A $c/oci_json)" ] && [ -n "$(ls -A $c/fuse_request)" ] && exit 0
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/t/d"; echo hello > "$tmp/t/d/f"; ln -s d/f "$tmp/t/l"; ln "$tmp/t/d/f" "$tmp/t/h"
 for fmt in gnu pax ustar; do
@@ -22,4 +22,11 @@ open(f"{c}/checkpoints/v2.bin", "wb").write(blob)
 d = "sha256:" + "a" * 64
 open(f"{c}/oci_json/soci.json", "w").write('{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.amazon.soci.index.v2+json","digest":"%s","size":2},"layers":[{"mediaType":"application/octet-stream","digest":"%s","size":5,"annotations":{"com.amazon.soci.image-layer-digest":"%s"}}]}' % (d, d, d))
 open(f"{c}/oci_json/index.json", "w").write('{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":1,"platform":{"architecture":"amd64","os":"linux"},"artifactType":"x","annotations":{"a":"b"}}]}' % d)
+# FUSE requests: LOOKUP "etc", READ 4096@0, GETXATTR, INIT 7.38.
+def req(op, args):
+    return struct.pack('<IIQQIIIHH', 40 + len(args), op, 1, 1, 0, 0, 0, 0, 0) + args
+open(f"{c}/fuse_request/lookup", "wb").write(req(1, b"etc\0"))
+open(f"{c}/fuse_request/read", "wb").write(req(15, struct.pack('<QQIIQII', 0, 0, 4096, 0, 0, 0, 0)))
+open(f"{c}/fuse_request/getxattr", "wb").write(req(22, struct.pack('<II', 64, 0) + b"user.a\0"))
+open(f"{c}/fuse_request/init", "wb").write(req(26, struct.pack('<IIII', 7, 38, 131072, 0) + bytes(48)))
 PY
