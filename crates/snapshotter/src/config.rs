@@ -144,13 +144,27 @@ impl Default for BackgroundFetchConfig {
 }
 
 /// `[pull_modes]`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct PullModes {
     /// `[pull_modes.soci_v1]`: v1 indexes (referrers API). Default off.
     pub soci_v1: Toggle,
     /// `[pull_modes.soci_v2]`: v2 indexes (image index binding). Default on.
     pub soci_v2: Toggle,
+    /// `[pull_modes.parallel_pull_unpack]`: for layers pulled in full, download and unpack
+    /// the coming layers of an image in parallel, each unpacked as its bytes arrive, ahead of
+    /// their Prepare (off: downloaded ahead, unpacked at Prepare). Default on.
+    pub parallel_pull_unpack: Toggle,
+}
+
+impl Default for PullModes {
+    fn default() -> Self {
+        PullModes {
+            soci_v1: Toggle { enable: false },
+            soci_v2: Toggle { enable: true },
+            parallel_pull_unpack: Toggle { enable: true },
+        }
+    }
 }
 
 /// An `enable` switch.
@@ -181,10 +195,7 @@ impl Default for Config {
             blob: BlobConfig::default(),
             fuse: FuseConfig::default(),
             background_fetch: BackgroundFetchConfig::default(),
-            pull_modes: PullModes {
-                soci_v1: Toggle { enable: false },
-                soci_v2: Toggle { enable: true },
-            },
+            pull_modes: PullModes::default(),
         }
     }
 }

@@ -1,10 +1,15 @@
 //! Full pulls done by the snapshotter: layers without a zTOC, and images without a usable SOCI
-//! index. The coming layers of an image are downloaded in parallel (bounded) ahead of their
-//! Prepare; each Prepare unpacks its own digest-verified download.
+//! index. The coming layers of an image are pulled in parallel (bounded) ahead of their
+//! Prepare: with `parallel_pull_unpack` each is unpacked into a staging directory as its bytes
+//! arrive and the Prepare only renames it into place once the whole blob's digest matched;
+//! otherwise each is downloaded to a temp file and the Prepare unpacks it.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use tokio::io::AsyncReadExt;
 
 use soci_registry::oci::layer_compression;
 use soci_registry::{Descriptor, Digest, Reference, Repository};
@@ -81,12 +86,16 @@ impl Remote {
             });
         }
     }
-    /// Downloads a layer blob (digest-verified) into a temp file.
+    /// Pulls a layer ahead of its Prepare: unpacked while it downloads (`parallel_pull_unpack`)
+    /// or downloaded to a temp file. Either way the blob's digest has matched on success.
     pub(super) async fn download(
         &self,
         repo: &Repository,
         layer: &Descriptor,
-    ) -> Result<Arc<tempfile::TempPath>, String> {
+    ) -> Result<Arc<Fetched>, String> {
+        if self.cfg.pull_modes.parallel_pull_unpack.enable {
+            return self.download_unpacking(repo, layer).await.map(Arc::new);
+        }
         let tmp = tempfile::NamedTempFile::new_in(&self.tmp_root)
             .map_err(|e| e.to_string())?
             .into_temp_path();
@@ -97,7 +106,34 @@ impl Remote {
             .get_blob_to(repo, layer, &mut f)
             .await
             .map_err(|e| e.to_string())?;
-        Ok(Arc::new(tmp))
+        Ok(Arc::new(Fetched::File(tmp)))
+    }
+
+    /// Streams a layer blob into the unpacker: bytes are hashed as they arrive and unpacked
+    /// into a staging directory on a blocking thread; the result is used only if the digest
+    /// of the whole blob matched.
+    async fn download_unpacking(
+        &self,
+        repo: &Repository,
+        layer: &Descriptor,
+    ) -> Result<Fetched, String> {
+        let staged = Staged::new(&self.tmp_root).map_err(|e| e.to_string())?;
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let compression = layer_compression(&layer.media_type);
+        let (dir, rt) = (staged.0.clone(), tokio::runtime::Handle::current());
+        let unpacker = tokio::task::spawn_blocking(move || {
+            let mut raw = BlockingRead { rt, r: rx };
+            let n = crate::unpack::unpack(crate::unpack::decoder(&mut raw, compression)?, &dir)?;
+            // Whatever follows the tar's end (padding, gzip trailer) still has to be hashed.
+            std::io::copy(&mut raw, &mut std::io::sink())?;
+            Ok::<u64, std::io::Error>(n)
+        });
+        let fetched = self.client.get_blob_to(repo, layer, &mut tx).await;
+        drop(tx);
+        let unpacked = unpacker.await.map_err(|e| e.to_string())?;
+        fetched.map_err(|e| e.to_string())?;
+        unpacked.map_err(|e| format!("unpacking layer {}: {e}", layer.digest))?;
+        Ok(Fetched::Unpacked(staged))
     }
     /// Forgets a download not needed (the layer already exists).
     pub fn discard_download(&self, layer: &str) {
@@ -168,19 +204,71 @@ impl Remote {
             .lock()
             .expect("downloads")
             .remove(&layer.digest);
-        let file = file?;
-        let dir = fs_dir.to_path_buf();
-        let path = file.to_path_buf();
         let digest = layer.digest.clone();
-        tokio::task::spawn_blocking(move || {
-            let file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
-            crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("unpacking layer {digest}: {e}"))?;
+        let dir = fs_dir.to_path_buf();
+        match &*file? {
+            Fetched::Unpacked(staged) => {
+                // The snapshot's empty fs directory is replaced by the unpacked tree.
+                std::fs::rename(&staged.0, &dir)
+                    .map_err(|e| format!("moving unpacked layer {digest} into place: {e}"))?;
+            }
+            Fetched::File(tmp) => {
+                let path = tmp.to_path_buf();
+                tokio::task::spawn_blocking(move || {
+                    let file =
+                        std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
+                    crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("unpacking layer {digest}: {e}"))?;
+            }
+        }
         self.layers_full
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// A layer pulled ahead of its Prepare.
+pub(crate) enum Fetched {
+    /// The blob, in a temp file (removed on drop).
+    File(tempfile::TempPath),
+    /// Already unpacked into this staging directory.
+    Unpacked(Staged),
+}
+
+/// A staging directory, removed on drop unless it was moved into place.
+pub(crate) struct Staged(PathBuf);
+
+impl Staged {
+    fn new(tmp_root: &Path) -> std::io::Result<Staged> {
+        let dir = tempfile::Builder::new()
+            .prefix("unpack-")
+            .tempdir_in(tmp_root)?
+            .keep();
+        // The layer root gets the mode a snapshot directory has (the tar may set its own).
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        Ok(Staged(dir))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The read half of an in-memory pipe fed by an async download, read on a blocking thread.
+struct BlockingRead {
+    rt: tokio::runtime::Handle,
+    r: tokio::io::DuplexStream,
+}
+
+impl Read for BlockingRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.rt.block_on(self.r.read(buf))
     }
 }

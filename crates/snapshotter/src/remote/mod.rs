@@ -76,8 +76,9 @@ struct PreparedLayer {
 
 type Prepared = Arc<tokio::sync::OnceCell<Result<PreparedLayer, String>>>;
 
-/// A layer blob downloaded (digest-verified) into a temp file, started ahead of its Prepare.
-type Download = Arc<tokio::sync::OnceCell<Result<Arc<tempfile::TempPath>, String>>>;
+/// A layer pulled ahead of its Prepare (digest-verified): its blob in a temp file, or already
+/// unpacked into a staging directory.
+type Download = Arc<tokio::sync::OnceCell<Result<Arc<full_pull::Fetched>, String>>>;
 
 /// The layers of an image (for full pulls) and the downloads it may run at once.
 struct ImageLayers {
