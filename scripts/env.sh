@@ -91,4 +91,4 @@ build_sample_image() {
 }
 
 # served: blob bytes the registry served so far (200/206 GETs in its access log).
-served() { sed -n 's/.*"GET \/v2\/[^ ]*\/blobs\/sha256:[^ ]* HTTP\/1.1" 20[06] \([0-9]*\).*/\1/p' "$W/registry.log" | awk '{s+=$1} END {print s+0}'; }
+served() { sed -n 's/.*"GET \/v2\/[^ ]*\/blobs\/sha256:[^ ]* HTTP\/1.1" 20[06] \([0-9]*\).*/\1/p' "$W/registry.log" | awk '{s+=$1} END {printf "%.0f\n", s}'; }
