@@ -327,7 +327,7 @@ fn running_container_keeps_reading_across_restart_and_crash() {
         "--mount",
         &mount,
         &image,
-        "long",
+        &long,
         "/bin/sh",
         "-c",
         script,
