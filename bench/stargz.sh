@@ -65,29 +65,11 @@ TOML
 # start DIR HOST: stargz daemon + containerd with a proxy plugin "stargz", like env.sh's pair.
 start() {
   local d=$1 host=$2
+  source scripts/env.sh
   mkdir -p "$d"
   "$OUT/stargz-snapshotter" -root "$d/stargz" -address "$d/stargz.sock" -insecure "$host" > "$d/stargz.log" 2>&1 &
   PIDS+=($!)
-  cat > "$d/containerd.toml" <<TOML
-version = 2
-root = "$d/ctd/root"
-state = "$d/ctd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$d/ctd.sock"
-[ttrpc]
-  address = "$d/ctd.sock.ttrpc"
-[debug]
-  address = "$d/ctd-debug.sock"
-[proxy_plugins]
-  [proxy_plugins.stargz]
-    type = "snapshot"
-    address = "$d/stargz.sock"
-TOML
-  for _ in $(seq 100); do [ -S "$d/stargz.sock" ] && break; sleep 0.1; done
-  containerd --config "$d/containerd.toml" > "$d/containerd.log" 2>&1 & PIDS+=($!)
-  for _ in $(seq 100); do ctr -a "$d/ctd.sock" version >/dev/null 2>&1 && return; sleep 0.1; done
-  echo "containerd did not start" >&2; return 1
+  start_containerd_with "$d" stargz "$d/stargz.sock"
 }
 
 case ${1:-} in

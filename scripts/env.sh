@@ -35,6 +35,13 @@ start_soci_containerd() {
   mkdir -p "$d"
   printf '[resolver]\nplain_http_hosts = ["%s"]\n' "$2" > "$d/soci.toml"
   "$BIN/soci-snapshotter-grpc" --root "$d/soci" --address "$d/soci.sock" --config "$d/soci.toml" > "$d/soci.log" 2>&1 & PIDS+=($!)
+  start_containerd_with "$d" soci "$d/soci.sock"
+}
+
+# start_containerd_with DIR PLUGIN SOCKET: containerd under DIR with the snapshotter proxy
+# plugin PLUGIN at SOCKET (waits for the socket, then for containerd).
+start_containerd_with() {
+  local d=$1
   cat > "$d/containerd.toml" <<TOML
 version = 2
 root = "$d/ctd/root"
@@ -47,11 +54,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [debug]
   address = "$d/ctd-debug.sock"
 [proxy_plugins]
-  [proxy_plugins.soci]
+  [proxy_plugins.$2]
     type = "snapshot"
-    address = "$d/soci.sock"
+    address = "$3"
 TOML
-  for _ in $(seq 100); do [ -S "$d/soci.sock" ] && break; sleep 0.1; done
+  for _ in $(seq 100); do [ -S "$3" ] && break; sleep 0.1; done
   containerd --config "$d/containerd.toml" > "$d/containerd.log" 2>&1 & PIDS+=($!)
   for _ in $(seq 100); do ctr -a "$d/ctd.sock" version >/dev/null 2>&1 && return; sleep 0.1; done
   echo "containerd did not start" >&2; return 1
