@@ -38,7 +38,12 @@ struct Channel {
 
 impl Channel {
     fn send(&self, reply: &[u8]) {
-        match nix::unistd::write(&self.fd, reply) {
+        self.send_parts(&[std::io::IoSlice::new(reply)]);
+    }
+
+    /// Writes one reply made of several parts (the kernel takes a reply in one write).
+    fn send_parts(&self, parts: &[std::io::IoSlice<'_>]) {
+        match nix::sys::uio::writev(&self.fd, parts) {
             Ok(_) => {}
             // The request was interrupted, or the filesystem is gone: nobody waits any more.
             Err(Errno::ENOENT) | Err(Errno::ENODEV) => {}
@@ -281,19 +286,17 @@ impl LayerFs {
         inflight.fetch_add(1, Ordering::AcqRel);
         let started = Instant::now();
         self.rt.spawn(async move {
-            let reply = match spans.read(range).await {
+            match spans.read(range).await {
                 Ok(data) => {
-                    let mut r = Reply::ok(unique);
-                    r.bytes(&data);
-                    r.finish()
+                    let header = Reply::header(unique, data.len());
+                    ch.send_parts(&[std::io::IoSlice::new(&header), std::io::IoSlice::new(&data)]);
                 }
                 Err(e) => {
                     metrics.read_errors.fetch_add(1, Ordering::Relaxed);
                     error!(ino, offset, error = %e, "read failed: EIO");
-                    Reply::error(unique, libc::EIO)
+                    ch.send(&Reply::error(unique, libc::EIO));
                 }
-            };
-            ch.send(&reply);
+            }
             metrics.observe_read(started.elapsed());
             inflight.fetch_sub(1, Ordering::AcqRel);
         });
@@ -357,8 +360,7 @@ impl MountedLayer {
     }
 
     /// Stops reading requests and joins the session thread.
-    fn stop_serving(&mut self) {
-        self.fs.spans.close();
+    fn stop_loop(&mut self) {
         if let Some(stop) = self.stop.take() {
             // Closing the write end would also wake the loop; writing is explicit.
             let _ = nix::unistd::write(&stop, &[1]);
@@ -383,7 +385,8 @@ impl MountedLayer {
             }
             Err(e) => Err(e.into()),
         };
-        self.stop_serving();
+        self.fs.spans.close();
+        self.stop_loop();
         r
     }
 
@@ -391,12 +394,7 @@ impl MountedLayer {
     /// most `wait`), then lets go of this process's descriptor. Requests that arrive later
     /// wait in the kernel for whoever holds the connection next ([`resume`]).
     pub fn detach(mut self, wait: Duration) {
-        if let Some(s) = self.stop.take() {
-            let _ = nix::unistd::write(&s, &[1]);
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop_loop();
         let deadline = Instant::now() + wait;
         while self.fs.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));

@@ -176,6 +176,15 @@ impl Reply {
         Reply { buf }
     }
 
+    /// The header of a successful reply to `unique` carrying `payload` bytes, for writing
+    /// header and payload together without copying the payload.
+    pub fn header(unique: u64, payload: usize) -> [u8; OUT_HEADER] {
+        let mut h = [0u8; OUT_HEADER];
+        h[0..4].copy_from_slice(&((OUT_HEADER + payload) as u32).to_le_bytes());
+        h[8..16].copy_from_slice(&unique.to_le_bytes());
+        h
+    }
+
     /// An error reply (`errno` positive).
     pub fn error(unique: u64, errno: i32) -> Vec<u8> {
         let mut r = Reply::ok(unique);
@@ -345,6 +354,14 @@ mod tests {
         let mut r = Reply::ok(1);
         r.attr_out(&a, std::time::Duration::ZERO);
         assert_eq!(r.payload_len(), 104);
+
+        let mut r = Reply::ok(4);
+        r.bytes(b"abc");
+        assert_eq!(
+            [&Reply::header(4, 3)[..], b"abc"].concat(),
+            r.finish(),
+            "header + payload == a built reply"
+        );
 
         let e = Reply::error(3, libc::ENOENT);
         assert_eq!(e.len(), OUT_HEADER);

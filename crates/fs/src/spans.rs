@@ -201,18 +201,19 @@ impl SpanManager {
         self.on_disk[id].load(Ordering::Acquire) || self.cfg.memory.contains((self.key, id))
     }
 
-    /// Bytes `rel` of span `id`: from memory, from disk, or fetched again if it was evicted
-    /// from memory without being on disk (over the disk budget).
-    async fn span_bytes(&self, id: SpanId, rel: Range<u64>) -> io::Result<Vec<u8>> {
+    /// Appends bytes `rel` of span `id` to `out`: from memory, from disk, or fetched again if
+    /// it was evicted from memory without being on disk (over the disk budget).
+    async fn append_span(&self, id: SpanId, rel: Range<u64>, out: &mut Vec<u8>) -> io::Result<()> {
         for _ in 0..3 {
             if let Some(data) = self.cfg.memory.get((self.key, id)) {
-                return Ok(data[rel.start as usize..rel.end as usize].to_vec());
+                out.extend_from_slice(&data[rel.start as usize..rel.end as usize]);
+                return Ok(());
             }
             match std::fs::File::open(self.cfg.cache_dir.join(id.to_string())) {
                 Ok(f) => {
-                    let mut buf = vec![0u8; (rel.end - rel.start) as usize];
-                    f.read_exact_at(&mut buf, rel.start)?;
-                    return Ok(buf);
+                    let at = out.len();
+                    out.resize(at + (rel.end - rel.start) as usize, 0);
+                    return f.read_exact_at(&mut out[at..], rel.start);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -240,7 +241,7 @@ impl SpanManager {
                 continue;
             }
             let rel = (from - s.uncompressed.start)..(to - s.uncompressed.start);
-            out.extend_from_slice(&self.span_bytes(id, rel).await?);
+            self.append_span(id, rel, &mut out).await?;
         }
         Ok(out)
     }

@@ -457,14 +457,7 @@ impl Remote {
         if !self.cfg.fuse.keep_mounts_across_restart {
             return;
         }
-        let exe = match std::env::current_exe() {
-            Ok(e) => e,
-            Err(e) => return warn!(error = %e, "no fd holder: cannot find our executable"),
-        };
-        let timeout = Duration::from_secs(self.cfg.fuse.holder_timeout_sec.max(1));
-        match HolderClient::connect_or_spawn(&self.holder_path, &exe, timeout)
-            .and_then(|c| Ok((c.list()?, c)))
-        {
+        match self.start_holder().and_then(|c| Ok((c.list()?, c))) {
             Ok((held, c)) => {
                 if !held.is_empty() {
                     info!(
@@ -477,6 +470,13 @@ impl Remote {
             }
             Err(e) => warn!(error = %e, "no fd holder: lazy mounts will not survive a restart"),
         }
+    }
+
+    /// Connects to the fd holder, starting one (this executable, `fd-holder`) if none listens.
+    fn start_holder(&self) -> Result<HolderClient, crate::holder::HolderError> {
+        let exe = std::env::current_exe().map_err(crate::holder::HolderError::Spawn)?;
+        let timeout = Duration::from_secs(self.cfg.fuse.holder_timeout_sec.max(1));
+        HolderClient::connect_or_spawn(&self.holder_path, &exe, timeout)
     }
 
     /// Whether an earlier daemon left mount `id` with the holder (to be resumed).
@@ -508,9 +508,8 @@ impl Remote {
         let Some(c) = guard.as_ref() else { return };
         if let Err(e) = c.put(id, m.proto_minor(), m.fuse_fd()) {
             // The holder may have exited (it does when it holds nothing): start a new one.
-            let exe = std::env::current_exe().unwrap_or_default();
-            let timeout = Duration::from_secs(self.cfg.fuse.holder_timeout_sec.max(1));
-            let retry = HolderClient::connect_or_spawn(&self.holder_path, &exe, timeout)
+            let retry = self
+                .start_holder()
                 .and_then(|c| c.put(id, m.proto_minor(), m.fuse_fd()).map(|()| c));
             match retry {
                 Ok(c) => *guard = Some(c),
