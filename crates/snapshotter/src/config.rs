@@ -1,10 +1,14 @@
 //! Daemon configuration (`/etc/soci-snapshotter-grpc/config.toml`). Every key is optional;
-//! defaults are documented here and in `deploy/config.toml`. Unknown keys are ignored so that
-//! upstream soci-snapshotter configs load.
+//! defaults are documented here and in `deploy/config.toml`.
+//!
+//! Why the notes: users move here from upstream soci-snapshotter with their config file. A key
+//! of theirs must either mean what it means upstream or be named in a warning at start, never
+//! be dropped silently: [`Config::load`] returns one note per key soci-rs ignores and per key
+//! whose upstream meaning it does not implement.
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default config file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/soci-snapshotter-grpc/config.toml";
@@ -14,7 +18,7 @@ pub const DEFAULT_ROOT: &str = "/var/lib/soci-snapshotter-grpc";
 pub const DEFAULT_ADDRESS: &str = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock";
 
 /// Daemon configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Config {
     /// State directory (`--root` wins). Default `/var/lib/soci-snapshotter-grpc`.
@@ -28,8 +32,9 @@ pub struct Config {
     pub log_format: String,
     /// Seconds to let in-flight calls finish on SIGTERM/SIGINT. Default 10.
     pub shutdown_timeout_sec: u64,
-    /// Prometheus metrics listen address (`host:port`); none by default.
-    pub metrics_address: Option<String>,
+    /// Prometheus metrics listen address (`host:port`); empty (the default) means off, as
+    /// upstream.
+    pub metrics_address: String,
     /// Skip span digest checks (never recommended). Default false.
     pub disable_verification: bool,
     /// How to reach registries.
@@ -45,7 +50,7 @@ pub struct Config {
 }
 
 /// `[resolver]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ResolverConfig {
     /// Registries reached over plain HTTP (`host:port`). Default none.
@@ -64,7 +69,7 @@ impl Default for ResolverConfig {
 }
 
 /// `[blob]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct BlobConfig {
     /// Deadline for one span fetch, in seconds. Default 30.
@@ -92,7 +97,7 @@ impl Default for BlobConfig {
 }
 
 /// `[fuse]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct FuseConfig {
     /// Attribute and entry cache timeout in seconds. Default 1.
@@ -118,7 +123,7 @@ impl Default for FuseConfig {
 }
 
 /// `[background_fetch]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct BackgroundFetchConfig {
     /// Turn background fetch off. Default false.
@@ -144,17 +149,38 @@ impl Default for BackgroundFetchConfig {
 }
 
 /// `[pull_modes]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct PullModes {
     /// `[pull_modes.soci_v1]`: v1 indexes (referrers API). Default off.
     pub soci_v1: Toggle,
     /// `[pull_modes.soci_v2]`: v2 indexes (image index binding). Default on.
     pub soci_v2: Toggle,
-    /// `[pull_modes.parallel_pull_unpack]`: for layers pulled in full, download and unpack
-    /// the coming layers of an image in parallel, each unpacked as its bytes arrive, ahead of
-    /// their Prepare (off: downloaded ahead, unpacked at Prepare). Default on.
-    pub parallel_pull_unpack: Toggle,
+    /// `[pull_modes.parallel_pull_unpack]`.
+    pub parallel_pull_unpack: ParallelPullUnpack,
+}
+
+/// `[pull_modes.parallel_pull_unpack]` (upstream's names).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ParallelPullUnpack {
+    /// Upstream: lazy loading off, every image downloaded and unpacked up front. Not
+    /// implemented by soci-rs (warned about at start when true). Default false.
+    pub enable: bool,
+    /// For layers pulled in full when an image has no usable SOCI index: download and unpack
+    /// the coming layers of the image in parallel, each unpacked as its bytes arrive, ahead of
+    /// their Prepare (false: each layer downloaded ahead, unpacked at its Prepare). Default
+    /// true in soci-rs (upstream: false), since it is what makes fallback pulls fast.
+    pub experimental_parallel_pull_as_fallback: bool,
+}
+
+impl Default for ParallelPullUnpack {
+    fn default() -> Self {
+        ParallelPullUnpack {
+            enable: false,
+            experimental_parallel_pull_as_fallback: true,
+        }
+    }
 }
 
 impl Default for PullModes {
@@ -162,13 +188,13 @@ impl Default for PullModes {
         PullModes {
             soci_v1: Toggle { enable: false },
             soci_v2: Toggle { enable: true },
-            parallel_pull_unpack: Toggle { enable: true },
+            parallel_pull_unpack: ParallelPullUnpack::default(),
         }
     }
 }
 
 /// An `enable` switch.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Toggle {
     /// Whether enabled.
@@ -189,7 +215,7 @@ impl Default for Config {
             log_level: "info".into(),
             log_format: "text".into(),
             shutdown_timeout_sec: 10,
-            metrics_address: None,
+            metrics_address: String::new(),
             disable_verification: false,
             resolver: ResolverConfig::default(),
             blob: BlobConfig::default(),
@@ -202,14 +228,48 @@ impl Default for Config {
 
 impl Config {
     /// Loads a config file; a missing file gives the defaults when `required` is false.
-    pub fn load(path: &Path, required: bool) -> Result<Config, String> {
+    /// Returns the config and one note per key that soci-rs ignores or does not implement
+    /// with upstream's meaning (to be logged as warnings).
+    pub fn load(path: &Path, required: bool) -> Result<(Config, Vec<String>), String> {
         match std::fs::read_to_string(path) {
-            Ok(s) => toml::from_str(&s).map_err(|e| format!("config {}: {e}", path.display())),
+            Ok(s) => Config::parse(&s).map_err(|e| format!("config {}: {e}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-                Ok(Config::default())
+                Ok((Config::default(), Vec::new()))
             }
             Err(e) => Err(format!("config {}: {e}", path.display())),
         }
+    }
+
+    /// Parses config text; see [`Config::load`] for the notes.
+    pub fn parse(text: &str) -> Result<(Config, Vec<String>), String> {
+        let mut notes = Vec::new();
+        let de = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
+        let cfg: Config = serde_ignored::deserialize(de, |path| {
+            notes.push(format!(
+                "config key `{path}` is not supported by soci-rs and is ignored"
+            ))
+        })
+        .map_err(|e| e.to_string())?;
+        if cfg.pull_modes.parallel_pull_unpack.enable {
+            notes.push(
+                "config key `pull_modes.parallel_pull_unpack.enable = true`: upstream's parallel \
+                 pull mode (lazy loading off) is not implemented by soci-rs; images with a SOCI \
+                 index still load lazily (layers pulled in full use \
+                 `experimental_parallel_pull_as_fallback`)"
+                    .to_string(),
+            );
+        }
+        Ok((cfg, notes))
+    }
+
+    /// The metrics listen address, if metrics are on.
+    pub fn metrics_addr(&self) -> Option<&str> {
+        Some(self.metrics_address.trim()).filter(|a| !a.is_empty())
+    }
+
+    /// The config as TOML (for `config dump` / `config default`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 
@@ -219,9 +279,13 @@ mod tests {
 
     #[test]
     fn defaults_and_overrides() {
-        let c: Config =
-            toml::from_str("log_level = \"debug\"\n[unknown_upstream_section]\nx = 1\n").unwrap();
+        let (c, notes) =
+            Config::parse("log_level = \"debug\"\n[unknown_upstream_section]\nx = 1\n").unwrap();
         assert_eq!(c.log_level, "debug");
+        assert_eq!(
+            notes,
+            ["config key `unknown_upstream_section` is not supported by soci-rs and is ignored"]
+        );
         assert_eq!(c.root_path, PathBuf::from(DEFAULT_ROOT));
         let shipped = include_str!("../../../deploy/config.toml");
         let c: Config = toml::from_str(shipped).unwrap();
@@ -232,5 +296,62 @@ mod tests {
         assert!(c.pull_modes.soci_v1.enable && c.pull_modes.soci_v2.enable);
         assert!(Config::load(Path::new("/nonexistent/x.toml"), true).is_err());
         assert!(Config::load(Path::new("/nonexistent/x.toml"), false).is_ok());
+    }
+
+    #[test]
+    fn upstream_shipped_config_loads_with_notes_for_what_differs() {
+        // upstream soci-snapshotter's config/config.toml, unchanged.
+        let text = include_str!("../testdata/upstream-config.toml");
+        let (c, notes) = Config::parse(text).unwrap();
+        assert_eq!(c.metrics_addr(), None, "metrics_address = '' means off");
+        assert_eq!(c.blob.fetching_timeout_sec, 300);
+        assert_eq!(c.blob.max_span_verification_retries, 0);
+        assert!(!c.disable_verification);
+        assert!(!c.pull_modes.soci_v1.enable && c.pull_modes.soci_v2.enable);
+        assert!(!c.pull_modes.parallel_pull_unpack.enable);
+        assert!(
+            !c.pull_modes
+                .parallel_pull_unpack
+                .experimental_parallel_pull_as_fallback
+        );
+        assert!(!c.background_fetch.disable);
+        for key in [
+            "http",
+            "directory_cache",
+            "debug",
+            "fuse.entry_timeout",
+            "background_fetch.max_queue_size",
+            "pull_modes.parallel_pull_unpack.max_concurrent_downloads",
+            "cri_keychain",
+            "resolver.auth_client_ttl_sec",
+        ] {
+            let want = format!("config key `{key}` is not supported by soci-rs and is ignored");
+            assert!(notes.contains(&want), "no note for {key}: {notes:#?}");
+        }
+        for known in [
+            "metrics_address",
+            "fuse.attr_timeout",
+            "blob.fetching_timeout_sec",
+        ] {
+            assert!(
+                !notes.iter().any(|n| n.contains(&format!("`{known}`"))),
+                "{known} is supported: {notes:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unimplemented_upstream_meaning_is_noted_and_dump_round_trips() {
+        let (c, notes) =
+            Config::parse("[pull_modes.parallel_pull_unpack]\nenable = true\n").unwrap();
+        assert!(c.pull_modes.parallel_pull_unpack.enable);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("not implemented"), "{notes:?}");
+        let (c, _) = Config::parse("metrics_address = \"127.0.0.1:9\"\n").unwrap();
+        assert_eq!(c.metrics_addr(), Some("127.0.0.1:9"));
+        let (back, notes) = Config::parse(&c.to_toml()).unwrap();
+        assert!(notes.is_empty(), "dump has only known keys: {notes:?}");
+        assert_eq!(back.to_toml(), c.to_toml());
+        assert_eq!(back.metrics_address, "127.0.0.1:9");
     }
 }

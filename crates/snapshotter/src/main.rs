@@ -13,23 +13,24 @@ use soci_snapshotter::remote::Remote;
 use soci_snapshotter::{Service, Snapshotter};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// The soci-rs containerd snapshotter daemon.
 #[derive(Parser)]
 #[command(name = "soci-snapshotter-grpc", version, about)]
 struct Args {
-    /// gRPC unix socket to listen on.
-    #[arg(long)]
+    /// gRPC unix socket to listen on; `fd://` = the socket passed by systemd (socket
+    /// activation), as upstream.
+    #[arg(long, env = "SOCI_SNAPSHOTTER_ADDRESS")]
     address: Option<PathBuf>,
     /// State directory.
-    #[arg(long)]
+    #[arg(long, env = "SOCI_SNAPSHOTTER_ROOT")]
     root: Option<PathBuf>,
     /// Config file (TOML).
-    #[arg(long)]
+    #[arg(long, env = "SOCI_SNAPSHOTTER_CONFIG")]
     config: Option<PathBuf>,
     /// Log level (error, warn, info, debug, trace).
-    #[arg(long)]
+    #[arg(long, env = "SOCI_SNAPSHOTTER_LOG_LEVEL")]
     log_level: Option<String>,
     /// Log format: text or json.
     #[arg(long)]
@@ -51,6 +52,17 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout_sec: u64,
     },
+    /// Print the configuration as TOML.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum ConfigCommand {
+    /// The effective configuration (config file, environment and flags applied).
+    Dump,
+    /// The default configuration.
+    Default,
 }
 
 fn init_logging(level: &str, format: &str) -> Result<()> {
@@ -85,21 +97,73 @@ fn run() -> Result<()> {
         return soci_snapshotter::holder::run(socket, Duration::from_secs(*timeout_sec))
             .map_err(Into::into);
     }
-    let cfg = match &args.config {
+    if let Some(Command::Config(ConfigCommand::Default)) = &args.command {
+        print!("{}", Config::default().to_toml());
+        return Ok(());
+    }
+    let (mut cfg, notes) = match &args.config {
         Some(p) => Config::load(p, true),
         None => Config::load(DEFAULT_CONFIG_PATH.as_ref(), false),
     }
     .map_err(anyhow::Error::msg)?;
-    let root = args.root.clone().unwrap_or_else(|| cfg.root_path.clone());
-    let address = args.address.clone().unwrap_or_else(|| cfg.address.clone());
-    init_logging(
-        args.log_level.as_deref().unwrap_or(&cfg.log_level),
-        args.log_format.as_deref().unwrap_or(&cfg.log_format),
-    )?;
+    if let Some(r) = &args.root {
+        cfg.root_path = r.clone();
+    }
+    if let Some(a) = &args.address {
+        cfg.address = a.clone();
+    }
+    if let Some(l) = &args.log_level {
+        cfg.log_level = l.clone();
+    }
+    if let Some(f) = &args.log_format {
+        cfg.log_format = f.clone();
+    }
+    if let Some(Command::Config(ConfigCommand::Dump)) = &args.command {
+        for n in &notes {
+            eprintln!("warning: {n}");
+        }
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    init_logging(&cfg.log_level, &cfg.log_format)?;
+    for n in &notes {
+        warn!("{n}");
+    }
+    // Process environment is read and changed here, before any thread exists.
+    let activated = activated_listener()?;
+    let notify = sd_notify_socket();
+    if cfg.address.as_os_str() == "fd://" && activated.is_none() {
+        anyhow::bail!("--address fd:// needs a socket passed by systemd (LISTEN_FDS)");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(cfg, root, address))
+    let (root, address) = (cfg.root_path.clone(), cfg.address.clone());
+    rt.block_on(serve(cfg, root, address, activated, notify))
+}
+
+/// The service manager's notification socket (`NOTIFY_SOCKET`, `Type=notify`), if any; the
+/// variable is removed so that child processes (the fd holder) do not inherit it.
+fn sd_notify_socket() -> Option<std::os::unix::net::SocketAddr> {
+    let path = std::env::var_os("NOTIFY_SOCKET")?;
+    std::env::remove_var("NOTIFY_SOCKET");
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name).ok()
+        }
+        None => std::os::unix::net::SocketAddr::from_pathname(&path).ok(),
+    }
+}
+
+/// Sends a state line (`READY=1`, `STOPPING=1`) to the service manager; best effort.
+fn sd_notify(addr: Option<&std::os::unix::net::SocketAddr>, state: &str) {
+    let Some(addr) = addr else { return };
+    let sent = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| s.send_to_addr(state.as_bytes(), addr));
+    if let Err(e) = sent {
+        warn!(error = %e, state, "cannot notify the service manager");
+    }
 }
 
 /// Binds the gRPC socket (mode 0600), replacing a stale one.
@@ -123,7 +187,7 @@ fn bind(address: &std::path::Path) -> Result<UnixListener> {
 /// The listening socket passed by systemd socket activation (`LISTEN_PID` = our pid,
 /// `LISTEN_FDS` >= 1, first fd 3). The socket outlives daemon restarts, so containerd's
 /// connection attempts queue instead of failing while the daemon is down.
-fn activated_listener() -> Result<Option<UnixListener>> {
+fn activated_listener() -> Result<Option<std::os::unix::net::UnixListener>> {
     let pid_matches = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
@@ -147,12 +211,16 @@ fn activated_listener() -> Result<Option<UnixListener>> {
         )
     };
     std_listener.set_nonblocking(true)?;
-    Ok(Some(
-        UnixListener::from_std(std_listener).context("socket passed by the service manager")?,
-    ))
+    Ok(Some(std_listener))
 }
 
-async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
+async fn serve(
+    cfg: Config,
+    root: PathBuf,
+    address: PathBuf,
+    activated: Option<std::os::unix::net::UnixListener>,
+    notify: Option<std::os::unix::net::SocketAddr>,
+) -> Result<()> {
     std::fs::create_dir_all(&root).with_context(|| format!("creating root {}", root.display()))?;
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
     let remote = Arc::new(
@@ -172,7 +240,7 @@ async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
     // Lazy layers of an earlier run are mounted again in the background: start-up never waits
     // on a registry.
     tokio::spawn(snapshotter.clone().restore_lazy_layers());
-    if let Some(addr) = cfg.metrics_address.clone() {
+    if let Some(addr) = cfg.metrics_addr().map(str::to_string) {
         let s = snapshotter.clone();
         tokio::spawn(async move {
             if let Err(e) = soci_snapshotter::metrics::serve(addr, s).await {
@@ -181,12 +249,11 @@ async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
         });
     }
 
-    let activated = activated_listener()?;
     let owns_socket = activated.is_none();
     let listener = match activated {
         Some(l) => {
             info!("using the socket passed by the service manager (socket activation)");
-            l
+            UnixListener::from_std(l).context("socket passed by the service manager")?
         }
         None => bind(&address)?,
     };
@@ -205,10 +272,12 @@ async fn serve(cfg: Config, root: PathBuf, address: PathBuf) -> Result<()> {
                 },
             ),
     );
+    sd_notify(notify.as_ref(), "READY=1");
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),
     }
+    sd_notify(notify.as_ref(), "STOPPING=1");
     let _ = stop_tx.send(());
     match tokio::time::timeout(Duration::from_secs(cfg.shutdown_timeout_sec), server).await {
         Ok(Ok(Ok(()))) => {}

@@ -93,7 +93,12 @@ impl Remote {
         repo: &Repository,
         layer: &Descriptor,
     ) -> Result<Arc<Fetched>, String> {
-        if self.cfg.pull_modes.parallel_pull_unpack.enable {
+        if self
+            .cfg
+            .pull_modes
+            .parallel_pull_unpack
+            .experimental_parallel_pull_as_fallback
+        {
             return self.download_unpacking(repo, layer).await.map(Arc::new);
         }
         let tmp = tempfile::NamedTempFile::new_in(&self.tmp_root)
