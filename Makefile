@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: deps build test unit integration demo bench fuzz flatc-gen fmt clippy clean
+.PHONY: deps build test unit integration demo bench fuzz flatc-gen fmt lint clippy clean
 
 deps:
 	bash scripts/install-deps.sh
@@ -15,6 +15,14 @@ build: deps
 # Unit tests, property tests and real-component integration tests.
 test: deps
 	$(CARGO) test --workspace --release
+
+# Unit and property tests only (no containerd, registry or FUSE needed).
+unit:
+	$(CARGO) test --workspace --release --exclude integration-tests
+
+# Real-component tests only (root: containerd, registry, runc, FUSE).
+integration: deps
+	$(CARGO) test --release -p integration-tests
 
 demo: build
 	bash scripts/demo.sh
@@ -37,6 +45,12 @@ flatc-gen:
 
 fmt:
 	$(CARGO) fmt --all
+
+# What CI checks besides the tests: formatting and lints.
+lint:
+	@command -v rustup >/dev/null 2>&1 && rustup component add clippy rustfmt >/dev/null 2>&1 || true
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
