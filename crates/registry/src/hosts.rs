@@ -36,7 +36,9 @@ pub struct HostsConfig {
 impl HostsConfig {
     /// Endpoints for `registry`, mirrors first, the registry itself last.
     pub fn endpoints(&self, registry: &str) -> Result<Vec<Endpoint>> {
-        let plain = self.plain_http || self.plain_http_hosts.iter().any(|h| h == registry);
+        let plain = self.plain_http
+            || is_localhost(registry)
+            || self.plain_http_hosts.iter().any(|h| h == registry);
         let default_server = if registry == crate::reference::DOCKER_HUB {
             "https://registry-1.docker.io".to_string()
         } else if plain {
@@ -70,6 +72,20 @@ impl HostsConfig {
         });
         Ok(out)
     }
+}
+
+/// Whether `registry` (`host[:port]`) is this machine: `localhost`, 127.0.0.0/8 or `::1`.
+/// Such registries are reached over plain HTTP by default, as containerd
+/// (`docker.MatchLocalhost`), upstream soci-snapshotter and stargz-snapshotter do.
+pub fn is_localhost(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn parse_hosts_toml(path: &Path) -> Result<(Option<String>, Vec<Endpoint>)> {
@@ -186,5 +202,26 @@ mod tests {
         assert!(e[1].skip_verify);
         assert_eq!(e[2].base, "https://example.com");
         assert!(e[2].push);
+    }
+
+    #[test]
+    fn loopback_registries_are_plain_http_by_default() {
+        for (r, plain) in [
+            ("localhost:5000", true),
+            ("LOCALHOST", true),
+            ("127.0.0.1:5000", true),
+            ("127.9.8.7", true),
+            ("[::1]:5000", true),
+            ("::1", false), // not a valid host:port form: the last colon is taken as the port
+            ("example.com:5000", false),
+            ("10.0.0.1:5000", false),
+            ("localhost.example.com", false),
+        ] {
+            assert_eq!(is_localhost(r), plain, "{r}");
+        }
+        let e = HostsConfig::default().endpoints("127.0.0.1:5000").unwrap();
+        assert_eq!(e.last().unwrap().base, "http://127.0.0.1:5000");
+        let e = HostsConfig::default().endpoints("example.com").unwrap();
+        assert_eq!(e.last().unwrap().base, "https://example.com");
     }
 }
