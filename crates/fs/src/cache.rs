@@ -146,11 +146,19 @@ impl DiskBudget {
 /// How long a span that failed verification answers EIO at once before one fresh try.
 pub const POISONED_SPAN_TTL: Duration = Duration::from_secs(5);
 
-/// Spans of one layer that failed verification, and until when they are refused.
+/// How long a span whose fetch just failed (timeout, transport) answers EIO at once. Only
+/// long enough for the kernel's immediate retry: a failed readahead page is read again
+/// synchronously inside the same `read(2)`, which must not cost a second fetch deadline.
+/// Later reads fetch afresh (the registry may have recovered).
+pub const FAILED_FETCH_MEMO: Duration = Duration::from_secs(1);
+
+/// Spans of one layer that failed verification, and until when they are refused; and spans
+/// whose fetch failed just now.
 #[derive(Debug)]
 pub(crate) struct NegativeCache {
     ttl: Duration,
     until: Mutex<HashMap<SpanId, Instant>>,
+    failed: Mutex<HashMap<SpanId, Instant>>,
 }
 
 /// What the negative cache says about a span.
@@ -169,7 +177,25 @@ impl NegativeCache {
         NegativeCache {
             ttl,
             until: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Notes that fetching `id` failed (not its verification).
+    pub(crate) fn fetch_failed(&self, id: SpanId) {
+        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        f.retain(|_, t| now.duration_since(*t) < FAILED_FETCH_MEMO);
+        f.insert(id, now);
+    }
+
+    /// Whether fetching `id` failed less than [`FAILED_FETCH_MEMO`] ago.
+    pub(crate) fn failed_just_now(&self, id: SpanId) -> bool {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .is_some_and(|t| t.elapsed() < FAILED_FETCH_MEMO)
     }
 
     pub(crate) fn standing(&self, id: SpanId) -> Standing {
@@ -195,6 +221,10 @@ impl NegativeCache {
 
     pub(crate) fn clear(&self, id: SpanId) {
         self.until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.failed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);

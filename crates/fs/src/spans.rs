@@ -12,7 +12,8 @@
 //! - transport failures are retried by the registry client only; here only digest
 //!   mismatches are fetched again (up to `max_verification_retries`);
 //! - a span that still fails verification is refused at once for `poisoned_ttl`, then gets
-//!   one fresh try; no other failure outlives its read;
+//!   one fresh try; a failed fetch is shared only with reads arriving within
+//!   [`crate::cache::FAILED_FETCH_MEMO`] (the kernel's immediate retry of the same page);
 //! - a read the spans cannot fully cover (a zTOC entry past the end of the layer) is EIO,
 //!   never short data;
 //! - a source without range support ([`RangeReader::whole_only`]) is read whole, once per
@@ -345,6 +346,13 @@ impl SpanManager {
     }
 
     fn refuse_poisoned(&self, ids: &[SpanId]) -> io::Result<()> {
+        if let Some(id) = ids.iter().find(|&&i| self.negative.failed_just_now(i)) {
+            return Err(eio(format!(
+                "layer {}: fetching span {id} failed less than {:?} ago",
+                self.layer,
+                crate::cache::FAILED_FETCH_MEMO
+            )));
+        }
         match ids
             .iter()
             .find(|&&i| self.negative.standing(i) == Standing::Poisoned)
@@ -375,10 +383,12 @@ impl SpanManager {
         for &id in &missing {
             match tokio::time::timeout_at(deadline, self.locks[id].lock()).await {
                 Ok(g) => guards.push(g),
-                Err(_) => return Err(eio(format!(
+                Err(_) => {
+                    return Err(eio(format!(
                     "layer {}: span {id}: timed out after {:?} (waiting for another fetch of it)",
                     self.layer, self.cfg.fetch_timeout
-                ))),
+                )))
+                }
             }
         }
         let still: Vec<SpanId> = missing
@@ -435,6 +445,7 @@ impl SpanManager {
             {
                 Ok(Ok(d)) => d,
                 Ok(Err(e)) => {
+                    run.clone().for_each(|i| self.negative.fetch_failed(i));
                     error!(layer = %self.layer, spans = ?run, error = %e, "span fetch failed");
                     return Err(eio(format!(
                         "layer {}: fetching spans {run:?}: {e}",
@@ -442,6 +453,7 @@ impl SpanManager {
                     )));
                 }
                 Err(_) => {
+                    run.clone().for_each(|i| self.negative.fetch_failed(i));
                     error!(layer = %self.layer, spans = ?run, timeout = ?self.cfg.fetch_timeout, "span fetch timed out");
                     return Err(eio(format!(
                         "layer {}: fetching spans {run:?} timed out after {:?}",
