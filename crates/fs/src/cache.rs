@@ -150,7 +150,7 @@ pub const POISONED_SPAN_TTL: Duration = Duration::from_secs(5);
 /// long enough for the kernel's immediate retry: a failed readahead page is read again
 /// synchronously inside the same `read(2)`, which must not cost a second fetch deadline.
 /// Later reads fetch afresh (the registry may have recovered).
-pub const FAILED_FETCH_MEMO: Duration = Duration::from_secs(1);
+pub const FAILED_FETCH_MEMO: Duration = Duration::from_millis(500);
 
 /// Spans of one layer that failed verification, and until when they are refused; and spans
 /// whose fetch failed just now.
