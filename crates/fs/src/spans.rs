@@ -633,7 +633,8 @@ impl SpanManager {
         // Verification, decompression and the cache file writes are CPU and blocking I/O work:
         // off the async workers.
         type Failure = (SpanId, io::Error, bool);
-        let (decoded, failure): (Vec<(SpanId, Vec<u8>, bool)>, Option<Failure>) =
+        type Decoded = Vec<(SpanId, Vec<u8>, bool)>;
+        let (decoded, failure): (Decoded, Option<Failure>) =
             tokio::task::spawn_blocking(move || {
                 let mut out = Vec::new();
                 for id in run2 {
