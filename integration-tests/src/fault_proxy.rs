@@ -1,6 +1,8 @@
 //! An HTTP/1.1 proxy in front of the real registry that injects faults into span fetches
 //! (ranged blob GETs): 5xx, 429 with Retry-After, connection reset mid-body, truncated body,
-//! a stall longer than the read timeout, a flipped byte. Other requests pass through.
+//! a stall longer than the read timeout, a flipped byte; and hostile answers: Range ignored
+//! (200 with the whole blob), no `Content-Range`, a `Content-Range` or `Content-Length` that
+//! lies, no answer at all. Other requests pass through. Every blob GET is counted.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,27 @@ pub enum Fault {
     Stall,
     /// Flip one byte of the body.
     FlipByte,
+    /// Ask the registry without `Range`: 200 with the whole blob.
+    IgnoreRange,
+    /// Remove `Content-Range` from the 206 answer.
+    DropContentRange,
+    /// `Content-Range` one byte later than the bytes sent.
+    ShiftContentRange,
+    /// `Content-Length` 100 bytes longer than the body, then close.
+    LongContentLength,
+    /// `Content-Length` one byte shorter than the body, then close.
+    ShortContentLength,
+    /// Accept the request and never answer.
+    StallHeaders,
+}
+
+/// Blob GETs seen by the proxy.
+#[derive(Debug, Default, Clone)]
+pub struct BlobGets {
+    /// Path of each GET with a `Range` header.
+    pub ranged: Vec<String>,
+    /// Path of each GET without one.
+    pub whole: Vec<String>,
 }
 
 #[derive(Default)]
@@ -38,6 +61,7 @@ pub struct FaultProxy {
     pub addr: String,
     state: Arc<Mutex<State>>,
     applied: Arc<AtomicU32>,
+    gets: Arc<Mutex<BlobGets>>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -53,16 +77,23 @@ impl FaultProxy {
         let addr = listener.local_addr().unwrap().to_string();
         let state = Arc::new(Mutex::new(State::default()));
         let applied = Arc::new(AtomicU32::new(0));
-        let (st, ap, up) = (state.clone(), applied.clone(), upstream.to_string());
+        let gets = Arc::new(Mutex::new(BlobGets::default()));
+        let (st, ap, up, g) = (
+            state.clone(),
+            applied.clone(),
+            upstream.to_string(),
+            gets.clone(),
+        );
         rt.spawn(async move {
             while let Ok((c, _)) = listener.accept().await {
-                tokio::spawn(serve(c, up.clone(), st.clone(), ap.clone()));
+                tokio::spawn(serve(c, up.clone(), st.clone(), ap.clone(), g.clone()));
             }
         });
         FaultProxy {
             addr,
             state,
             applied,
+            gets,
             _rt: rt,
         }
     }
@@ -84,6 +115,34 @@ impl FaultProxy {
     pub fn applied(&self) -> u32 {
         self.applied.load(Ordering::SeqCst)
     }
+
+    /// Blob GETs seen so far.
+    pub fn blob_gets(&self) -> BlobGets {
+        self.gets.lock().unwrap().clone()
+    }
+}
+
+/// Replaces (or with `None` removes) header `name` in a response head.
+fn set_header(head: &str, name: &str, value: Option<String>) -> String {
+    let prefix = format!("{}:", name.to_ascii_lowercase());
+    let mut out = String::new();
+    for line in head.split_inclusive("\r\n") {
+        if line.to_ascii_lowercase().starts_with(&prefix) {
+            if let Some(v) = &value {
+                out.push_str(&format!("{name}: {v}\r\n"));
+            }
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    let prefix = format!("{}:", name.to_ascii_lowercase());
+    head.split("\r\n")
+        .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
+        .map(|l| l[prefix.len()..].trim())
 }
 
 fn take_fault(state: &Mutex<State>) -> Option<Fault> {
@@ -120,12 +179,21 @@ async fn serve(
     upstream: String,
     state: Arc<Mutex<State>>,
     applied: Arc<AtomicU32>,
+    gets: Arc<Mutex<BlobGets>>,
 ) {
     while let Some(head) = read_head(&mut c).await {
-        let text = String::from_utf8_lossy(&head).to_string();
-        let span_fetch = text.starts_with("GET ")
-            && text.contains("/blobs/")
-            && text.to_ascii_lowercase().contains("\r\nrange:");
+        let mut text = String::from_utf8_lossy(&head).to_string();
+        let ranged = text.to_ascii_lowercase().contains("\r\nrange:");
+        let span_fetch = text.starts_with("GET ") && text.contains("/blobs/") && ranged;
+        if text.starts_with("GET ") && text.contains("/blobs/") {
+            let path = text.split(' ').nth(1).unwrap_or("").to_string();
+            let mut g = gets.lock().unwrap();
+            if ranged {
+                g.ranged.push(path);
+            } else {
+                g.whole.push(path);
+            }
+        }
         let fault = if span_fetch { take_fault(&state) } else { None };
         if fault.is_some() {
             applied.fetch_add(1, Ordering::SeqCst);
@@ -140,6 +208,13 @@ async fn serve(
             Some(Fault::TooManyRequests) => {
                 let _ = c.write_all(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n").await;
                 continue;
+            }
+            Some(Fault::StallHeaders) => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                return;
+            }
+            Some(Fault::IgnoreRange) => {
+                text = format!("{}\r\n", set_header(&text[..text.len() - 2], "Range", None));
             }
             _ => {}
         }
@@ -164,6 +239,46 @@ async fn serve(
         };
         let (rhead, body) = resp.split_at(split);
         let mut body = body.to_vec();
+        let lie = |h: &str| -> Option<String> {
+            match fault? {
+                Fault::DropContentRange => Some(set_header(h, "Content-Range", None)),
+                Fault::ShiftContentRange => {
+                    let cr = header(h, "Content-Range")?;
+                    let (span, total) = cr.strip_prefix("bytes ")?.split_once('/')?;
+                    let (a, b) = span.split_once('-')?;
+                    let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+                    Some(set_header(
+                        h,
+                        "Content-Range",
+                        Some(format!("bytes {}-{}/{total}", a + 1, b + 1)),
+                    ))
+                }
+                Fault::LongContentLength => Some(set_header(
+                    h,
+                    "Content-Length",
+                    Some((body.len() + 100).to_string()),
+                )),
+                Fault::ShortContentLength => Some(set_header(
+                    h,
+                    "Content-Length",
+                    Some(body.len().saturating_sub(1).to_string()),
+                )),
+                _ => None,
+            }
+        };
+        if let Some(h) = lie(&String::from_utf8_lossy(rhead)) {
+            let h = h.replace("Connection: close\r\n", "");
+            let _ = c.write_all(h.as_bytes()).await;
+            let _ = c.write_all(&body).await;
+            if matches!(
+                fault,
+                Some(Fault::LongContentLength | Fault::ShortContentLength)
+            ) {
+                // The lengths no longer frame the stream: end the connection.
+                return;
+            }
+            continue;
+        }
         let half = body.len() / 2;
         match fault {
             Some(Fault::FlipByte) if !body.is_empty() => body[half] ^= 0xff,

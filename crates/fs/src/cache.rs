@@ -1,6 +1,12 @@
-//! Decompressed spans kept in memory for all layers, bounded by bytes.
+//! What the span manager remembers between reads: decompressed spans in memory for all
+//! layers (bounded by bytes), the disk budget, and, per layer, spans that recently failed
+//! verification (so a poisoned span costs one fetch per few seconds, not one per read).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use lru::LruCache;
 use soci_ztoc::SpanId;
@@ -137,9 +143,112 @@ impl DiskBudget {
     }
 }
 
+/// How long a span that failed verification answers EIO at once before one fresh try.
+pub const POISONED_SPAN_TTL: Duration = Duration::from_secs(5);
+
+/// How long a span whose fetch just failed (timeout, transport) answers EIO at once. Only
+/// long enough for the kernel's immediate retry: a failed readahead page is read again
+/// synchronously inside the same `read(2)`, which must not cost a second fetch deadline.
+/// Later reads fetch afresh (the registry may have recovered).
+pub const FAILED_FETCH_MEMO: Duration = Duration::from_millis(500);
+
+/// Spans of one layer that failed verification, and until when they are refused; and spans
+/// whose fetch failed just now.
+#[derive(Debug)]
+pub(crate) struct NegativeCache {
+    ttl: Duration,
+    until: Mutex<HashMap<SpanId, Instant>>,
+    failed: Mutex<HashMap<SpanId, Instant>>,
+}
+
+/// What the negative cache says about a span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Standing {
+    /// Never failed (or fetched fine since).
+    Clean,
+    /// Failed verification less than the TTL ago: refuse without fetching.
+    Poisoned,
+    /// Failed before, the TTL has passed: one fresh try, no verification retries.
+    Probation,
+}
+
+impl NegativeCache {
+    pub(crate) fn new(ttl: Duration) -> Self {
+        NegativeCache {
+            ttl,
+            until: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Notes that fetching `id` failed (not its verification).
+    pub(crate) fn fetch_failed(&self, id: SpanId) {
+        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        f.retain(|_, t| now.duration_since(*t) < FAILED_FETCH_MEMO);
+        f.insert(id, now);
+    }
+
+    /// Whether fetching `id` failed less than [`FAILED_FETCH_MEMO`] ago.
+    pub(crate) fn failed_just_now(&self, id: SpanId) -> bool {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .is_some_and(|t| t.elapsed() < FAILED_FETCH_MEMO)
+    }
+
+    pub(crate) fn standing(&self, id: SpanId) -> Standing {
+        match self
+            .until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
+            None => Standing::Clean,
+            Some(&t) if Instant::now() < t => Standing::Poisoned,
+            Some(_) => Standing::Probation,
+        }
+    }
+
+    pub(crate) fn poison(&self, id: SpanId) {
+        let until = Instant::now() + self.ttl;
+        self.until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, until);
+    }
+
+    pub(crate) fn clear(&self, id: SpanId) {
+        self.until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+}
+
 #[cfg(test)]
 mod disk_tests {
-    use super::DiskBudget;
+    use super::{DiskBudget, NegativeCache, Standing};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn poisoned_spans_expire_into_one_fresh_try() {
+        let n = NegativeCache::new(Duration::from_millis(300));
+        assert_eq!(n.standing(3), Standing::Clean);
+        n.poison(3);
+        assert_eq!(n.standing(3), Standing::Poisoned);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(n.standing(3), Standing::Poisoned);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(n.standing(3), Standing::Probation);
+        n.clear(3);
+        assert_eq!(n.standing(3), Standing::Clean);
+    }
 
     #[test]
     fn budget_bounds_and_releases() {

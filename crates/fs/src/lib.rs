@@ -13,7 +13,7 @@ mod tree;
 
 pub use fuse::{mount, resume, MountedLayer, Served};
 pub use spans::{
-    BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, Priority, RangeReader, SpanConfig,
-    SpanManager, LATENCY_BUCKETS_MS,
+    BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, Priority, RangeReader, ReadFuture,
+    SpanConfig, SpanManager, LATENCY_BUCKETS_MS, POISONED_SPAN_TTL,
 };
 pub use tree::{LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};

@@ -5,6 +5,19 @@
 //! zTOC digest (re-fetched on mismatch up to a limit), decompressed, written to the on-disk
 //! cache and kept in a memory LRU. A per-span async lock makes concurrent readers of a span
 //! share one fetch. Nothing unverified is ever returned.
+//!
+//! Failure rules, so a hostile or broken registry costs bounded time and never wrong bytes:
+//! - one deadline per read (`fetch_timeout`): waiting for another reader's fetch, every
+//!   attempt and the registry client's own retries all fit inside it;
+//! - transport failures are retried by the registry client only; here only digest
+//!   mismatches are fetched again (up to `max_verification_retries`);
+//! - a span that still fails verification is refused at once for `poisoned_ttl`, then gets
+//!   one fresh try; a failed fetch is shared only with reads arriving within
+//!   [`crate::cache::FAILED_FETCH_MEMO`] (the kernel's immediate retry of the same page);
+//! - a read the spans cannot fully cover (a zTOC entry past the end of the layer) is EIO,
+//!   never short data;
+//! - a source without range support ([`RangeReader::whole_only`]) is read whole, once per
+//!   layer, by one task that verifies and caches span by span as the bytes stream past.
 
 use std::future::Future;
 use std::io;
@@ -13,22 +26,41 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use soci_ztoc::{SpanId, Spans};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
-pub use crate::cache::{DiskBudget, MemoryCache};
+pub use crate::cache::{DiskBudget, MemoryCache, POISONED_SPAN_TTL};
+use crate::cache::{NegativeCache, Standing};
 use tracing::{debug, error, info, warn};
+
+/// A boxed future borrowing the reader.
+pub type ReadFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
 
 /// Reads byte ranges of the compressed layer blob (an HTTP range reader in production).
 pub trait RangeReader: Send + Sync + 'static {
-    /// Returns exactly the bytes `range` of the blob.
-    fn read_range(
-        &self,
-        range: Range<u64>,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send + '_>>;
+    /// Returns exactly the bytes `range` of the blob, within `deadline` (retries included).
+    fn read_range(&self, range: Range<u64>, deadline: Instant) -> ReadFuture<'_, Bytes>;
+
+    /// Whether the source was found not to support ranges: the blob is then read whole.
+    fn whole_only(&self) -> bool {
+        false
+    }
+
+    /// Sends the whole blob, in order, into `tx` (bounded by the blob's descriptor size).
+    fn read_whole(&self, tx: mpsc::Sender<Bytes>) -> ReadFuture<'_, ()> {
+        drop(tx);
+        Box::pin(async {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "whole-blob reads not supported",
+            ))
+        })
+    }
 }
 
 /// Counters shared by all layers (exported as Prometheus metrics).
@@ -78,8 +110,11 @@ pub struct SpanConfig {
     pub disable_verification: bool,
     /// Re-fetches after a digest mismatch.
     pub max_verification_retries: u32,
-    /// Deadline for one fetch.
+    /// Deadline for one read: lock waits, fetch attempts and client retries included.
     pub fetch_timeout: Duration,
+    /// How long a span that failed verification is refused before one fresh try
+    /// (default [`POISONED_SPAN_TTL`]).
+    pub poisoned_ttl: Duration,
     /// Memory cache shared by all layers.
     pub memory: Arc<MemoryCache>,
     /// Disk budget shared by all layers.
@@ -112,6 +147,25 @@ pub struct SpanManager {
     /// When the last demand read started (ms since `born`).
     last_demand_ms: AtomicU64,
     born: std::time::Instant,
+    /// Spans that recently failed verification.
+    negative: NegativeCache,
+    /// The whole-blob fetch (sources without range support).
+    whole: Mutex<WholeState>,
+    /// Bumped whenever the whole-blob fetch stores a span or ends.
+    progress: watch::Sender<u64>,
+    /// This manager, for tasks that outlive a read.
+    me: Weak<SpanManager>,
+}
+
+/// The whole-blob fetch of a layer: at most one at a time.
+#[derive(Debug, Default)]
+struct WholeState {
+    running: bool,
+    /// Fetches started so far.
+    started: u64,
+    /// Fetches ended so far, and why the last one failed.
+    ended: u64,
+    last_error: Option<String>,
 }
 
 /// Background fetch pacing.
@@ -139,7 +193,7 @@ impl SpanManager {
         reader: Arc<dyn RangeReader>,
         cfg: SpanConfig,
         metrics: Arc<FsMetrics>,
-    ) -> io::Result<Self> {
+    ) -> io::Result<Arc<Self>> {
         std::fs::create_dir_all(&cfg.cache_dir)?;
         let n = spans.len();
         let mut found = 0u64;
@@ -151,7 +205,8 @@ impl SpanManager {
             })
             .collect();
         cfg.disk.add(found);
-        Ok(SpanManager {
+        let negative = NegativeCache::new(cfg.poisoned_ttl);
+        Ok(Arc::new_cyclic(|me| SpanManager {
             layer,
             spans,
             reader,
@@ -164,7 +219,11 @@ impl SpanManager {
             closed: AtomicBool::new(false),
             last_demand_ms: AtomicU64::new(0),
             born: std::time::Instant::now(),
-        })
+            negative,
+            whole: Mutex::new(WholeState::default()),
+            progress: watch::channel(0).0,
+            me: me.clone(),
+        }))
     }
 
     /// Number of spans.
@@ -203,10 +262,25 @@ impl SpanManager {
 
     /// Appends bytes `rel` of span `id` to `out`: from memory, from disk, or fetched again if
     /// it was evicted from memory without being on disk (over the disk budget).
-    async fn append_span(&self, id: SpanId, rel: Range<u64>, out: &mut Vec<u8>) -> io::Result<()> {
+    async fn append_span(
+        &self,
+        id: SpanId,
+        rel: Range<u64>,
+        out: &mut Vec<u8>,
+        deadline: Instant,
+    ) -> io::Result<()> {
         for _ in 0..3 {
             if let Some(data) = self.cfg.memory.get((self.key, id)) {
-                out.extend_from_slice(&data[rel.start as usize..rel.end as usize]);
+                let part = data
+                    .get(rel.start as usize..rel.end as usize)
+                    .ok_or_else(|| {
+                        eio(format!(
+                            "layer {}: span {id} holds {} bytes, bytes {rel:?} wanted",
+                            self.layer,
+                            data.len()
+                        ))
+                    })?;
+                out.extend_from_slice(part);
                 return Ok(());
             }
             match std::fs::File::open(self.cfg.cache_dir.join(id.to_string())) {
@@ -218,7 +292,8 @@ impl SpanManager {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            self.ensure(id..id + 1, Priority::Demand).await?;
+            self.ensure_until(id..id + 1, Priority::Demand, deadline)
+                .await?;
         }
         Err(eio(format!(
             "layer {}: span {id} evicted from memory before it could be read (memory cache too small for the disk budget)",
@@ -226,13 +301,24 @@ impl SpanManager {
         )))
     }
 
-    /// Reads uncompressed bytes `range` of the layer.
+    /// Reads uncompressed bytes `range` of the layer: all of them within `fetch_timeout`,
+    /// or EIO (never fewer bytes).
     pub async fn read(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
+        let deadline = Instant::now() + self.cfg.fetch_timeout;
         self.last_demand_ms
             .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let size = self.spans.uncompressed_size();
+        if range.start > range.end || range.end > size {
+            return Err(eio(format!(
+                "layer {}: bytes {range:?} are past the end of the layer ({size} bytes): the zTOC entry points outside the archive",
+                self.layer
+            )));
+        }
+        let want = range.end - range.start;
         let ids = self.spans.spans_for(&range);
-        self.ensure(ids.clone(), Priority::Demand).await?;
-        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        self.ensure_until(ids.clone(), Priority::Demand, deadline)
+            .await?;
+        let mut out = Vec::with_capacity(want.min(1 << 20) as usize);
         for id in ids {
             let s = self.spans.span(id).map_err(|e| eio(e.to_string()))?;
             let from = range.start.max(s.uncompressed.start);
@@ -241,33 +327,82 @@ impl SpanManager {
                 continue;
             }
             let rel = (from - s.uncompressed.start)..(to - s.uncompressed.start);
-            self.append_span(id, rel, &mut out).await?;
+            self.append_span(id, rel, &mut out, deadline).await?;
+        }
+        if out.len() as u64 != want {
+            return Err(eio(format!(
+                "layer {}: the spans cover {} of the {want} bytes {range:?}",
+                self.layer,
+                out.len()
+            )));
         }
         Ok(out)
     }
 
-    /// Makes sure spans `ids` are cached, fetching missing runs.
+    /// Makes sure spans `ids` are cached, fetching missing runs, within `fetch_timeout`.
     pub async fn ensure(&self, ids: Range<SpanId>, prio: Priority) -> io::Result<()> {
+        self.ensure_until(ids, prio, Instant::now() + self.cfg.fetch_timeout)
+            .await
+    }
+
+    fn refuse_poisoned(&self, ids: &[SpanId]) -> io::Result<()> {
+        if let Some(id) = ids.iter().find(|&&i| self.negative.failed_just_now(i)) {
+            return Err(eio(format!(
+                "layer {}: fetching span {id} failed less than {:?} ago",
+                self.layer,
+                crate::cache::FAILED_FETCH_MEMO
+            )));
+        }
+        match ids
+            .iter()
+            .find(|&&i| self.negative.standing(i) == Standing::Poisoned)
+        {
+            Some(id) => Err(eio(format!(
+                "layer {}: span {id} failed verification less than {:?} ago; not fetched again yet",
+                self.layer, self.cfg.poisoned_ttl
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// [`SpanManager::ensure`] with the caller's deadline, which also bounds the wait for
+    /// another reader's fetch of the same spans.
+    pub async fn ensure_until(
+        &self,
+        ids: Range<SpanId>,
+        prio: Priority,
+        deadline: Instant,
+    ) -> io::Result<()> {
         let missing: Vec<SpanId> = ids.filter(|&i| !self.is_cached(i)).collect();
         if missing.is_empty() {
             return Ok(());
         }
+        self.refuse_poisoned(&missing)?;
         // Lock in ascending order (no deadlock); whoever fetched first filled the cache.
         let mut guards = Vec::with_capacity(missing.len());
         for &id in &missing {
-            guards.push(self.locks[id].lock().await);
+            match tokio::time::timeout_at(deadline, self.locks[id].lock()).await {
+                Ok(g) => guards.push(g),
+                Err(_) => {
+                    return Err(eio(format!(
+                    "layer {}: span {id}: timed out after {:?} (waiting for another fetch of it)",
+                    self.layer, self.cfg.fetch_timeout
+                )))
+                }
+            }
         }
         let still: Vec<SpanId> = missing
             .into_iter()
             .filter(|&i| !self.is_cached(i))
             .collect();
+        self.refuse_poisoned(&still)?;
         let mut start = 0;
         while start < still.len() {
             let mut end = start + 1;
             while end < still.len() && still[end] == still[end - 1] + 1 {
                 end += 1;
             }
-            self.fetch_run(still[start]..still[end - 1] + 1, prio)
+            self.fetch_run(still[start]..still[end - 1] + 1, prio, deadline)
                 .await?;
             start = end;
         }
@@ -275,58 +410,68 @@ impl SpanManager {
         Ok(())
     }
 
-    async fn fetch_run(&self, run: Range<SpanId>, prio: Priority) -> io::Result<()> {
+    async fn fetch_run(
+        &self,
+        run: Range<SpanId>,
+        prio: Priority,
+        deadline: Instant,
+    ) -> io::Result<()> {
+        if self.reader.whole_only() {
+            return self.wait_for_whole(run, prio, deadline).await;
+        }
         let first = self.spans.span(run.start).map_err(|e| eio(e.to_string()))?;
         let last = self
             .spans
             .span(run.end - 1)
             .map_err(|e| eio(e.to_string()))?;
         let range = first.compressed.start..last.compressed.end;
+        // A span whose refusal just expired gets one try, not a round of retries.
+        let retries = if run
+            .clone()
+            .any(|i| self.negative.standing(i) == Standing::Probation)
+        {
+            0
+        } else {
+            self.cfg.max_verification_retries
+        };
         let mut attempt = 0;
         loop {
-            let data = match tokio::time::timeout(
-                self.cfg.fetch_timeout,
-                self.reader.read_range(range.clone()),
+            // Transport retries happen inside the reader, within the same deadline.
+            let data = match tokio::time::timeout_at(
+                deadline,
+                self.reader.read_range(range.clone(), deadline),
             )
             .await
             {
                 Ok(Ok(d)) => d,
-                // A broken transfer (reset, truncated body) is fetched again like a bad span.
-                Ok(Err(e)) if attempt < self.cfg.max_verification_retries => {
-                    attempt += 1;
-                    warn!(layer = %self.layer, spans = ?run, attempt, error = %e, "span fetch failed; fetching again");
-                    continue;
-                }
                 Ok(Err(e)) => {
+                    run.clone().for_each(|i| self.negative.fetch_failed(i));
                     error!(layer = %self.layer, spans = ?run, error = %e, "span fetch failed");
                     return Err(eio(format!(
                         "layer {}: fetching spans {run:?}: {e}",
                         self.layer
                     )));
                 }
-                // A stalled registry is not waited for twice: the reader gets EIO now.
                 Err(_) => {
+                    run.clone().for_each(|i| self.negative.fetch_failed(i));
                     error!(layer = %self.layer, spans = ?run, timeout = ?self.cfg.fetch_timeout, "span fetch timed out");
                     return Err(eio(format!(
-                        "layer {}: fetching spans {run:?} timed out",
-                        self.layer
+                        "layer {}: fetching spans {run:?} timed out after {:?}",
+                        self.layer, self.cfg.fetch_timeout
                     )));
                 }
             };
             if data.len() as u64 != range.end - range.start {
                 return Err(eio(format!(
-                    "layer {}: short read of spans {run:?}",
-                    self.layer
+                    "layer {}: spans {run:?}: got {} of {} bytes",
+                    self.layer,
+                    data.len(),
+                    range.end - range.start
                 )));
             }
-            let counter = match prio {
-                Priority::Demand => &self.metrics.demand_bytes,
-                Priority::Background => &self.metrics.background_bytes,
-            };
-            counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-            match self.verify_and_store(&run, range.start, data).await {
+            match self.verify_and_store(&run, range.start, data, prio).await {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt < self.cfg.max_verification_retries => {
+                Err(e) if attempt < retries && Instant::now() < deadline => {
                     attempt += 1;
                     warn!(layer = %self.layer, spans = ?run, attempt, error = %e, "span verification failed; fetching again");
                 }
@@ -338,12 +483,147 @@ impl SpanManager {
         }
     }
 
+    /// Starts the whole-blob fetch if none is running; returns its number.
+    fn start_whole(&self, prio: Priority) -> u64 {
+        let mut st = self.whole.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.running {
+            if let Some(me) = self.me.upgrade() {
+                st.running = true;
+                st.started += 1;
+                tokio::spawn(me.fetch_whole(prio));
+            }
+        }
+        st.started
+    }
+
+    /// Waits for the whole-blob fetch to store spans `run` (a demand read until its
+    /// deadline; the fetch itself goes on for later reads).
+    async fn wait_for_whole(
+        &self,
+        run: Range<SpanId>,
+        prio: Priority,
+        deadline: Instant,
+    ) -> io::Result<()> {
+        let mut rx = self.progress.subscribe();
+        let fetch = self.start_whole(prio);
+        loop {
+            rx.borrow_and_update();
+            if run.clone().all(|i| self.is_cached(i)) {
+                return Ok(());
+            }
+            self.refuse_poisoned(&run.clone().collect::<Vec<_>>())?;
+            {
+                let st = self.whole.lock().unwrap_or_else(|e| e.into_inner());
+                if st.ended >= fetch {
+                    return Err(eio(format!(
+                        "layer {}: whole-blob fetch ended without spans {run:?}: {}",
+                        self.layer,
+                        st.last_error.as_deref().unwrap_or("no error")
+                    )));
+                }
+            }
+            let changed = rx.changed();
+            let waited = match prio {
+                Priority::Demand => tokio::time::timeout_at(deadline, changed).await,
+                Priority::Background => Ok(changed.await),
+            };
+            if waited.is_err() {
+                return Err(eio(format!(
+                    "layer {}: spans {run:?} not yet fetched after {:?} (the registry serves whole blobs only; the fetch goes on)",
+                    self.layer, self.cfg.fetch_timeout
+                )));
+            }
+        }
+    }
+
+    /// Reads the whole blob once, verifying and caching each span as its bytes pass; spans
+    /// already cached are skipped. Memory held: one span plus one chunk.
+    async fn fetch_whole(self: Arc<Self>, prio: Priority) {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+        let reader = self.reader.clone();
+        let fetch = tokio::spawn(async move { reader.read_whole(tx).await });
+        let mut buf: Vec<u8> = Vec::new();
+        let mut base = 0u64;
+        let mut ended = false;
+        let mut error = None;
+        info!(layer = %self.layer, "fetching the whole layer blob (registry without range support)");
+        for id in 0..self.spans.len() {
+            if self.closed.load(Ordering::Relaxed) {
+                break;
+            }
+            let s = match self.spans.span(id) {
+                Ok(s) => s,
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break;
+                }
+            };
+            // Drop what lies before this span, then take bytes up to its end.
+            while base < s.compressed.start && !ended {
+                if buf.is_empty() {
+                    match rx.recv().await {
+                        Some(c) => buf.extend_from_slice(&c),
+                        None => ended = true,
+                    }
+                    continue;
+                }
+                let k = (s.compressed.start - base).min(buf.len() as u64);
+                buf.drain(..k as usize);
+                base += k;
+            }
+            while base + (buf.len() as u64) < s.compressed.end && !ended {
+                match rx.recv().await {
+                    Some(c) => buf.extend_from_slice(&c),
+                    None => ended = true,
+                }
+            }
+            if base != s.compressed.start || base + (buf.len() as u64) < s.compressed.end {
+                break;
+            }
+            if !self.is_cached(id) {
+                let len = (s.compressed.end - s.compressed.start) as usize;
+                let data = Bytes::copy_from_slice(&buf[..len]);
+                if let Err(e) = self.verify_and_store(&(id..id + 1), base, data, prio).await {
+                    warn!(layer = %self.layer, span = id, error = %e, "span from the whole blob failed");
+                }
+            }
+            self.progress.send_modify(|g| *g += 1);
+        }
+        drop(rx);
+        let fetched = fetch.await;
+        if error.is_none() {
+            error = match fetched {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(format!("fetch task: {e}")),
+            };
+        }
+        if let Some(e) = &error {
+            warn!(layer = %self.layer, error = %e, "whole-blob fetch failed");
+        }
+        let mut st = self.whole.lock().unwrap_or_else(|e| e.into_inner());
+        st.running = false;
+        st.ended = st.started;
+        st.last_error = error;
+        drop(st);
+        self.progress.send_modify(|g| *g += 1);
+    }
+
+    /// Verifies, decompresses and caches the spans of `run` from their compressed bytes
+    /// (starting at blob offset `base`). Spans before a bad one are kept; the bad one is
+    /// refused for a while if its digest or its decompression failed.
     async fn verify_and_store(
         &self,
         run: &Range<SpanId>,
         base: u64,
         data: Bytes,
+        prio: Priority,
     ) -> io::Result<()> {
+        let counter = match prio {
+            Priority::Demand => &self.metrics.demand_bytes,
+            Priority::Background => &self.metrics.background_bytes,
+        };
+        counter.fetch_add(data.len() as u64, Ordering::Relaxed);
         let spans = self.spans.clone();
         let verify = !self.cfg.disable_verification;
         let run2 = run.clone();
@@ -352,40 +632,34 @@ impl SpanManager {
         let disk = self.cfg.disk.clone();
         // Verification, decompression and the cache file writes are CPU and blocking I/O work:
         // off the async workers.
-        let decoded: Vec<(SpanId, Vec<u8>, bool)> = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            for id in run2 {
-                let s = spans.span(id).map_err(|e| eio(e.to_string()))?;
-                let slice =
-                    &data[(s.compressed.start - base) as usize..(s.compressed.end - base) as usize];
-                if verify {
-                    spans
-                        .verify(id, slice)
-                        .map_err(|e| eio(format!("layer {layer}: {e}")))?;
-                }
-                let plain = spans
-                    .decompress(id, slice)
-                    .map_err(|e| eio(format!("layer {layer}: {e}")))?;
-                // Over the disk budget the span is kept in memory only.
-                let stored = disk.try_reserve(plain.len() as u64);
-                if stored {
-                    let tmp = dir.join(format!("{id}.tmp"));
-                    let written = std::fs::write(&tmp, &plain)
-                        .and_then(|()| std::fs::rename(&tmp, dir.join(id.to_string())));
-                    if let Err(e) = written {
-                        disk.release(plain.len() as u64);
-                        return Err(e);
+        type Failure = (SpanId, io::Error, bool);
+        type Decoded = Vec<(SpanId, Vec<u8>, bool)>;
+        let (decoded, failure): (Decoded, Option<Failure>) =
+            tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                for id in run2 {
+                    match decode_one(&spans, id, &data, base, verify, &layer) {
+                        Ok(plain) => {
+                            // Over the disk budget the span is kept in memory only.
+                            let stored = disk.try_reserve(plain.len() as u64);
+                            if stored {
+                                let tmp = dir.join(format!("{id}.tmp"));
+                                let written = std::fs::write(&tmp, &plain)
+                                    .and_then(|()| std::fs::rename(&tmp, dir.join(id.to_string())));
+                                if let Err(e) = written {
+                                    disk.release(plain.len() as u64);
+                                    return (out, Some((id, e, false)));
+                                }
+                            }
+                            out.push((id, plain, stored));
+                        }
+                        Err(e) => return (out, Some((id, e, true))),
                     }
                 }
-                out.push((id, plain, stored));
-            }
-            Ok::<_, io::Error>(out)
-        })
-        .await
-        .map_err(|e| eio(format!("decompression task: {e}")))?
-        .inspect_err(|_| {
-            self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
-        })?;
+                (out, None)
+            })
+            .await
+            .map_err(|e| eio(format!("decompression task: {e}")))?;
         for (id, plain, stored) in decoded {
             if stored {
                 self.disk_bytes
@@ -393,8 +667,16 @@ impl SpanManager {
                 self.on_disk[id].store(true, Ordering::Release);
             }
             self.cfg.memory.put((self.key, id), Arc::new(plain));
+            self.negative.clear(id);
             // Counted once the span is servable, so the metric never runs ahead of the cache.
             self.metrics.spans_verified.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((id, e, bad_bytes)) = failure {
+            if bad_bytes {
+                self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+                self.negative.poison(id);
+            }
+            return Err(e);
         }
         debug!(layer = %self.layer, spans = ?run, "spans fetched and verified");
         Ok(())
@@ -443,203 +725,45 @@ impl SpanManager {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicU32;
-    use std::sync::Mutex;
-
-    /// An in-memory blob that records requests and can corrupt the first N responses.
-    struct FakeReader {
-        blob: Vec<u8>,
-        calls: Mutex<Vec<Range<u64>>>,
-        corrupt: AtomicU32,
+/// Verifies and decompresses span `id` out of `data` (blob bytes from offset `base`).
+fn decode_one(
+    spans: &Spans,
+    id: SpanId,
+    data: &[u8],
+    base: u64,
+    verify: bool,
+    layer: &str,
+) -> io::Result<Vec<u8>> {
+    let s = spans.span(id).map_err(|e| eio(e.to_string()))?;
+    let slice = s
+        .compressed
+        .start
+        .checked_sub(base)
+        .zip(s.compressed.end.checked_sub(base))
+        .and_then(|(a, b)| data.get(a as usize..b as usize))
+        .ok_or_else(|| {
+            eio(format!(
+                "layer {layer}: span {id} is outside the fetched bytes"
+            ))
+        })?;
+    if verify {
+        spans
+            .verify(id, slice)
+            .map_err(|e| eio(format!("layer {layer}: {e}")))?;
     }
-
-    impl RangeReader for FakeReader {
-        fn read_range(
-            &self,
-            range: Range<u64>,
-        ) -> Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send + '_>> {
-            Box::pin(async move {
-                self.calls.lock().unwrap().push(range.clone());
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let mut data = self.blob[range.start as usize..range.end as usize].to_vec();
-                if self.corrupt.load(Ordering::SeqCst) > 0 {
-                    self.corrupt.fetch_sub(1, Ordering::SeqCst);
-                    data[0] ^= 1;
-                }
-                Ok(Bytes::from(data))
-            })
-        }
+    let plain = spans
+        .decompress(id, slice)
+        .map_err(|e| eio(format!("layer {layer}: {e}")))?;
+    let want = s.uncompressed.end - s.uncompressed.start;
+    if plain.len() as u64 != want {
+        return Err(eio(format!(
+            "layer {layer}: span {id} decompressed to {} bytes, {want} expected",
+            plain.len()
+        )));
     }
-
-    fn layer() -> (Vec<u8>, soci_ztoc::Ztoc) {
-        let mut b = tar::Builder::new(Vec::new());
-        let mut x: u32 = 7;
-        let data: Vec<u8> = (0..300_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect();
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        b.append_data(&mut h, "f", data.as_slice()).unwrap();
-        let blob = b.into_inner().unwrap();
-        let opts = soci_ztoc::BuildOptions {
-            span_size: 65536,
-            ..Default::default()
-        };
-        let z = soci_ztoc::build(blob.as_slice(), &opts).unwrap();
-        (blob, z)
-    }
-
-    fn manager(
-        corrupt: u32,
-        retries: u32,
-    ) -> (
-        Arc<SpanManager>,
-        Arc<FakeReader>,
-        Vec<u8>,
-        tempfile::TempDir,
-    ) {
-        manager_with(corrupt, retries, DiskBudget::new(0))
-    }
-
-    fn manager_with(
-        corrupt: u32,
-        retries: u32,
-        disk: Arc<DiskBudget>,
-    ) -> (
-        Arc<SpanManager>,
-        Arc<FakeReader>,
-        Vec<u8>,
-        tempfile::TempDir,
-    ) {
-        let (blob, z) = layer();
-        let reader = Arc::new(FakeReader {
-            blob: blob.clone(),
-            calls: Mutex::new(Vec::new()),
-            corrupt: AtomicU32::new(corrupt),
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = SpanConfig {
-            cache_dir: dir.path().join("c"),
-            disable_verification: false,
-            max_verification_retries: retries,
-            fetch_timeout: Duration::from_secs(5),
-            memory: MemoryCache::new(100_000),
-            disk,
-        };
-        let m = SpanManager::new(
-            "sha256:test".into(),
-            z.spans().unwrap(),
-            reader.clone(),
-            cfg,
-            Arc::new(FsMetrics::default()),
-        )
-        .unwrap();
-        (Arc::new(m), reader, blob, dir)
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_readers_share_one_coalesced_fetch() {
-        let (m, reader, blob, _d) = manager(0, 0);
-        // 512..200_000 touches four 64 KiB spans: one range request for all of them.
-        let reads = (0..8).map(|_| {
-            let m = m.clone();
-            tokio::spawn(async move { m.read(512..200_000).await.unwrap() })
-        });
-        for r in reads {
-            assert_eq!(r.await.unwrap(), &blob[512..200_000]);
-        }
-        let calls = reader.calls.lock().unwrap().clone();
-        assert_eq!(calls.len(), 1, "{calls:?}");
-        assert_eq!(m.cached_count(), 4);
-        // Served from the caches afterwards, memory or disk.
-        assert_eq!(m.read(100..150_000).await.unwrap(), &blob[100..150_000]);
-        assert_eq!(reader.calls.lock().unwrap().len(), 1);
-        assert!(
-            m.cfg.memory.bytes() <= 100_000,
-            "memory cache stays within its budget"
-        );
-        m.close();
-        assert_eq!(
-            m.cfg.memory.bytes(),
-            0,
-            "a closed layer leaves nothing in memory"
-        );
-    }
-
-    #[tokio::test]
-    async fn bad_span_is_refetched_then_eio() {
-        let (m, reader, blob, _d) = manager(1, 1);
-        assert_eq!(
-            m.read(0..1000).await.unwrap(),
-            &blob[0..1000],
-            "one retry fixes one bad fetch"
-        );
-        assert_eq!(reader.calls.lock().unwrap().len(), 2);
-        let (m, _reader, _blob, _d) = manager(5, 2);
-        assert!(m.read(0..1000).await.is_err(), "never unverified bytes");
-        assert_eq!(m.cached_count(), 0);
-    }
-
-    #[tokio::test]
-    async fn background_fill_caches_everything() {
-        let (m, reader, blob, _d) = manager(0, 0);
-        let slots = Arc::new(tokio::sync::Semaphore::new(1));
-        let cfg = BackgroundConfig {
-            delay: Duration::ZERO,
-            period: Duration::ZERO,
-            yield_to_demand: Duration::ZERO,
-            slots,
-        };
-        m.clone().background_fill(cfg).await;
-        assert_eq!(m.cached_count(), m.span_count());
-        let n = reader.calls.lock().unwrap().len();
-        assert_eq!(
-            m.read(0..blob.len() as u64 - 2048).await.unwrap().len(),
-            blob.len() - 2048
-        );
-        assert_eq!(
-            reader.calls.lock().unwrap().len(),
-            n,
-            "no fetch after the fill"
-        );
-    }
-
-    #[tokio::test]
-    async fn disk_budget_bounds_the_span_files_and_is_given_back() {
-        let one_span = 64 * 1024;
-        let disk = DiskBudget::new(2 * one_span);
-        let (m, _reader, blob, d) = manager_with(0, 0, disk.clone());
-        let all = 0..blob.len() as u64 - 2048;
-        assert_eq!(m.read(all.clone()).await.unwrap().len(), all.end as usize);
-        assert!(m.cached_count() <= 2 && m.cached_count() >= 1);
-        assert!(disk.used() <= 2 * one_span);
-        let files: u64 = std::fs::read_dir(d.path().join("c"))
-            .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap().len())
-            .sum();
-        assert_eq!(files, disk.used());
-        // Spans that did not fit are still served (from memory or fetched again).
-        assert_eq!(m.read(all.clone()).await.unwrap().len(), all.end as usize);
-        // A background fill stops at the budget instead of fetching for nothing.
-        let cfg = BackgroundConfig {
-            delay: Duration::ZERO,
-            period: Duration::ZERO,
-            yield_to_demand: Duration::ZERO,
-            slots: Arc::new(tokio::sync::Semaphore::new(1)),
-        };
-        m.clone().background_fill(cfg).await;
-        assert!(m.cached_count() < m.span_count());
-        m.remove_cache();
-        assert_eq!(disk.used(), 0);
-        assert_eq!(m.cached_count(), 0);
-    }
+    Ok(plain)
 }
+
+#[cfg(test)]
+#[path = "spans_tests.rs"]
+mod tests;

@@ -1,8 +1,10 @@
 //! The registry client.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -67,7 +69,15 @@ pub struct Client {
     creds: DockerConfig,
     /// Authorization header values by endpoint and scope.
     auth_cache: Mutex<HashMap<String, String>>,
+    /// Registries (by host name) seen answering a range request with the whole blob (200):
+    /// callers fetch their blobs whole, once, instead of once per range.
+    no_ranges: Mutex<HashSet<String>>,
 }
+
+/// Largest error body kept (the rest is not read).
+const MAX_ERROR_BODY_BYTES: u64 = 4 << 10;
+/// Largest token-endpoint answer accepted.
+const MAX_TOKEN_BYTES: u64 = 1 << 20;
 
 enum Attempt {
     Done(Response),
@@ -95,9 +105,23 @@ fn query_escape(s: &str) -> String {
     out
 }
 
-async fn body_snippet(resp: Response) -> String {
-    let text = resp.text().await.unwrap_or_default();
-    text.chars().take(300).collect()
+/// The start of an error body: at most [`MAX_ERROR_BODY_BYTES`] are read, whatever the
+/// registry declares or sends.
+async fn body_snippet(mut resp: Response) -> String {
+    let mut buf = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = MAX_ERROR_BODY_BYTES as usize - buf.len();
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= MAX_ERROR_BODY_BYTES as usize {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&buf).chars().take(300).collect()
+}
+
+/// Time left before `deadline` (`None`: no deadline).
+pub(crate) fn remaining(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
 }
 
 impl Client {
@@ -124,6 +148,7 @@ impl Client {
             opts,
             creds,
             auth_cache: Mutex::new(HashMap::new()),
+            no_ranges: Mutex::new(HashSet::new()),
         })
     }
 
@@ -140,12 +165,40 @@ impl Client {
         }
     }
 
+    pub(crate) fn backoff_for(&self, attempt: u32) -> Duration {
+        self.backoff(attempt, None)
+    }
+
     fn backoff(&self, attempt: u32, hint: Option<Duration>) -> Duration {
         let exp = self
             .opts
             .min_backoff
             .saturating_mul(1u32 << attempt.min(16));
         hint.unwrap_or(exp).min(self.opts.max_backoff)
+    }
+
+    /// Whether `registry` honours range requests (as far as seen: until it answers one with
+    /// the whole blob).
+    pub fn supports_ranges(&self, registry: &str) -> bool {
+        !self
+            .no_ranges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(registry)
+    }
+
+    pub(crate) fn note_no_ranges(&self, registry: &str) {
+        let new = self
+            .no_ranges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(registry.to_string());
+        if new {
+            warn!(
+                registry,
+                "registry ignores range requests; its blobs are fetched whole"
+            );
+        }
     }
 
     /// Sends a request built by `build`, handling auth challenges and retrying transport
@@ -158,11 +211,38 @@ impl Client {
         what: &str,
         build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
     ) -> Result<Response> {
+        self.send_until(ep, repo, push, what, build, None).await
+    }
+
+    /// [`Client::send`] within `deadline`: every attempt's timeout and every backoff fit
+    /// before it; past it the request fails at once (no attempt is started that could not end
+    /// in time).
+    pub(crate) async fn send_until(
+        &self,
+        ep: &Endpoint,
+        repo: &Repository,
+        push: bool,
+        what: &str,
+        build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
+        deadline: Option<Instant>,
+    ) -> Result<Response> {
         let key = format!("{} {}", ep.base, scope(repo, push));
         let mut authed_once = false;
         let mut attempt = 0u32;
+        let late = |attempts: u32, why: &str| RegistryError::Transport {
+            what: what.into(),
+            url: ep.base.clone(),
+            message: format!("deadline passed after {attempts} attempts ({why})"),
+        };
+        let mut last_why = String::from("no answer");
         loop {
             let mut req = build(self.http(ep));
+            if let Some(left) = remaining(deadline) {
+                if left.is_zero() {
+                    return Err(late(attempt, &last_why));
+                }
+                req = req.timeout(left.min(self.opts.request_timeout));
+            }
             let cached = self
                 .auth_cache
                 .lock()
@@ -208,6 +288,7 @@ impl Client {
             match outcome {
                 Attempt::Done(resp) => return Ok(resp),
                 Attempt::Retry(why, hint) => {
+                    last_why = why.clone();
                     if attempt >= self.opts.max_retries {
                         return Err(RegistryError::Transport {
                             what: what.into(),
@@ -216,6 +297,9 @@ impl Client {
                         });
                     }
                     let wait = self.backoff(attempt, hint);
+                    if remaining(deadline).is_some_and(|left| left <= wait) {
+                        return Err(late(attempt + 1, &why));
+                    }
                     debug!(what, %why, ?wait, "retrying registry request");
                     tokio::time::sleep(wait).await;
                     attempt += 1;
@@ -287,10 +371,9 @@ impl Client {
                     token: Option<String>,
                     access_token: Option<String>,
                 }
-                let body = resp
-                    .bytes()
+                let body = Self::read_capped(resp, &format!("token for {what}"), MAX_TOKEN_BYTES)
                     .await
-                    .map_err(|_| unauthorized("invalid token response"))?;
+                    .map_err(|e| unauthorized(&format!("invalid token response: {e}")))?;
                 let t: Token = serde_json::from_slice(&body)
                     .map_err(|_| unauthorized("invalid token response"))?;
                 let t = t
@@ -375,8 +458,8 @@ impl Client {
         })
     }
 
-    /// Reads a body up to `limit` bytes.
-    async fn read_capped(mut resp: Response, what: &str, limit: u64) -> Result<Vec<u8>> {
+    /// Reads a body up to `limit` bytes (more is an error; the buffer grows as bytes arrive).
+    pub(crate) async fn read_capped(mut resp: Response, what: &str, limit: u64) -> Result<Vec<u8>> {
         if resp.content_length().is_some_and(|n| n > limit) {
             return Err(RegistryError::TooLarge {
                 what: what.into(),

@@ -14,6 +14,7 @@ pub mod oci;
 mod push;
 pub mod reference;
 
+pub use blobs::{BlobStream, MAX_BLOB_IN_MEMORY};
 pub use client::{Client, ClientOptions};
 pub use digest::Digest;
 pub use error::{RegistryError, Result};

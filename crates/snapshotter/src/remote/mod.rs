@@ -4,11 +4,9 @@
 //! committed under the target name and containerd is told it already exists.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,23 +42,44 @@ pub const LABEL_ZTOC: &str = "containerd.io/snapshot/soci.ztoc-digest";
 /// Marks a layer that could not be restored.
 pub const LABEL_BROKEN: &str = "containerd.io/snapshot/broken";
 
-/// Range reads of a layer blob from the registry.
+/// Range reads of a layer blob from the registry (or whole reads, if it ignores ranges).
 struct RegistryReader {
     client: Arc<Client>,
     repo: Repository,
-    digest: Digest,
+    layer: Descriptor,
 }
 
 impl RangeReader for RegistryReader {
     fn read_range(
         &self,
         range: Range<u64>,
-    ) -> Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send + '_>> {
+        deadline: tokio::time::Instant,
+    ) -> soci_fs::ReadFuture<'_, Bytes> {
         Box::pin(async move {
             self.client
-                .get_blob_range(&self.repo, &self.digest, range)
+                .get_blob_range_until(&self.repo, &self.layer.digest, range, Some(deadline))
                 .await
                 .map_err(io::Error::other)
+        })
+    }
+
+    fn whole_only(&self) -> bool {
+        !self.client.supports_ranges(&self.repo.registry)
+    }
+
+    fn read_whole(&self, tx: tokio::sync::mpsc::Sender<Bytes>) -> soci_fs::ReadFuture<'_, ()> {
+        Box::pin(async move {
+            let mut blob = self
+                .client
+                .open_blob(&self.repo, &self.layer, None)
+                .await
+                .map_err(io::Error::other)?;
+            while let Some(chunk) = blob.chunk().await.map_err(io::Error::other)? {
+                if tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
         })
     }
 }
@@ -393,26 +412,25 @@ impl Remote {
         let reader = Arc::new(RegistryReader {
             client: self.client.clone(),
             repo: img.reference.repository.clone(),
-            digest: layer.digest.clone(),
+            layer: layer.clone(),
         });
         let cfg = SpanConfig {
             cache_dir: self.cache_root.join(id.to_string()),
             disable_verification: self.cfg.disable_verification,
             max_verification_retries: self.cfg.blob.max_span_verification_retries,
             fetch_timeout: Duration::from_secs(self.cfg.blob.fetching_timeout_sec.max(1)),
+            poisoned_ttl: soci_fs::POISONED_SPAN_TTL,
             memory: self.memory.clone(),
             disk: self.disk.clone(),
         };
-        let mgr = Arc::new(
-            SpanManager::new(
-                layer.digest.to_string(),
-                spans,
-                reader,
-                cfg,
-                self.metrics.clone(),
-            )
-            .map_err(|e| e.to_string())?,
-        );
+        let mgr = SpanManager::new(
+            layer.digest.to_string(),
+            spans,
+            reader,
+            cfg,
+            self.metrics.clone(),
+        )
+        .map_err(|e| e.to_string())?;
         let served = soci_fs::Served {
             tree,
             spans: mgr.clone(),
