@@ -10,7 +10,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,9 +19,9 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use tokio::runtime::Handle;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::kernel::{self, op, Attr, Reply, Request};
+use crate::kernel::{self, op, Attr, Reply, Request, Session};
 use crate::spans::{FsMetrics, SpanManager};
 use crate::tree::{LayerTree, Node, NodeKind};
 
@@ -30,6 +30,19 @@ const MAX_PAGES: u16 = 256;
 /// `max_write` we announce; the request buffer must hold it plus headers.
 const MAX_WRITE: u32 = 128 * 1024;
 const BUF_SIZE: usize = MAX_WRITE as usize + 4096;
+/// What we ask of the kernel at INIT.
+const INIT_WANTS: kernel::InitWants = kernel::InitWants {
+    flags: kernel::init::ASYNC_READ
+        | kernel::init::DO_READDIRPLUS
+        | kernel::init::READDIRPLUS_AUTO
+        | kernel::init::PARALLEL_DIROPS
+        | kernel::init::MAX_PAGES
+        | kernel::init::CACHE_SYMLINKS,
+    max_background: 16,
+    congestion_threshold: 12,
+    max_write: MAX_WRITE,
+    max_pages: MAX_PAGES,
+};
 
 /// The `/dev/fuse` connection of one mount; replies are written here from any thread.
 struct Channel {
@@ -61,8 +74,12 @@ struct LayerFs {
     metrics: Arc<FsMetrics>,
     /// Negotiated protocol minor version (0 until INIT).
     minor: AtomicU32,
+    /// Whether the kernel can resend requests taken but not answered (set at INIT).
+    resend: AtomicBool,
     /// Reads handed to tokio and not answered yet.
     inflight: Arc<AtomicUsize>,
+    /// Requests received with the resend bit.
+    resent: AtomicUsize,
 }
 
 fn mode(n: &Node) -> u32 {
@@ -114,6 +131,14 @@ impl LayerFs {
             Err(_) => return error!(len = buf.len(), "malformed FUSE request ignored"),
         };
         let unique = req.header.unique;
+        if req.header.is_resend() {
+            self.resent.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                unique,
+                opcode = req.header.opcode,
+                "answering a request the kernel sent again (an earlier daemon took it)"
+            );
+        }
         let reply = match self.answer(&req, ch) {
             Ok(Some(r)) => r,
             Ok(None) => return,
@@ -232,34 +257,26 @@ impl LayerFs {
     }
 
     fn init(&self, req: &Request) -> Result<Vec<u8>, i32> {
-        let (major, minor, max_readahead, flags) = req.init_args().map_err(|_| libc::EINVAL)?;
-        if major != kernel::KERNEL_VERSION || minor < kernel::MIN_MINOR {
-            error!(major, minor, "unsupported FUSE protocol version");
-            return Err(libc::EPROTO);
-        }
-        let want = kernel::init::ASYNC_READ
-            | kernel::init::DO_READDIRPLUS
-            | kernel::init::READDIRPLUS_AUTO
-            | kernel::init::PARALLEL_DIROPS
-            | kernel::init::MAX_PAGES
-            | kernel::init::CACHE_SYMLINKS;
+        let init = req.init_args().map_err(|_| libc::EINVAL)?;
+        let (out, session) = init.negotiate(&INIT_WANTS).map_err(|v| {
+            error!(
+                major = v.major,
+                minor = v.minor,
+                "unsupported FUSE protocol version"
+            );
+            libc::EPROTO
+        })?;
         let mut r = Reply::ok(req.header.unique);
-        r.u32(kernel::KERNEL_VERSION)
-            .u32(kernel::KERNEL_MINOR.min(minor))
-            .u32(max_readahead)
-            .u32(flags & want)
-            // max_background, congestion_threshold
-            .bytes(&16u16.to_le_bytes())
-            .bytes(&12u16.to_le_bytes())
-            .u32(MAX_WRITE)
-            // time_gran
-            .u32(1)
-            .bytes(&MAX_PAGES.to_le_bytes())
-            // map_alignment, flags2, max_stack_depth, unused[6]
-            .bytes(&[0; 2])
-            .bytes(&[0; 32]);
-        self.minor.store(minor, Ordering::Release);
-        debug!(minor, flags = flags & want, "FUSE session initialised");
+        out.encode(&mut r);
+        self.resend.store(session.resend, Ordering::Release);
+        self.minor.store(session.minor, Ordering::Release);
+        debug!(
+            kernel_minor = init.minor,
+            minor = session.minor,
+            resend = session.resend,
+            flags = out.flags,
+            "FUSE session initialised"
+        );
         Ok(r.finish())
     }
 
@@ -359,6 +376,19 @@ impl MountedLayer {
         self.fs.minor.load(Ordering::Acquire)
     }
 
+    /// The connection's protocol state, for the fd holder to give the next daemon.
+    pub fn session(&self) -> Session {
+        Session {
+            minor: self.proto_minor(),
+            resend: self.fs.resend.load(Ordering::Acquire),
+        }
+    }
+
+    /// Requests answered that the kernel had sent again (taken by an earlier daemon).
+    pub fn resent_requests(&self) -> usize {
+        self.fs.resent.load(Ordering::Relaxed)
+    }
+
     /// Stops reading requests and joins the session thread.
     fn stop_loop(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -434,7 +464,7 @@ fn start(
     served: Served,
     fd: OwnedFd,
     mountpoint: &Path,
-    minor: u32,
+    session: Session,
 ) -> std::io::Result<MountedLayer> {
     let fs = Arc::new(LayerFs {
         tree: served.tree,
@@ -442,8 +472,10 @@ fn start(
         rt: served.rt,
         ttl: served.ttl,
         metrics: served.metrics,
-        minor: AtomicU32::new(minor),
+        minor: AtomicU32::new(session.minor),
+        resend: AtomicBool::new(session.resend),
         inflight: Arc::new(AtomicUsize::new(0)),
+        resent: AtomicUsize::new(0),
     });
     let ch = Arc::new(Channel { fd });
     let (stop_r, stop_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
@@ -483,7 +515,7 @@ pub fn mount(served: Served, mountpoint: &Path) -> std::io::Result<MountedLayer>
         nix::mount::MsFlags::MS_RDONLY,
         Some(opts.as_str()),
     )?;
-    let m = start(served, fd, mountpoint, 0)?;
+    let m = start(served, fd, mountpoint, Session::default())?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while m.proto_minor() == 0 {
         if Instant::now() > deadline {
@@ -495,17 +527,27 @@ pub fn mount(served: Served, mountpoint: &Path) -> std::io::Result<MountedLayer>
     Ok(m)
 }
 
-/// Serves an already mounted and initialised FUSE connection `fd` (protocol minor `minor`)
+/// Serves an already mounted and initialised FUSE connection `fd` (protocol state `session`)
 /// at `mountpoint`, as taken over from an earlier daemon process.
+///
+/// The earlier daemon may have died (kill -9) holding requests it had read and not
+/// answered: the kernel keeps them as "being processed" forever, their callers wait, and the
+/// page cache pages they fill stay locked for every later reader. Once our reader runs we
+/// send `FUSE_NOTIFY_RESEND`, which puts them back in the queue (ids marked with
+/// [`kernel::UNIQUE_RESEND`]) and we answer them like any request. Without resend support
+/// (kernel before 7.40, or a connection set up by a daemon that did not record it) they stay
+/// stuck; that is logged once for the mount.
 pub fn resume(
     served: Served,
     fd: OwnedFd,
-    minor: u32,
+    session: Session,
     mountpoint: &Path,
 ) -> std::io::Result<MountedLayer> {
-    if minor < kernel::MIN_MINOR {
+    if session.minor < kernel::MIN_MINOR {
         return Err(std::io::Error::other(format!(
-            "FUSE protocol 7.{minor} of the held connection is not supported"
+            "FUSE protocol 7.{} of the held connection at {} is not supported",
+            session.minor,
+            mountpoint.display()
         )));
     }
     let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
@@ -513,5 +555,32 @@ pub fn resume(
         &fd,
         nix::fcntl::FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
     )?;
-    start(served, fd, mountpoint, minor)
+    let m = start(served, fd, mountpoint, session)?;
+    if session.resend {
+        // The reader thread runs: whatever the kernel queues again is read and answered.
+        match nix::unistd::write(&m.ch.fd, &kernel::notify_resend()) {
+            Ok(_) => info!(
+                mountpoint = %mountpoint.display(),
+                "asked the kernel to resend FUSE requests the previous daemon left unanswered"
+            ),
+            Err(e) => warn!(
+                mountpoint = %mountpoint.display(),
+                error = %e,
+                "FUSE_NOTIFY_RESEND refused: reads the previous daemon took may stay blocked"
+            ),
+        }
+    } else {
+        warn!(
+            mountpoint = %mountpoint.display(),
+            minor = session.minor,
+            "FUSE connection without resend support (kernel before 7.40, or set up by an older \
+             daemon): reads the previous daemon took and did not answer stay blocked until \
+             the layer is unmounted"
+        );
+    }
+    Ok(m)
 }
+
+#[cfg(test)]
+#[path = "fuse_tests.rs"]
+mod tests;

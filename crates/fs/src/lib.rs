@@ -12,6 +12,7 @@ mod spans;
 mod tree;
 
 pub use fuse::{mount, resume, MountedLayer, Served};
+pub use kernel::Session;
 pub use spans::{
     BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, Priority, RangeReader, SpanConfig,
     SpanManager, LATENCY_BUCKETS_MS,
