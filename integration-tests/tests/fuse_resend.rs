@@ -68,7 +68,12 @@ async fn read_head(c: &mut TcpStream) -> Option<Vec<u8>> {
     Some(head)
 }
 
-async fn forward(mut c: TcpStream, upstream: String, open: Arc<AtomicBool>, held: Arc<AtomicUsize>) {
+async fn forward(
+    mut c: TcpStream,
+    upstream: String,
+    open: Arc<AtomicBool>,
+    held: Arc<AtomicUsize>,
+) {
     while let Some(head) = read_head(&mut c).await {
         let text = String::from_utf8_lossy(&head).to_string();
         let span_fetch = text.starts_with("GET ")
@@ -93,7 +98,11 @@ async fn forward(mut c: TcpStream, upstream: String, open: Arc<AtomicBool>, held
         if u.read_to_end(&mut resp).await.is_err() {
             return;
         }
-        let Some(split) = resp.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) else {
+        let Some(split) = resp
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + 4)
+        else {
             return;
         };
         let (rhead, body) = resp.split_at(split);
@@ -186,7 +195,9 @@ fn reads_in_flight_at_kill_9_are_answered_by_the_next_daemon() {
     }
     for (id, _) in &readers {
         let ready = out.join(format!("ready-{id}"));
-        wait_for("containers ready", Duration::from_secs(60), || ready.exists());
+        wait_for("containers ready", Duration::from_secs(60), || {
+            ready.exists()
+        });
     }
     let fuse_mounts = |d: &SociDaemon| {
         std::fs::read_to_string("/proc/self/mountinfo")
@@ -202,7 +213,11 @@ fn reads_in_flight_at_kill_9_are_answered_by_the_next_daemon() {
     // registry with the requests taken from /dev/fuse.
     gate.open.store(false, Ordering::SeqCst);
     std::fs::write(out.join("go"), b"").unwrap();
-    wait_for("span fetches held at the gate", Duration::from_secs(30), || gate.held() >= 2);
+    wait_for(
+        "span fetches held at the gate",
+        Duration::from_secs(30),
+        || gate.held() >= 2,
+    );
     std::thread::sleep(Duration::from_secs(1));
     let results: Vec<std::path::PathBuf> = readers
         .iter()

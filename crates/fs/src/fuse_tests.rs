@@ -9,17 +9,29 @@ use std::pin::Pin;
 use bytes::Bytes;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
-use super::*;
-use crate::kernel::{notify_resend, UNIQUE_RESEND};
-use crate::spans::{DiskBudget, MemoryCache, RangeReader, SpanConfig};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-struct Blob(Vec<u8>);
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+use crate::kernel::{notify_resend, UNIQUE_RESEND};
+use crate::kernel::{op, Session};
+use crate::mount::{resume, Served};
+use crate::spans::{DiskBudget, MemoryCache, RangeReader, SpanConfig};
+use crate::spans::{FsMetrics, SpanManager};
+use crate::tree::LayerTree;
+
+/// The layer blob in memory; `panics` makes every read panic.
+struct Blob(Vec<u8>, bool);
 
 impl RangeReader for Blob {
     fn read_range(
         &self,
         range: Range<u64>,
     ) -> Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send + '_>> {
+        assert!(!self.1, "reader bug");
         let data = self.0[range.start as usize..range.end as usize].to_vec();
         Box::pin(async move { Ok(Bytes::from(data)) })
     }
@@ -27,6 +39,10 @@ impl RangeReader for Blob {
 
 /// A one-file layer ("f") served from memory, and the file's bytes.
 fn served(rt: &tokio::runtime::Runtime, dir: &Path) -> (Served, Vec<u8>) {
+    served_by(rt, dir, false)
+}
+
+fn served_by(rt: &tokio::runtime::Runtime, dir: &Path, panics: bool) -> (Served, Vec<u8>) {
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
@@ -51,7 +67,7 @@ fn served(rt: &tokio::runtime::Runtime, dir: &Path) -> (Served, Vec<u8>) {
     let spans = SpanManager::new(
         "sha256:test".into(),
         z.spans().unwrap(),
-        Arc::new(Blob(blob)),
+        Arc::new(Blob(blob, panics)),
         cfg,
         metrics.clone(),
     )
@@ -164,5 +180,41 @@ fn resumed_session_without_resend_writes_nothing() {
         0,
         "no notification on a connection without resend"
     );
+    drop(m);
+}
+
+/// Neither a panicking read nor a request that cannot be decoded leaves its caller waiting.
+#[test]
+fn every_request_gets_an_answer() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = served_by(&rt, dir.path(), true);
+    let ino = s.tree.lookup(crate::tree::ROOT_INO, b"f").unwrap();
+    let (ours, kernel) = device();
+    let session = Session {
+        minor: 40,
+        resend: false,
+    };
+    let m = resume(s, ours, session, &dir.path().join("mnt")).unwrap();
+    let error_of = |reply: Vec<u8>| {
+        (
+            reply.len(),
+            i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+            u64::from_le_bytes(reply[8..16].try_into().unwrap()),
+        )
+    };
+    nix::unistd::write(&kernel, &read_request(77, ino, 0, 4096)).unwrap();
+    let reply = next_packet(&kernel).expect("an answer to a read whose task panicked");
+    assert_eq!(error_of(reply), (16, -libc::EIO, 77));
+
+    let mut bad = read_request(78, ino, 0, 4096);
+    bad[0..4].copy_from_slice(&20u32.to_le_bytes()); // shorter than fuse_in_header
+    nix::unistd::write(&kernel, &bad).unwrap();
+    let reply = next_packet(&kernel).expect("an answer to a malformed request");
+    assert_eq!(error_of(reply), (16, -libc::EIO, 78));
     drop(m);
 }

@@ -470,10 +470,9 @@ mod tests {
 
         let old = old_daemon();
         send(old.as_raw_fd(), "LIST", None).unwrap();
-        let lines: Vec<String> =
-            std::iter::from_fn(|| recv(old.as_raw_fd()).unwrap().map(|m| m.0))
-                .take_while(|m| m != "END")
-                .collect();
+        let lines: Vec<String> = std::iter::from_fn(|| recv(old.as_raw_fd()).unwrap().map(|m| m.0))
+            .take_while(|m| m != "END")
+            .collect();
         assert_eq!(lines, vec!["FD 3 31".to_string(), "FD 4 40".to_string()]);
         send(old.as_raw_fd(), "DEL 3", None).unwrap();
         send(old.as_raw_fd(), "DEL 4", None).unwrap();
