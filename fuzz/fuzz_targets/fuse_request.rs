@@ -8,6 +8,19 @@ fuzz_target!(|data: &[u8]| {
         let _ = r.name();
         let _ = r.read_args();
         let _ = r.xattr_args();
-        let _ = r.init_args();
+        if let Ok(init) = r.init_args() {
+            let wants = soci_fs::kernel::InitWants {
+                flags: u32::MAX,
+                max_background: 16,
+                congestion_threshold: 12,
+                max_write: 131072,
+                max_pages: 256,
+            };
+            if let Ok((out, session)) = init.negotiate(&wants) {
+                assert!(out.minor <= soci_fs::kernel::KERNEL_MINOR);
+                assert_eq!(session.minor, out.minor);
+            }
+        }
+        let _ = r.header.is_resend();
     }
 });

@@ -6,17 +6,15 @@
 //! without an INIT handshake, so running containers keep reading their files.
 //!
 //! One thread per mount reads requests; metadata is answered from memory on that thread, reads
-//! are handed to tokio tasks so the loop never waits on the network.
+//! are handed to tokio tasks so the loop never waits on the network. Mounting, resuming and
+//! stopping a session are in [`crate::mount`].
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use tokio::runtime::Handle;
 use tracing::{debug, error, warn};
@@ -30,10 +28,23 @@ const MAX_PAGES: u16 = 256;
 /// `max_write` we announce; the request buffer must hold it plus headers.
 const MAX_WRITE: u32 = 128 * 1024;
 const BUF_SIZE: usize = MAX_WRITE as usize + 4096;
+/// What we ask of the kernel at INIT.
+const INIT_WANTS: kernel::InitWants = kernel::InitWants {
+    flags: kernel::init::ASYNC_READ
+        | kernel::init::DO_READDIRPLUS
+        | kernel::init::READDIRPLUS_AUTO
+        | kernel::init::PARALLEL_DIROPS
+        | kernel::init::MAX_PAGES
+        | kernel::init::CACHE_SYMLINKS,
+    max_background: 16,
+    congestion_threshold: 12,
+    max_write: MAX_WRITE,
+    max_pages: MAX_PAGES,
+};
 
 /// The `/dev/fuse` connection of one mount; replies are written here from any thread.
-struct Channel {
-    fd: OwnedFd,
+pub(crate) struct Channel {
+    pub(crate) fd: OwnedFd,
 }
 
 impl Channel {
@@ -53,16 +64,20 @@ impl Channel {
 }
 
 /// A layer filesystem: answers FUSE requests from the tree and the span manager.
-struct LayerFs {
-    tree: Arc<LayerTree>,
-    spans: Arc<SpanManager>,
-    rt: Handle,
-    ttl: Duration,
-    metrics: Arc<FsMetrics>,
+pub(crate) struct LayerFs {
+    pub(crate) tree: Arc<LayerTree>,
+    pub(crate) spans: Arc<SpanManager>,
+    pub(crate) rt: Handle,
+    pub(crate) ttl: Duration,
+    pub(crate) metrics: Arc<FsMetrics>,
     /// Negotiated protocol minor version (0 until INIT).
-    minor: AtomicU32,
+    pub(crate) minor: AtomicU32,
+    /// Whether the kernel can resend requests taken but not answered (set at INIT).
+    pub(crate) resend: AtomicBool,
     /// Reads handed to tokio and not answered yet.
-    inflight: Arc<AtomicUsize>,
+    pub(crate) inflight: Arc<AtomicUsize>,
+    /// Requests received with the resend bit.
+    pub(crate) resent: AtomicUsize,
 }
 
 fn mode(n: &Node) -> u32 {
@@ -111,9 +126,24 @@ impl LayerFs {
     fn dispatch(&self, buf: &[u8], ch: &Arc<Channel>) {
         let req = match Request::parse(buf) {
             Ok(r) => r,
-            Err(_) => return error!(len = buf.len(), "malformed FUSE request ignored"),
+            Err(_) => {
+                error!(len = buf.len(), "malformed FUSE request: EIO");
+                // Answer it if its id can be read, so its caller does not wait forever.
+                if let Some(unique) = buf.get(8..16).and_then(|b| b.try_into().ok()) {
+                    ch.send(&Reply::error(u64::from_le_bytes(unique), libc::EIO));
+                }
+                return;
+            }
         };
         let unique = req.header.unique;
+        if req.header.is_resend() {
+            self.resent.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                unique,
+                opcode = req.header.opcode,
+                "answering a request the kernel sent again (an earlier daemon took it)"
+            );
+        }
         let reply = match self.answer(&req, ch) {
             Ok(Some(r)) => r,
             Ok(None) => return,
@@ -232,34 +262,26 @@ impl LayerFs {
     }
 
     fn init(&self, req: &Request) -> Result<Vec<u8>, i32> {
-        let (major, minor, max_readahead, flags) = req.init_args().map_err(|_| libc::EINVAL)?;
-        if major != kernel::KERNEL_VERSION || minor < kernel::MIN_MINOR {
-            error!(major, minor, "unsupported FUSE protocol version");
-            return Err(libc::EPROTO);
-        }
-        let want = kernel::init::ASYNC_READ
-            | kernel::init::DO_READDIRPLUS
-            | kernel::init::READDIRPLUS_AUTO
-            | kernel::init::PARALLEL_DIROPS
-            | kernel::init::MAX_PAGES
-            | kernel::init::CACHE_SYMLINKS;
+        let init = req.init_args().map_err(|_| libc::EINVAL)?;
+        let (out, session) = init.negotiate(&INIT_WANTS).map_err(|v| {
+            error!(
+                major = v.major,
+                minor = v.minor,
+                "unsupported FUSE protocol version"
+            );
+            libc::EPROTO
+        })?;
         let mut r = Reply::ok(req.header.unique);
-        r.u32(kernel::KERNEL_VERSION)
-            .u32(kernel::KERNEL_MINOR.min(minor))
-            .u32(max_readahead)
-            .u32(flags & want)
-            // max_background, congestion_threshold
-            .bytes(&16u16.to_le_bytes())
-            .bytes(&12u16.to_le_bytes())
-            .u32(MAX_WRITE)
-            // time_gran
-            .u32(1)
-            .bytes(&MAX_PAGES.to_le_bytes())
-            // map_alignment, flags2, max_stack_depth, unused[6]
-            .bytes(&[0; 2])
-            .bytes(&[0; 32]);
-        self.minor.store(minor, Ordering::Release);
-        debug!(minor, flags = flags & want, "FUSE session initialised");
+        out.encode(&mut r);
+        self.resend.store(session.resend, Ordering::Release);
+        self.minor.store(session.minor, Ordering::Release);
+        debug!(
+            kernel_minor = init.minor,
+            minor = session.minor,
+            resend = session.resend,
+            flags = out.flags,
+            "FUSE session initialised"
+        );
         Ok(r.finish())
     }
 
@@ -282,30 +304,55 @@ impl LayerFs {
         let len = u64::from(size).min(n.size - offset);
         let range = n.offset + offset..n.offset + offset + len;
         let (spans, metrics, ch) = (self.spans.clone(), self.metrics.clone(), ch.clone());
-        let inflight = self.inflight.clone();
-        inflight.fetch_add(1, Ordering::AcqRel);
+        let inflight = InFlight::new(self.inflight.clone());
         let started = Instant::now();
         self.rt.spawn(async move {
-            match spans.read(range).await {
-                Ok(data) => {
+            let _inflight = inflight;
+            // Its own task, so that a panic still gets an answer: a READ left unanswered
+            // blocks its caller and every reader of the page it fills.
+            match tokio::spawn(async move { spans.read(range).await }).await {
+                Ok(Ok(data)) => {
                     let header = Reply::header(unique, data.len());
                     ch.send_parts(&[std::io::IoSlice::new(&header), std::io::IoSlice::new(&data)]);
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     metrics.read_errors.fetch_add(1, Ordering::Relaxed);
                     error!(ino, offset, error = %e, "read failed: EIO");
                     ch.send(&Reply::error(unique, libc::EIO));
                 }
+                // Cancelled: the runtime is shutting down; the kernel keeps the request for
+                // the next daemon (FUSE_NOTIFY_RESEND).
+                Err(e) if e.is_cancelled() => return,
+                Err(e) => {
+                    metrics.read_errors.fetch_add(1, Ordering::Relaxed);
+                    error!(ino, offset, error = %e, "read task panicked: EIO");
+                    ch.send(&Reply::error(unique, libc::EIO));
+                }
             }
             metrics.observe_read(started.elapsed());
-            inflight.fetch_sub(1, Ordering::AcqRel);
         });
         Ok(())
     }
 }
 
+/// One read handed to a task, counted until the task ends (however it ends).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::AcqRel);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Reads and dispatches requests until the connection ends or `stop` becomes readable.
-fn serve(fs: Arc<LayerFs>, ch: Arc<Channel>, stop: OwnedFd) {
+pub(crate) fn serve(fs: Arc<LayerFs>, ch: Arc<Channel>, stop: OwnedFd) {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         let mut fds = [
@@ -333,185 +380,6 @@ fn serve(fs: Arc<LayerFs>, ch: Arc<Channel>, stop: OwnedFd) {
     }
 }
 
-/// A served layer mount. Dropping it unmounts; [`MountedLayer::detach`] leaves the mount and
-/// its connection to whoever else holds the `/dev/fuse` descriptor.
-pub struct MountedLayer {
-    fs: Arc<LayerFs>,
-    ch: Arc<Channel>,
-    mountpoint: PathBuf,
-    stop: Option<OwnedFd>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl MountedLayer {
-    /// The layer's span manager (for background fetch and stats).
-    pub fn spans(&self) -> &Arc<SpanManager> {
-        &self.fs.spans
-    }
-
-    /// The `/dev/fuse` descriptor of the mount (to hand to an fd holder).
-    pub fn fuse_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.ch.fd.as_fd()
-    }
-
-    /// Negotiated FUSE protocol minor version.
-    pub fn proto_minor(&self) -> u32 {
-        self.fs.minor.load(Ordering::Acquire)
-    }
-
-    /// Stops reading requests and joins the session thread.
-    fn stop_loop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            // Closing the write end would also wake the loop; writing is explicit.
-            let _ = nix::unistd::write(&stop, &[1]);
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-
-    /// Unmounts (lazily if busy) and ends the connection.
-    pub fn unmount(mut self) -> std::io::Result<()> {
-        self.do_unmount()
-    }
-
-    fn do_unmount(&mut self) -> std::io::Result<()> {
-        let r = match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
-            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
-            Err(Errno::EBUSY) => {
-                warn!(mountpoint = %self.mountpoint.display(), "layer busy; detaching it");
-                nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH)
-                    .map_err(std::io::Error::from)
-            }
-            Err(e) => Err(e.into()),
-        };
-        self.fs.spans.close();
-        self.stop_loop();
-        r
-    }
-
-    /// Stops serving but leaves the mount in place: answers the reads in flight (waiting at
-    /// most `wait`), then lets go of this process's descriptor. Requests that arrive later
-    /// wait in the kernel for whoever holds the connection next ([`resume`]).
-    pub fn detach(mut self, wait: Duration) {
-        self.stop_loop();
-        let deadline = Instant::now() + wait;
-        while self.fs.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        self.fs.spans.close();
-        // Nothing left to do on drop.
-        self.mountpoint = PathBuf::new();
-    }
-}
-
-impl Drop for MountedLayer {
-    fn drop(&mut self) {
-        if self.mountpoint.as_os_str().is_empty() {
-            return;
-        }
-        if let Err(e) = self.do_unmount() {
-            warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmounting layer failed");
-        }
-    }
-}
-
-/// What serves a layer: its tree, spans and where reads run.
-pub struct Served {
-    /// Inodes.
-    pub tree: Arc<LayerTree>,
-    /// Span fetching and caching.
-    pub spans: Arc<SpanManager>,
-    /// Runtime the read tasks run on.
-    pub rt: Handle,
-    /// Entry and attribute cache timeout.
-    pub ttl: Duration,
-    /// Counters.
-    pub metrics: Arc<FsMetrics>,
-}
-
-fn start(
-    served: Served,
-    fd: OwnedFd,
-    mountpoint: &Path,
-    minor: u32,
-) -> std::io::Result<MountedLayer> {
-    let fs = Arc::new(LayerFs {
-        tree: served.tree,
-        spans: served.spans,
-        rt: served.rt,
-        ttl: served.ttl,
-        metrics: served.metrics,
-        minor: AtomicU32::new(minor),
-        inflight: Arc::new(AtomicUsize::new(0)),
-    });
-    let ch = Arc::new(Channel { fd });
-    let (stop_r, stop_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let (fs2, ch2) = (fs.clone(), ch.clone());
-    let thread = std::thread::Builder::new()
-        .name("soci-fuse".into())
-        .spawn(move || serve(fs2, ch2, stop_r))?;
-    Ok(MountedLayer {
-        fs,
-        ch,
-        mountpoint: mountpoint.to_path_buf(),
-        stop: Some(stop_w),
-        thread: Some(thread),
-    })
-}
-
-/// Mounts a layer at `mountpoint` (read-only, `allow_other`, `default_permissions`, devices
-/// and setuid allowed as in an image) and serves it; returns once the kernel's INIT is
-/// answered.
-pub fn mount(served: Served, mountpoint: &Path) -> std::io::Result<MountedLayer> {
-    let fd: OwnedFd = nix::fcntl::open(
-        "/dev/fuse",
-        OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(|e| std::io::Error::other(format!("opening /dev/fuse: {e}")))?;
-    let opts = format!(
-        "fd={},rootmode=40000,user_id={},group_id={},default_permissions,allow_other",
-        fd.as_raw_fd(),
-        nix::unistd::geteuid(),
-        nix::unistd::getegid()
-    );
-    nix::mount::mount(
-        Some("soci"),
-        mountpoint,
-        Some("fuse.soci"),
-        nix::mount::MsFlags::MS_RDONLY,
-        Some(opts.as_str()),
-    )?;
-    let m = start(served, fd, mountpoint, 0)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while m.proto_minor() == 0 {
-        if Instant::now() > deadline {
-            drop(m);
-            return Err(std::io::Error::other("the kernel sent no FUSE INIT"));
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(m)
-}
-
-/// Serves an already mounted and initialised FUSE connection `fd` (protocol minor `minor`)
-/// at `mountpoint`, as taken over from an earlier daemon process.
-pub fn resume(
-    served: Served,
-    fd: OwnedFd,
-    minor: u32,
-    mountpoint: &Path,
-) -> std::io::Result<MountedLayer> {
-    if minor < kernel::MIN_MINOR {
-        return Err(std::io::Error::other(format!(
-            "FUSE protocol 7.{minor} of the held connection is not supported"
-        )));
-    }
-    let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
-    nix::fcntl::fcntl(
-        &fd,
-        nix::fcntl::FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
-    )?;
-    start(served, fd, mountpoint, minor)
-}
+#[cfg(test)]
+#[path = "fuse_tests.rs"]
+mod tests;

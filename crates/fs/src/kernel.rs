@@ -6,8 +6,18 @@
 pub const MIN_MINOR: u32 = 23;
 /// Protocol version we speak.
 pub const KERNEL_VERSION: u32 = 7;
-/// Minor version we announce.
-pub const KERNEL_MINOR: u32 = 31;
+/// Minor version we announce: 7.40 brings `FUSE_NOTIFY_RESEND` (a resumed daemon asks the
+/// kernel to queue again the requests a dead daemon took and never answered). Checked against
+/// `fuse.h` for 7.32-7.40: no request or reply we use changed size (`fuse_attr.flags`,
+/// `fuse_open_out.backing_id` and `fuse_init_out.flags2`/`max_stack_depth` took former
+/// padding, written as 0); request extensions (7.38 `total_extlen`) come only with
+/// `FUSE_SECURITY_CTX`/`FUSE_CREATE_SUPP_GROUP`, which we never ask for.
+pub const KERNEL_MINOR: u32 = 40;
+/// Minor version that brought `FUSE_NOTIFY_RESEND` and `FUSE_HAS_RESEND`.
+pub const RESEND_MINOR: u32 = 40;
+/// Bit 63 of `unique` marks a request the kernel sends again after `FUSE_NOTIFY_RESEND`
+/// (`FUSE_UNIQUE_RESEND`). The reply carries the id as received, bit included.
+pub const UNIQUE_RESEND: u64 = 1 << 63;
 
 /// Opcodes we handle.
 pub mod op {
@@ -40,6 +50,23 @@ pub mod init {
     pub const PARALLEL_DIROPS: u32 = 1 << 18;
     pub const MAX_PAGES: u32 = 1 << 22;
     pub const CACHE_SYMLINKS: u32 = 1 << 23;
+    /// `fuse_init_in` is the 64-byte one carrying `flags2` (7.36); a reply that sets it has
+    /// its `flags2` read too.
+    pub const INIT_EXT: u32 = 1 << 30;
+}
+
+/// `flags2` of `fuse_init_in`/`fuse_init_out`: bits 32..63 of the init flags, shifted down.
+pub mod init2 {
+    /// `FUSE_HAS_RESEND` (1 << 39): the kernel can resend pending requests, and marks them
+    /// with [`super::UNIQUE_RESEND`].
+    pub const HAS_RESEND: u32 = 1 << (39 - 32);
+}
+
+/// `enum fuse_notify_code`: the `error` field of a notification (`unique` 0).
+pub mod notify {
+    /// `FUSE_NOTIFY_RESEND`: move every request read but not answered back to the pending
+    /// queue, marked with [`super::UNIQUE_RESEND`]. No payload.
+    pub const RESEND: i32 = 7;
 }
 
 /// `fuse_open_out.open_flags`.
@@ -47,8 +74,15 @@ pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 /// Directory contents may be cached.
 pub const FOPEN_CACHE_DIR: u32 = 1 << 3;
 
+mod handshake;
+pub use handshake::{notify_resend, InitIn, InitOut, InitWants, Session, UnsupportedVersion};
+
 const IN_HEADER: usize = 40;
 const OUT_HEADER: usize = 16;
+/// Size of `fuse_init_out` (7.23 and later).
+pub const INIT_OUT: usize = 64;
+/// Size of `fuse_init_in` with `FUSE_INIT_EXT` (7.36 and later); before, 16 bytes.
+pub const INIT_IN_EXT: usize = 64;
 /// Size of `fuse_entry_out`.
 pub const ENTRY_OUT: usize = 128;
 const DIRENT_HEADER: usize = 24;
@@ -64,6 +98,14 @@ pub struct InHeader {
     pub unique: u64,
     /// Inode the request is about.
     pub nodeid: u64,
+}
+
+impl InHeader {
+    /// Whether the kernel sends this request again after `FUSE_NOTIFY_RESEND` (a daemon took
+    /// it before and did not answer).
+    pub fn is_resend(&self) -> bool {
+        self.unique & UNIQUE_RESEND != 0
+    }
 }
 
 /// Why a request could not be decoded.
@@ -127,16 +169,6 @@ impl<'a> Request<'a> {
         let size = u32_at(self.args, 0)?;
         let rest = self.args.get(8..).ok_or(Malformed)?;
         Ok((size, rest))
-    }
-
-    /// `fuse_init_in`: (major, minor, max_readahead, flags).
-    pub fn init_args(&self) -> Result<(u32, u32, u32, u32), Malformed> {
-        Ok((
-            u32_at(self.args, 0)?,
-            u32_at(self.args, 4)?,
-            u32_at(self.args, 8)?,
-            u32_at(self.args, 12)?,
-        ))
     }
 }
 

@@ -8,10 +8,12 @@
 mod cache;
 mod fuse;
 pub mod kernel;
+mod mount;
 mod spans;
 mod tree;
 
-pub use fuse::{mount, resume, MountedLayer, Served};
+pub use kernel::Session;
+pub use mount::{mount, resume, MountedLayer, Served};
 pub use spans::{
     BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, Priority, RangeReader, ReadFuture,
     SpanConfig, SpanManager, LATENCY_BUCKETS_MS, POISONED_SPAN_TTL,

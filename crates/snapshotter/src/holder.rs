@@ -6,11 +6,19 @@
 //! the daemon does not reach it) and talks to it over a `SOCK_SEQPACKET` unix socket, one
 //! message per packet, descriptors passed with `SCM_RIGHTS`:
 //!
-//! | daemon sends             | holder answers                                       |
-//! |--------------------------|------------------------------------------------------|
-//! | `PUT <id> <minor>` + fd  | `OK`                                                 |
-//! | `DEL <id>`               | `OK` (the descriptor is closed)                      |
-//! | `LIST`                   | one `FD <id> <minor>` + fd per held mount, then `END`|
+//! | daemon sends                      | holder answers                                  |
+//! |-----------------------------------|-------------------------------------------------|
+//! | `HELLO`                           | `HELLO 2` (protocol 2; an older holder: `ERR …`)|
+//! | `PUT <id> <minor> <resend>` + fd  | `OK`                                            |
+//! | `DEL <id>`                        | `OK` (the descriptor is closed)                 |
+//! | `LIST`                            | one `FD <id> <minor> <resend>` + fd per held    |
+//! |                                   | mount, then `END`                               |
+//!
+//! `<minor>` is the FUSE protocol minor of the connection, `<resend>` 1 if the kernel can
+//! resend requests a dead daemon took (`FUSE_HAS_RESEND`), else 0: the next daemon needs both
+//! to resume without an INIT. Protocol 1 (holders and daemons before `HELLO`) had no
+//! `<resend>` word; each side still speaks it to a peer that did not say `HELLO 2`, and such
+//! records mean "no resend".
 //!
 //! When the daemon's connection ends the holder waits `timeout` for a new daemon; if none
 //! comes it closes every descriptor (the kernel then aborts those FUSE connections, so readers
@@ -30,6 +38,23 @@ use nix::sys::socket::{
 };
 
 const MAX_MSG: usize = 256;
+/// Holder protocol version with the `<resend>` word.
+const PROTOCOL: u32 = 2;
+
+/// What the holder keeps about one connection besides its descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Record {
+    minor: u32,
+    resend: bool,
+}
+
+fn parse_resend(w: &str) -> Option<bool> {
+    match w {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
+    }
+}
 
 /// Errors talking to the holder.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +131,7 @@ pub fn run(socket_path: &Path, timeout: Duration) -> Result<(), HolderError> {
     );
     socket::listen(&listener, Backlog::new(4).expect("backlog"))
         .map_err(|e| HolderError::Sys("listen", e))?;
-    let mut held: BTreeMap<String, (u32, OwnedFd)> = BTreeMap::new();
+    let mut held: BTreeMap<String, (Record, OwnedFd)> = BTreeMap::new();
     let mut first = true;
     loop {
         // Wait for a daemon: the first one at once (it started us), later ones for `timeout`.
@@ -154,7 +179,9 @@ pub fn run(socket_path: &Path, timeout: Duration) -> Result<(), HolderError> {
 }
 
 /// Answers one daemon until its connection ends.
-fn serve_daemon(conn: RawFd, held: &mut BTreeMap<String, (u32, OwnedFd)>) {
+fn serve_daemon(conn: RawFd, held: &mut BTreeMap<String, (Record, OwnedFd)>) {
+    // Whether this daemon said HELLO (else it speaks protocol 1: no `<resend>` word).
+    let mut v2 = false;
     loop {
         let (msg, mut fds) = match recv(conn) {
             Ok(Some(m)) => m,
@@ -162,22 +189,36 @@ fn serve_daemon(conn: RawFd, held: &mut BTreeMap<String, (u32, OwnedFd)>) {
             Err(e) => return eprintln!("soci fd-holder: {e}"),
         };
         let words: Vec<&str> = msg.split_whitespace().collect();
-        let reply = match words.as_slice() {
-            ["PUT", id, minor] => match (minor.parse::<u32>(), fds.pop()) {
-                (Ok(m), Some(fd)) => {
-                    held.insert(id.to_string(), (m, fd));
+        let mut put = |id: &str, minor: &str, resend: Option<&str>| {
+            let resend = resend.map_or(Some(false), parse_resend);
+            match (minor.parse::<u32>(), resend, fds.pop()) {
+                (Ok(minor), Some(resend), Some(fd)) => {
+                    held.insert(id.to_string(), (Record { minor, resend }, fd));
                     Ok(())
                 }
                 _ => send(conn, "ERR bad PUT", None),
-            },
+            }
+        };
+        let reply = match words.as_slice() {
+            ["HELLO"] => {
+                v2 = true;
+                send(conn, &format!("HELLO {PROTOCOL}"), None)
+            }
+            ["PUT", id, minor] => put(id, minor, None),
+            ["PUT", id, minor, resend] => put(id, minor, Some(resend)),
             ["DEL", id] => {
                 held.remove(*id);
                 Ok(())
             }
             ["LIST"] => held
                 .iter()
-                .try_for_each(|(id, (m, fd))| {
-                    send(conn, &format!("FD {id} {m}"), Some(fd.as_raw_fd()))
+                .try_for_each(|(id, (r, fd))| {
+                    let msg = if v2 {
+                        format!("FD {id} {} {}", r.minor, u8::from(r.resend))
+                    } else {
+                        format!("FD {id} {}", r.minor)
+                    };
+                    send(conn, &msg, Some(fd.as_raw_fd()))
                 })
                 .and_then(|()| send(conn, "END", None)),
             _ => send(conn, "ERR unknown request", None),
@@ -196,12 +237,17 @@ fn serve_daemon(conn: RawFd, held: &mut BTreeMap<String, (u32, OwnedFd)>) {
 pub struct HolderClient {
     conn: OwnedFd,
     path: PathBuf,
+    /// The holder speaks protocol 2 (records whether the kernel can resend).
+    v2: bool,
 }
 
 /// A held mount, as listed by the holder.
 pub struct Held {
     /// FUSE protocol minor version of the connection.
     pub minor: u32,
+    /// Whether the kernel can resend requests a dead daemon took (false when a protocol 1
+    /// holder or daemon kept the connection: unknown, so not relied on).
+    pub resend: bool,
     /// The `/dev/fuse` descriptor.
     pub fd: OwnedFd,
 }
@@ -255,10 +301,25 @@ impl HolderClient {
             .map_err(|e| HolderError::Sys("setsockopt", e))?;
         socket::setsockopt(&fd, socket::sockopt::SendTimeout, &t)
             .map_err(|e| HolderError::Sys("setsockopt", e))?;
-        Ok(HolderClient {
+        let mut c = HolderClient {
             conn: fd,
             path: path.to_path_buf(),
-        })
+            v2: false,
+        };
+        send(c.conn.as_raw_fd(), "HELLO", None)?;
+        c.v2 = match recv(c.conn.as_raw_fd())? {
+            Some((m, _)) if m == format!("HELLO {PROTOCOL}") => true,
+            // A holder started by an earlier version: it keeps no resend flag.
+            Some((m, _)) if m.starts_with("ERR") => false,
+            other => {
+                return Err(HolderError::Protocol(format!(
+                    "{}: expected HELLO, got {:?}",
+                    path.display(),
+                    other.map(|o| o.0)
+                )))
+            }
+        };
+        Ok(c)
     }
 
     fn expect_ok(&self) -> Result<(), HolderError> {
@@ -272,18 +333,19 @@ impl HolderClient {
         }
     }
 
-    /// Hands the holder a copy of mount `id`'s descriptor.
+    /// Hands the holder a copy of mount `id`'s descriptor and its protocol state.
     pub fn put(
         &self,
         id: u64,
-        minor: u32,
+        session: soci_fs::Session,
         fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), HolderError> {
-        send(
-            self.conn.as_raw_fd(),
-            &format!("PUT {id} {minor}"),
-            Some(fd.as_raw_fd()),
-        )?;
+        let msg = if self.v2 {
+            format!("PUT {id} {} {}", session.minor, u8::from(session.resend))
+        } else {
+            format!("PUT {id} {}", session.minor)
+        };
+        send(self.conn.as_raw_fd(), &msg, Some(fd.as_raw_fd()))?;
         self.expect_ok()
     }
 
@@ -306,11 +368,13 @@ impl HolderClient {
             let words: Vec<&str> = msg.split_whitespace().collect();
             match (words.as_slice(), fds.pop()) {
                 (["END"], _) => return Ok(out),
-                (["FD", id, minor], Some(fd)) => {
-                    let (Ok(id), Ok(minor)) = (id.parse(), minor.parse()) else {
+                (["FD", id, minor, rest @ ..], Some(fd)) if rest.len() <= 1 => {
+                    let resend = rest.first().map_or(Some(false), |w| parse_resend(w));
+                    let (Ok(id), Ok(minor), Some(resend)) = (id.parse(), minor.parse(), resend)
+                    else {
                         return Err(HolderError::Protocol(format!("bad entry {msg:?}")));
                     };
-                    out.insert(id, Held { minor, fd });
+                    out.insert(id, Held { minor, resend, fd });
                 }
                 _ => return Err(HolderError::Protocol(format!("unexpected {msg:?}"))),
             }
@@ -338,7 +402,11 @@ mod tests {
         };
         // Any descriptor will do: a pipe whose write end we keep, to see the copy is live.
         let (r, w) = nix::unistd::pipe().unwrap();
-        c.put(7, 31, r.as_fd()).unwrap();
+        let session = soci_fs::Session {
+            minor: 40,
+            resend: true,
+        };
+        c.put(7, session, r.as_fd()).unwrap();
         drop(r);
         drop(c);
 
@@ -346,7 +414,7 @@ mod tests {
         let c = HolderClient::connect(&sock).unwrap();
         let held = c.list().unwrap();
         assert_eq!(held.keys().copied().collect::<Vec<_>>(), vec![7]);
-        assert_eq!(held[&7].minor, 31);
+        assert_eq!((held[&7].minor, held[&7].resend), (40, true));
         nix::unistd::write(&w, b"x").unwrap();
         let mut b = [0u8; 1];
         assert_eq!(nix::unistd::read(&held[&7].fd, &mut b).unwrap(), 1);
@@ -358,5 +426,57 @@ mod tests {
         // Holding nothing, it exits when the daemon goes.
         holder.join().unwrap().unwrap();
         assert!(!sock.exists());
+    }
+
+    /// A daemon of the previous version (no HELLO, no `<resend>` word) and a current one
+    /// use a holder in turn: each gets the records in its own format; old records mean no
+    /// resend.
+    #[test]
+    fn speaks_protocol_1_to_older_daemons() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("h.sock");
+        let s2 = sock.clone();
+        let holder = std::thread::spawn(move || run(&s2, Duration::from_secs(2)));
+        let addr = UnixAddr::new(&sock).unwrap();
+        let old_daemon = || {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let fd = seqpacket().unwrap();
+                match socket::connect(fd.as_raw_fd(), &addr) {
+                    Ok(()) => break fd,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        };
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let old = old_daemon();
+        send(old.as_raw_fd(), "PUT 3 31", Some(r.as_raw_fd())).unwrap();
+        assert_eq!(recv(old.as_raw_fd()).unwrap().unwrap().0, "OK");
+        drop(old);
+
+        let c = HolderClient::connect(&sock).unwrap();
+        assert!(c.v2);
+        let held = c.list().unwrap();
+        assert_eq!((held[&3].minor, held[&3].resend), (31, false));
+        let session = soci_fs::Session {
+            minor: 40,
+            resend: true,
+        };
+        c.put(4, session, r.as_fd()).unwrap();
+        drop(c);
+
+        let old = old_daemon();
+        send(old.as_raw_fd(), "LIST", None).unwrap();
+        let lines: Vec<String> = std::iter::from_fn(|| recv(old.as_raw_fd()).unwrap().map(|m| m.0))
+            .take_while(|m| m != "END")
+            .collect();
+        assert_eq!(lines, vec!["FD 3 31".to_string(), "FD 4 40".to_string()]);
+        send(old.as_raw_fd(), "DEL 3", None).unwrap();
+        send(old.as_raw_fd(), "DEL 4", None).unwrap();
+        drop(old);
+        holder.join().unwrap().unwrap();
     }
 }

@@ -442,7 +442,13 @@ impl Remote {
         let held = self.held.lock().expect("held").remove(&id);
         let resumed = held.is_some();
         let mounted = tokio::task::spawn_blocking(move || match held {
-            Some(h) => soci_fs::resume(served, h.fd, h.minor, &dir),
+            Some(h) => {
+                let session = soci_fs::Session {
+                    minor: h.minor,
+                    resend: h.resend,
+                };
+                soci_fs::resume(served, h.fd, session, &dir)
+            }
             None => soci_fs::mount(served, &dir),
         })
         .await
@@ -524,11 +530,11 @@ impl Remote {
     fn hold(&self, id: u64, m: &MountedLayer) {
         let mut guard = self.holder.lock().expect("holder");
         let Some(c) = guard.as_ref() else { return };
-        if let Err(e) = c.put(id, m.proto_minor(), m.fuse_fd()) {
+        if let Err(e) = c.put(id, m.session(), m.fuse_fd()) {
             // The holder may have exited (it does when it holds nothing): start a new one.
             let retry = self
                 .start_holder()
-                .and_then(|c| c.put(id, m.proto_minor(), m.fuse_fd()).map(|()| c));
+                .and_then(|c| c.put(id, m.session(), m.fuse_fd()).map(|()| c));
             match retry {
                 Ok(c) => *guard = Some(c),
                 Err(e2) => {

@@ -1,0 +1,255 @@
+//! Starting, resuming and ending the FUSE session of a layer mount (the request loop itself
+//! is in [`crate::fuse`]).
+//!
+//! A session outlives the daemon process: the `/dev/fuse` descriptor is handed to the fd
+//! holder, and a later daemon resumes it without INIT. What that later daemon must know about
+//! the connection is its [`Session`] (negotiated minor, whether the kernel can resend the
+//! requests a dead daemon took).
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use tokio::runtime::Handle;
+use tracing::{info, warn};
+
+use crate::fuse::{serve, Channel, LayerFs};
+use crate::kernel::{self, Session};
+use crate::spans::{FsMetrics, SpanManager};
+use crate::tree::LayerTree;
+
+/// A served layer mount. Dropping it unmounts; [`MountedLayer::detach`] leaves the mount and
+/// its connection to whoever else holds the `/dev/fuse` descriptor.
+pub struct MountedLayer {
+    fs: Arc<LayerFs>,
+    ch: Arc<Channel>,
+    mountpoint: PathBuf,
+    stop: Option<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MountedLayer {
+    /// The layer's span manager (for background fetch and stats).
+    pub fn spans(&self) -> &Arc<SpanManager> {
+        &self.fs.spans
+    }
+
+    /// The `/dev/fuse` descriptor of the mount (to hand to an fd holder).
+    pub fn fuse_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.ch.fd.as_fd()
+    }
+
+    /// Negotiated FUSE protocol minor version.
+    pub fn proto_minor(&self) -> u32 {
+        self.fs.minor.load(Ordering::Acquire)
+    }
+
+    /// The connection's protocol state, for the fd holder to give the next daemon.
+    pub fn session(&self) -> Session {
+        Session {
+            minor: self.proto_minor(),
+            resend: self.fs.resend.load(Ordering::Acquire),
+        }
+    }
+
+    /// Requests answered that the kernel had sent again (taken by an earlier daemon).
+    pub fn resent_requests(&self) -> usize {
+        self.fs.resent.load(Ordering::Relaxed)
+    }
+
+    /// Stops reading requests and joins the session thread.
+    fn stop_loop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            // Closing the write end would also wake the loop; writing is explicit.
+            let _ = nix::unistd::write(&stop, &[1]);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Unmounts (lazily if busy) and ends the connection.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        self.do_unmount()
+    }
+
+    fn do_unmount(&mut self) -> std::io::Result<()> {
+        let r = match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
+            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
+            Err(Errno::EBUSY) => {
+                warn!(mountpoint = %self.mountpoint.display(), "layer busy; detaching it");
+                nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH)
+                    .map_err(std::io::Error::from)
+            }
+            Err(e) => Err(e.into()),
+        };
+        self.fs.spans.close();
+        self.stop_loop();
+        r
+    }
+
+    /// Stops serving but leaves the mount in place: answers the reads in flight (waiting at
+    /// most `wait`), then lets go of this process's descriptor. Requests that arrive later
+    /// wait in the kernel for whoever holds the connection next ([`resume`]).
+    pub fn detach(mut self, wait: Duration) {
+        self.stop_loop();
+        let deadline = Instant::now() + wait;
+        while self.fs.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.fs.spans.close();
+        // Nothing left to do on drop.
+        self.mountpoint = PathBuf::new();
+    }
+}
+
+impl Drop for MountedLayer {
+    fn drop(&mut self) {
+        if self.mountpoint.as_os_str().is_empty() {
+            return;
+        }
+        if let Err(e) = self.do_unmount() {
+            warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmounting layer failed");
+        }
+    }
+}
+
+/// What serves a layer: its tree, spans and where reads run.
+pub struct Served {
+    /// Inodes.
+    pub tree: Arc<LayerTree>,
+    /// Span fetching and caching.
+    pub spans: Arc<SpanManager>,
+    /// Runtime the read tasks run on.
+    pub rt: Handle,
+    /// Entry and attribute cache timeout.
+    pub ttl: Duration,
+    /// Counters.
+    pub metrics: Arc<FsMetrics>,
+}
+
+fn start(
+    served: Served,
+    fd: OwnedFd,
+    mountpoint: &Path,
+    session: Session,
+) -> std::io::Result<MountedLayer> {
+    let fs = Arc::new(LayerFs {
+        tree: served.tree,
+        spans: served.spans,
+        rt: served.rt,
+        ttl: served.ttl,
+        metrics: served.metrics,
+        minor: AtomicU32::new(session.minor),
+        resend: AtomicBool::new(session.resend),
+        inflight: Arc::new(AtomicUsize::new(0)),
+        resent: AtomicUsize::new(0),
+    });
+    let ch = Arc::new(Channel { fd });
+    let (stop_r, stop_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (fs2, ch2) = (fs.clone(), ch.clone());
+    let thread = std::thread::Builder::new()
+        .name("soci-fuse".into())
+        .spawn(move || serve(fs2, ch2, stop_r))?;
+    Ok(MountedLayer {
+        fs,
+        ch,
+        mountpoint: mountpoint.to_path_buf(),
+        stop: Some(stop_w),
+        thread: Some(thread),
+    })
+}
+
+/// Mounts a layer at `mountpoint` (read-only, `allow_other`, `default_permissions`, devices
+/// and setuid allowed as in an image) and serves it; returns once the kernel's INIT is
+/// answered.
+pub fn mount(served: Served, mountpoint: &Path) -> std::io::Result<MountedLayer> {
+    let fd: OwnedFd = nix::fcntl::open(
+        "/dev/fuse",
+        OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| std::io::Error::other(format!("opening /dev/fuse: {e}")))?;
+    let opts = format!(
+        "fd={},rootmode=40000,user_id={},group_id={},default_permissions,allow_other",
+        fd.as_raw_fd(),
+        nix::unistd::geteuid(),
+        nix::unistd::getegid()
+    );
+    nix::mount::mount(
+        Some("soci"),
+        mountpoint,
+        Some("fuse.soci"),
+        nix::mount::MsFlags::MS_RDONLY,
+        Some(opts.as_str()),
+    )?;
+    let m = start(served, fd, mountpoint, Session::default())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.proto_minor() == 0 {
+        if Instant::now() > deadline {
+            drop(m);
+            return Err(std::io::Error::other("the kernel sent no FUSE INIT"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(m)
+}
+
+/// Serves an already mounted and initialised FUSE connection `fd` (protocol state `session`)
+/// at `mountpoint`, as taken over from an earlier daemon process.
+///
+/// The earlier daemon may have died (kill -9) holding requests it had read and not
+/// answered: the kernel keeps them as "being processed" forever, their callers wait, and the
+/// page cache pages they fill stay locked for every later reader. Once our reader runs we
+/// send `FUSE_NOTIFY_RESEND`, which puts them back in the queue (ids marked with
+/// [`kernel::UNIQUE_RESEND`]) and we answer them like any request. Without resend support
+/// (kernel before 7.40, or a connection set up by a daemon that did not record it) they stay
+/// stuck; that is logged once for the mount.
+pub fn resume(
+    served: Served,
+    fd: OwnedFd,
+    session: Session,
+    mountpoint: &Path,
+) -> std::io::Result<MountedLayer> {
+    if session.minor < kernel::MIN_MINOR {
+        return Err(std::io::Error::other(format!(
+            "FUSE protocol 7.{} of the held connection at {} is not supported",
+            session.minor,
+            mountpoint.display()
+        )));
+    }
+    let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    )?;
+    let m = start(served, fd, mountpoint, session)?;
+    if session.resend {
+        // The reader thread runs: whatever the kernel queues again is read and answered.
+        match nix::unistd::write(&m.ch.fd, &kernel::notify_resend()) {
+            Ok(_) => info!(
+                mountpoint = %mountpoint.display(),
+                "asked the kernel to resend FUSE requests the previous daemon left unanswered"
+            ),
+            Err(e) => warn!(
+                mountpoint = %mountpoint.display(),
+                error = %e,
+                "FUSE_NOTIFY_RESEND refused: reads the previous daemon took may stay blocked"
+            ),
+        }
+    } else {
+        warn!(
+            mountpoint = %mountpoint.display(),
+            minor = session.minor,
+            "FUSE connection without resend support (kernel before 7.40, or set up by an older \
+             daemon): reads the previous daemon took and did not answer stay blocked until \
+             the layer is unmounted"
+        );
+    }
+    Ok(m)
+}
