@@ -148,9 +148,10 @@ pub const POISONED_SPAN_TTL: Duration = Duration::from_secs(5);
 
 /// How long a span whose fetch just failed (timeout, transport) answers EIO at once. Only
 /// long enough for the kernel's immediate retry: a failed readahead page is read again
-/// synchronously inside the same `read(2)`, which must not cost a second fetch deadline.
-/// Later reads fetch afresh (the registry may have recovered).
-pub const FAILED_FETCH_MEMO: Duration = Duration::from_millis(500);
+/// synchronously inside the same `read(2)` (microseconds after our EIO reply), which must
+/// not cost a second fetch deadline. Kept short so that later reads, e.g. a new container
+/// started right after, fetch afresh (the registry may have recovered).
+pub const FAILED_FETCH_MEMO: Duration = Duration::from_millis(100);
 
 /// Spans of one layer that failed verification, and until when they are refused; and spans
 /// whose fetch failed just now.
