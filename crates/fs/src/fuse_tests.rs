@@ -30,6 +30,7 @@ impl RangeReader for Blob {
     fn read_range(
         &self,
         range: Range<u64>,
+        _deadline: std::time::Instant,
     ) -> Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send + '_>> {
         assert!(!self.1, "reader bug");
         let data = self.0[range.start as usize..range.end as usize].to_vec();
@@ -61,6 +62,7 @@ fn served_by(rt: &tokio::runtime::Runtime, dir: &Path, panics: bool) -> (Served,
         disable_verification: false,
         max_verification_retries: 0,
         fetch_timeout: Duration::from_secs(5),
+        poisoned_ttl: crate::cache::POISONED_SPAN_TTL,
         memory: MemoryCache::new(1 << 20),
         disk: DiskBudget::new(0),
     };
@@ -74,7 +76,7 @@ fn served_by(rt: &tokio::runtime::Runtime, dir: &Path, panics: bool) -> (Served,
     .unwrap();
     let s = Served {
         tree: Arc::new(LayerTree::build(&z).unwrap()),
-        spans: Arc::new(spans),
+        spans,
         rt: rt.handle().clone(),
         ttl: Duration::from_secs(1),
         metrics,
