@@ -61,7 +61,10 @@ mod tests {
     async fn failure_is_seen_by_its_waiters_only_then_retried() {
         let map: Mutex<HashMap<String, Cell<Result<u32, String>>>> = Mutex::default();
         let k = "img".to_string();
-        let r = run(&map, &k, async { Err::<u32, _>("registry down".to_string()) }).await;
+        let r = run(&map, &k, async {
+            Err::<u32, _>("registry down".to_string())
+        })
+        .await;
         assert_eq!(r, Err("registry down".to_string()));
         assert!(map.lock().unwrap().is_empty(), "failed attempt kept");
         let r = run(&map, &k, async { Ok::<_, String>(7) }).await;

@@ -14,7 +14,9 @@ use tokio::io::AsyncReadExt;
 use soci_registry::oci::layer_compression;
 use soci_registry::{Descriptor, Digest, Reference, Repository};
 
-use super::{attempt, ImageLayers, Remote, DOWNLOADS_PER_IMAGE, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
+use super::{
+    attempt, ImageLayers, Remote, DOWNLOADS_PER_IMAGE, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
+};
 
 impl Remote {
     /// The layer list of an image, looked up once per image.

@@ -25,6 +25,9 @@ use crate::holder::{Held, HolderClient};
 
 mod attempt;
 mod full_pull;
+mod health;
+
+pub use health::{BrokenLayer, PROBE_TIMEOUT};
 
 /// containerd: the snapshot name the client wants (the layer's chain id).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -145,6 +148,8 @@ pub struct Remote {
     pub layers_lazy: std::sync::atomic::AtomicU64,
     /// Layers downloaded and unpacked.
     pub layers_full: std::sync::atomic::AtomicU64,
+    /// Lazy layers not served, and their restore locks.
+    health: health::Health,
 }
 
 /// How one layer will be provided.
@@ -203,6 +208,7 @@ impl Remote {
             fallbacks: Mutex::new(BTreeMap::new()),
             layers_lazy: Default::default(),
             layers_full: Default::default(),
+            health: Default::default(),
         })
     }
 
@@ -541,6 +547,7 @@ impl Remote {
 
     /// Unmounts the lazy layer of snapshot `id` (if any) and drops its span cache.
     pub fn release(&self, id: u64) {
+        self.forget_health(id);
         self.unhold(id);
         if let Some(m) = self.mounts.lock().expect("mounts").remove(&id) {
             let spans = m.spans().clone();
