@@ -57,6 +57,8 @@ where
 mod tests {
     use super::*;
 
+    type Attempts = Mutex<HashMap<u8, Cell<Result<u32, String>>>>;
+
     #[tokio::test]
     async fn failure_is_seen_by_its_waiters_only_then_retried() {
         let map: Mutex<HashMap<String, Cell<Result<u32, String>>>> = Mutex::default();
@@ -88,7 +90,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_waiters_share_one_failed_attempt() {
-        let map: Arc<Mutex<HashMap<u8, Cell<Result<u32, String>>>>> = Arc::default();
+        let map: Arc<Attempts> = Arc::default();
         let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (m, c) = (map.clone(), calls.clone());
