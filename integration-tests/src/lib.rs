@@ -4,6 +4,7 @@
 pub mod containerd;
 pub mod daemon;
 pub mod fault_proxy;
+pub mod gate;
 pub mod image;
 pub mod registry;
 

@@ -28,6 +28,7 @@ use crate::RegistryArgs;
 /// Snapshot labels set by soci-snapshotter-grpc.
 const LABEL_MODE: &str = "containerd.io/snapshot/soci.mode";
 const LABEL_REASON: &str = "containerd.io/snapshot/soci.fallback-reason";
+const LABEL_BROKEN: &str = "containerd.io/snapshot/broken";
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -466,7 +467,7 @@ async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Re
     let config = ctd.read_blob(manifest.config.digest.as_str()).await?;
     let chains = chain_ids(&diff_ids(&config)?);
     let mut snaps = SnapshotsClient::new(ctd.channel.clone());
-    let (mut lazy, mut reasons) = (0, Vec::new());
+    let (mut lazy, mut broken, mut reasons) = (0, 0, Vec::new());
     for (layer, chain) in manifest.layers.iter().zip(&chains) {
         let info = snaps
             .stat(ctd.req(StatSnapshotRequest {
@@ -490,6 +491,14 @@ async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Re
             .cloned()
             .unwrap_or_else(|| "overlayfs".into());
         let why = info.labels.get(LABEL_REASON).cloned().unwrap_or_default();
+        if let Some(b) = info.labels.get(LABEL_BROKEN) {
+            broken += 1;
+            println!(
+                "layer {} {:>10} bytes  {m} BROKEN (not served: {b})",
+                layer.digest, layer.size
+            );
+            continue;
+        }
         if m == "lazy" {
             lazy += 1;
         } else if !why.is_empty() && !reasons.contains(&why) {
@@ -506,7 +515,13 @@ async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Re
             }
         );
     }
-    if lazy > 0 {
+    if broken > 0 {
+        println!(
+            "snapshotter: soci (BROKEN: {broken} lazy layer(s) not served; containers cannot start \
+             until they are restored, retried in the background; lazy: {lazy} of {} layers)",
+            manifest.layers.len()
+        );
+    } else if lazy > 0 {
         println!(
             "snapshotter: soci (lazy: {lazy} of {} layers)",
             manifest.layers.len()

@@ -63,6 +63,7 @@ pub fn render(s: &Snapshotter) -> String {
         "soci_layers_total{{mode=\"full\"}} {}",
         r.layers_full.load(Ordering::Relaxed)
     );
+    render_broken(&mut o, r);
     let _ = writeln!(o, "# HELP soci_fallbacks_total Images pulled in full, by reason.\n# TYPE soci_fallbacks_total counter");
     for (reason, n) in r.fallbacks.lock().expect("fallbacks").iter() {
         let _ = writeln!(o, "soci_fallbacks_total{{reason=\"{reason}\"}} {n}");
@@ -102,6 +103,40 @@ pub fn render(s: &Snapshotter) -> String {
     o
 }
 
+/// Escapes a Prometheus label value.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Lazy layers not served: a total by cause, and one series per layer carrying its reason.
+fn render_broken(o: &mut String, r: &crate::remote::Remote) {
+    let broken = r.broken_layers();
+    let _ = writeln!(o, "# HELP soci_layers_broken Lazy layers not served (restore failed; retried in the background), by cause.\n# TYPE soci_layers_broken gauge");
+    let mut by_cause: std::collections::BTreeMap<&str, u64> =
+        ["deadline", "mount", "registry", "ztoc_changed"]
+            .into_iter()
+            .map(|c| (c, 0))
+            .collect();
+    for (_, b) in &broken {
+        *by_cause.entry(b.cause).or_default() += 1;
+    }
+    for (cause, n) in by_cause {
+        let _ = writeln!(o, "soci_layers_broken{{cause=\"{cause}\"}} {n}");
+    }
+    let _ = writeln!(o, "# HELP soci_layer_broken_info A lazy layer that is not served, with why (1 while broken).\n# TYPE soci_layer_broken_info gauge");
+    for (id, b) in &broken {
+        let _ = writeln!(
+            o,
+            "soci_layer_broken_info{{snapshot_id=\"{id}\",layer=\"{}\",cause=\"{}\",reason=\"{}\"}} 1",
+            label_value(&b.layer),
+            b.cause,
+            label_value(&b.reason.chars().take(200).collect::<String>())
+        );
+    }
+}
+
 /// Serves `GET /metrics` until the runtime stops.
 pub async fn serve(addr: String, s: Arc<Snapshotter>) -> std::io::Result<()> {
     let listener = TcpListener::bind(&addr).await?;
@@ -136,5 +171,13 @@ pub async fn serve(addr: String, s: Arc<Snapshotter>) -> std::io::Result<()> {
                 warn!(error = %e, "metrics response failed");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::label_value("a \"b\"\\c\nd"), "a \\\"b\\\"\\\\c\\nd");
     }
 }

@@ -15,6 +15,8 @@ use crate::proto::snapshots::snapshots_server::Snapshots;
 use crate::remote::{self, LayerPlan, Remote};
 use crate::store::{Kind, MetaStore, Snapshot, Usage};
 
+mod availability;
+
 /// Shared state of the snapshotter.
 pub struct Snapshotter {
     store: MetaStore,
@@ -181,49 +183,6 @@ impl Snapshotter {
         Ok(self.store.list()?.len())
     }
 
-    /// Mounts again the lazy layers of committed snapshots (after a restart). A layer that
-    /// cannot be restored is labelled broken and logged; nothing else waits for it.
-    pub async fn restore_lazy_layers(self: Arc<Self>) {
-        let Some(remote) = self.remote.clone() else {
-            return;
-        };
-        let lazy: Vec<(String, Snapshot)> = match self.store.list() {
-            Ok(l) => l
-                .into_iter()
-                .filter(|(_, s)| {
-                    s.labels.get(remote::LABEL_MODE).map(String::as_str) == Some("lazy")
-                })
-                .collect(),
-            Err(e) => return warn!(error = %e, "cannot list snapshots to restore lazy layers"),
-        };
-        for (name, snap) in lazy {
-            let fs_dir = self.layout.fs(snap.id);
-            if !remote.is_held(snap.id) {
-                remote::detach_stale_mount(&fs_dir);
-            }
-            let result = match remote.plan(&snap.labels).await {
-                Ok(LayerPlan::Lazy(img, z, layer))
-                    if snap.labels.get(remote::LABEL_ZTOC) == Some(&z.digest.to_string()) =>
-                {
-                    remote.mount_lazy(snap.id, &fs_dir, &img, &z, &layer).await
-                }
-                Ok(_) => Err("the image no longer has the same zTOC for this layer".to_string()),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => info!(snapshot = %name, "lazy layer restored"),
-                Err(e) => {
-                    warn!(snapshot = %name, error = %e, "lazy layer cannot be restored; marked broken");
-                    remote.drop_held(snap.id, &fs_dir);
-                    let mut labels = snap.labels.clone();
-                    labels.insert(remote::LABEL_BROKEN.into(), e.chars().take(200).collect());
-                    let _ = self.store.update_labels(&name, labels, &[]);
-                }
-            }
-        }
-        remote.drop_unclaimed_held();
-    }
-
     fn list(&self, filters: &[String]) -> Result<Vec<pb::Info>> {
         let f = Filter::parse_all(filters)?;
         Ok(self
@@ -350,12 +309,21 @@ impl Service {
                 if let Some(l) = labels.get(remote::LABEL_LAYER_DIGEST) {
                     remote.discard_download(l);
                 }
+                // An existing lazy layer counts only while it is served (or restored now).
+                if let Err(e) = self.inner.ensure_chain_served(&target).await {
+                    return e;
+                }
                 return exists();
             }
         }
-        let plan = match remote.plan(&labels).await {
-            Ok(p) => p,
-            Err(e) => return Status::unavailable(format!("layer for {target}: {e}")),
+        // Every wait on registries below ends by this deadline.
+        let budget = remote.prepare_deadline();
+        let deadline = tokio::time::Instant::now() + budget;
+        let late = || format!("not ready within the Prepare deadline of {budget:?}");
+        let plan = match tokio::time::timeout_at(deadline, remote.plan(&labels)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Status::unavailable(format!("layer for {target}: {e}")),
+            Err(_) => return Status::unavailable(format!("layer for {target}: {}", late())),
         };
         let (k, p, l) = (key.clone(), parent.clone(), labels.clone());
         let created = self
@@ -370,38 +338,43 @@ impl Service {
         };
         let fs_dir = self.inner.layout.fs(snap.id);
         let mut extra = BTreeMap::new();
-        let result = match plan {
-            LayerPlan::Lazy(img, z, layer) => {
-                match remote.mount_lazy(snap.id, &fs_dir, &img, &z, &layer).await {
-                    Ok(()) => {
-                        extra.insert(remote::LABEL_REMOTE.to_string(), "soci".to_string());
-                        extra.insert(remote::LABEL_MODE.to_string(), "lazy".to_string());
-                        extra.insert(remote::LABEL_ZTOC.to_string(), z.digest.to_string());
-                        Ok(())
-                    }
-                    Err(e) => {
-                        warn!(layer = %layer.digest, error = %e, "lazy mount failed; pulling the layer in full");
-                        remote.release(snap.id);
-                        extra.insert(remote::LABEL_MODE.to_string(), "full".to_string());
-                        extra.insert(
-                            remote::LABEL_REASON.to_string(),
-                            "lazy_mount_failed".to_string(),
-                        );
-                        remote
-                            .unpack_full(&fs_dir, &img.reference.repository, &layer)
-                            .await
+        let provide = async {
+            match plan {
+                LayerPlan::Lazy(img, z, layer) => {
+                    match remote.mount_lazy(snap.id, &fs_dir, &img, &z, &layer).await {
+                        Ok(()) => {
+                            extra.insert(remote::LABEL_REMOTE.to_string(), "soci".to_string());
+                            extra.insert(remote::LABEL_MODE.to_string(), "lazy".to_string());
+                            extra.insert(remote::LABEL_ZTOC.to_string(), z.digest.to_string());
+                            Ok(())
+                        }
+                        Err(e) => {
+                            warn!(layer = %layer.digest, error = %e, "lazy mount failed; pulling the layer in full");
+                            remote.release(snap.id);
+                            extra.insert(remote::LABEL_MODE.to_string(), "full".to_string());
+                            extra.insert(
+                                remote::LABEL_REASON.to_string(),
+                                "lazy_mount_failed".to_string(),
+                            );
+                            remote
+                                .unpack_full(&fs_dir, &img.reference.repository, &layer)
+                                .await
+                        }
                     }
                 }
-            }
-            LayerPlan::Full(repo, layer, reason) => {
-                extra.insert(remote::LABEL_MODE.to_string(), "full".to_string());
-                let why = reason
-                    .map(|r| r.label().to_string())
-                    .unwrap_or_else(|| "layer_without_ztoc".to_string());
-                extra.insert(remote::LABEL_REASON.to_string(), why);
-                remote.unpack_full(&fs_dir, &repo, &layer).await
+                LayerPlan::Full(repo, layer, reason) => {
+                    extra.insert(remote::LABEL_MODE.to_string(), "full".to_string());
+                    let why = reason
+                        .map(|r| r.label().to_string())
+                        .unwrap_or_else(|| "layer_without_ztoc".to_string());
+                    extra.insert(remote::LABEL_REASON.to_string(), why);
+                    remote.unpack_full(&fs_dir, &repo, &layer).await
+                }
             }
         };
+        let result = tokio::time::timeout_at(deadline, provide)
+            .await
+            .unwrap_or_else(|_| Err(late()));
         let lazy = extra.get(remote::LABEL_MODE).map(String::as_str) == Some("lazy");
         let mut committed_labels = labels;
         committed_labels.extend(extra);
@@ -452,6 +425,7 @@ impl Snapshots for Service {
                 return Err(self.prepare_remote(remote, r.key, r.parent, r.labels).await);
             }
         }
+        self.inner.ensure_chain_served(&r.parent).await?;
         let mounts = self
             .blocking(move |s| s.create(&r.key, &r.parent, Kind::Active, r.labels))
             .await?;
@@ -463,6 +437,7 @@ impl Snapshots for Service {
         r: Request<pb::ViewSnapshotRequest>,
     ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
         let r = r.into_inner();
+        self.inner.ensure_chain_served(&r.parent).await?;
         let mounts = self
             .blocking(move |s| s.create(&r.key, &r.parent, Kind::View, r.labels))
             .await?;
@@ -474,6 +449,7 @@ impl Snapshots for Service {
         r: Request<pb::MountsRequest>,
     ) -> Result<Response<pb::MountsResponse>, Status> {
         let key = r.into_inner().key;
+        self.inner.ensure_chain_served(&key).await?;
         let mounts = self
             .blocking(move |s| {
                 if s.store.get(&key)?.kind == Kind::Committed {

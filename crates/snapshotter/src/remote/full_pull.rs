@@ -14,7 +14,9 @@ use tokio::io::AsyncReadExt;
 use soci_registry::oci::layer_compression;
 use soci_registry::{Descriptor, Digest, Reference, Repository};
 
-use super::{ImageLayers, Remote, DOWNLOADS_PER_IMAGE, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
+use super::{
+    attempt, ImageLayers, Remote, DOWNLOADS_PER_IMAGE, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
+};
 
 impl Remote {
     /// The layer list of an image, looked up once per image.
@@ -23,27 +25,14 @@ impl Remote {
         key: &str,
         fetch: impl std::future::Future<Output = Result<Vec<Descriptor>, String>>,
     ) -> Result<Arc<ImageLayers>, String> {
-        let cell = self
-            .image_layers
-            .lock()
-            .expect("image layers")
-            .entry(key.to_string())
-            .or_default()
-            .clone();
-        let r = cell
-            .get_or_init(|| async {
-                let layers = fetch.await?;
-                Ok(Arc::new(ImageLayers {
-                    layers,
-                    slots: Arc::new(tokio::sync::Semaphore::new(DOWNLOADS_PER_IMAGE)),
-                }))
-            })
-            .await
-            .clone();
-        if r.is_err() {
-            self.image_layers.lock().expect("image layers").remove(key);
-        }
-        r
+        attempt::run(&self.image_layers, &key.to_string(), async {
+            let layers = fetch.await?;
+            Ok(Arc::new(ImageLayers {
+                layers,
+                slots: Arc::new(tokio::sync::Semaphore::new(DOWNLOADS_PER_IMAGE)),
+            }))
+        })
+        .await
     }
     /// Starts downloading the layers containerd will prepare next (this one and those above
     /// it, from the `cri.image-layers` label) that `wanted` selects.
@@ -77,12 +66,17 @@ impl Remote {
             };
             let (me, repo, layer, slots) = (self.clone(), repo.clone(), l.clone(), slots.clone());
             tokio::spawn(async move {
-                let _ = cell
+                let r = cell
                     .get_or_init(|| async {
                         let _permit = slots.acquire_owned().await.map_err(|e| e.to_string())?;
                         me.download(&repo, &layer).await
                     })
                     .await;
+                if r.is_err() {
+                    // Only a Prepare already waiting sees this failure; a later one downloads
+                    // afresh (the registry may be back).
+                    attempt::forget(&me.downloads, &layer.digest, &cell);
+                }
             });
         }
     }
@@ -194,21 +188,13 @@ impl Remote {
     ) -> Result<(), String> {
         let compression = layer_compression(&layer.media_type);
         // Started ahead by `start_downloads`, or fetched now.
-        let cell = self
-            .downloads
-            .lock()
-            .expect("downloads")
-            .entry(layer.digest.clone())
-            .or_default()
-            .clone();
+        let cell = attempt::cell(&self.downloads, &layer.digest);
         let file = cell
             .get_or_init(|| self.download(repo, layer))
             .await
             .clone();
-        self.downloads
-            .lock()
-            .expect("downloads")
-            .remove(&layer.digest);
+        // Used up (or failed): the next Prepare of this layer starts afresh.
+        attempt::forget(&self.downloads, &layer.digest, &cell);
         let digest = layer.digest.clone();
         let dir = fs_dir.to_path_buf();
         match &*file? {

@@ -21,7 +21,11 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::holder::{Held, HolderClient};
 
+mod attempt;
 mod full_pull;
+mod health;
+
+pub use health::{BrokenLayer, PROBE_TIMEOUT};
 
 /// containerd: the snapshot name the client wants (the layer's chain id).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -84,7 +88,25 @@ impl RangeReader for RegistryReader {
     }
 }
 
-type Discovery = Arc<tokio::sync::OnceCell<Result<Arc<SociImage>, NoSoci>>>;
+type Discovery = attempt::Cell<Result<Arc<SociImage>, NoSoci>>;
+
+/// How long a definitive "no lazy loading for this manifest" answer is shared (by the layers
+/// of one pull) before the image is looked at again.
+const DEFINITIVE_ANSWER_TTL: Duration = Duration::from_secs(60);
+
+/// Whether a discovery result is a fact about the (digest-pinned) image rather than a failure
+/// of the attempt: such answers may be shared for a while, failures never outlive their attempt.
+fn definitive(reason: &NoSoci) -> bool {
+    matches!(
+        reason,
+        NoSoci::NoIndex(_)
+            | NoSoci::V1Only(_)
+            | NoSoci::ZstdLayer(_)
+            | NoSoci::CorruptZtoc(..)
+            | NoSoci::CorruptIndex(..)
+            | NoSoci::NoPlatform(_)
+    )
+}
 
 /// A layer ready to mount: its validated span table and inode tree.
 #[derive(Clone)]
@@ -93,11 +115,11 @@ struct PreparedLayer {
     tree: Arc<LayerTree>,
 }
 
-type Prepared = Arc<tokio::sync::OnceCell<Result<PreparedLayer, String>>>;
+type Prepared = attempt::Cell<Result<PreparedLayer, String>>;
 
 /// A layer pulled ahead of its Prepare (digest-verified): its blob in a temp file, or already
 /// unpacked into a staging directory.
-type Download = Arc<tokio::sync::OnceCell<Result<Arc<full_pull::Fetched>, String>>>;
+type Download = attempt::Cell<Result<Arc<full_pull::Fetched>, String>>;
 
 /// The layers of an image (for full pulls) and the downloads it may run at once.
 struct ImageLayers {
@@ -105,7 +127,7 @@ struct ImageLayers {
     slots: Arc<tokio::sync::Semaphore>,
 }
 
-type LayerList = Arc<tokio::sync::OnceCell<Result<Arc<ImageLayers>, String>>>;
+type LayerList = attempt::Cell<Result<Arc<ImageLayers>, String>>;
 
 /// Downloads of one image that may run at once (upstream's
 /// `max_concurrent_downloads_per_image` default).
@@ -145,6 +167,8 @@ pub struct Remote {
     pub layers_lazy: std::sync::atomic::AtomicU64,
     /// Layers downloaded and unpacked.
     pub layers_full: std::sync::atomic::AtomicU64,
+    /// Lazy layers not served, and their restore locks.
+    health: health::Health,
 }
 
 /// How one layer will be provided.
@@ -203,6 +227,7 @@ impl Remote {
             fallbacks: Mutex::new(BTreeMap::new()),
             layers_lazy: Default::default(),
             layers_full: Default::default(),
+            health: Default::default(),
         })
     }
 
@@ -213,13 +238,7 @@ impl Remote {
         manifest: Option<&str>,
     ) -> Result<Arc<SociImage>, NoSoci> {
         let key = format!("{image_ref}@{}", manifest.unwrap_or(""));
-        let cell = self
-            .images
-            .lock()
-            .expect("images")
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let cell = attempt::cell(&self.images, &key);
         let result = cell
             .get_or_init(|| async {
                 if !self.cfg.pull_modes.soci_v2.enable {
@@ -256,9 +275,19 @@ impl Remote {
             })
             .await
             .clone();
-        if matches!(result, Err(NoSoci::Registry(_))) {
-            // Transient: let the next layer or pull try again.
-            self.images.lock().expect("images").remove(&key);
+        if let Err(reason) = &result {
+            if manifest.is_some() && definitive(reason) {
+                // A fact about immutable content: the other layers of this pull share it, and
+                // it is looked up again after a short while (the image may get an index).
+                let (me, cell) = (self.clone(), cell.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(DEFINITIVE_ANSWER_TTL).await;
+                    attempt::forget(&me.images, &key, &cell);
+                });
+            } else {
+                // Transient (registry, a moving tag): the next layer or pull tries again.
+                attempt::forget(&self.images, &key, &cell);
+            }
         }
         result
     }
@@ -364,37 +393,24 @@ impl Remote {
         ztoc: &Descriptor,
         layer: &Descriptor,
     ) -> Result<PreparedLayer, String> {
-        let cell = self
-            .prepared
-            .lock()
-            .expect("prepared")
-            .entry(ztoc.digest.clone())
-            .or_default()
-            .clone();
-        let r = cell
-            .get_or_init(|| async {
-                let z = img
-                    .fetch_ztoc(&self.client, ztoc, layer)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let spans = z
-                    .spans()
-                    .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
-                let tree = tokio::task::spawn_blocking(move || LayerTree::build(&z))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
-                Ok(PreparedLayer {
-                    spans,
-                    tree: Arc::new(tree),
-                })
+        attempt::run(&self.prepared, &ztoc.digest, async {
+            let z = img
+                .fetch_ztoc(&self.client, ztoc, layer)
+                .await
+                .map_err(|e| e.to_string())?;
+            let spans = z
+                .spans()
+                .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
+            let tree = tokio::task::spawn_blocking(move || LayerTree::build(&z))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
+            Ok(PreparedLayer {
+                spans,
+                tree: Arc::new(tree),
             })
-            .await
-            .clone();
-        if r.is_err() {
-            self.prepared.lock().expect("prepared").remove(&ztoc.digest);
-        }
-        r
+        })
+        .await
     }
 
     /// Mounts a layer lazily at `fs_dir` for snapshot `id`.
@@ -555,6 +571,7 @@ impl Remote {
 
     /// Unmounts the lazy layer of snapshot `id` (if any) and drops its span cache.
     pub fn release(&self, id: u64) {
+        self.forget_health(id);
         self.unhold(id);
         if let Some(m) = self.mounts.lock().expect("mounts").remove(&id) {
             let spans = m.spans().clone();
