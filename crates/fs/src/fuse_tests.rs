@@ -30,7 +30,7 @@ impl RangeReader for Blob {
     fn read_range(
         &self,
         range: Range<u64>,
-        _deadline: std::time::Instant,
+        _deadline: tokio::time::Instant,
     ) -> Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send + '_>> {
         assert!(!self.1, "reader bug");
         let data = self.0[range.start as usize..range.end as usize].to_vec();
