@@ -102,10 +102,10 @@ fn set_meta(dir: BorrowedFd<'_>, name: &CStr, e: &TarEntry) -> io::Result<()> {
     let st = lstat_at(dir, name)?.ok_or_else(|| invalid(format!("{:?} vanished", lossy(n))))?;
     if !is(&st, SFlag::S_IFLNK) {
         let mode = Mode::from_bits_truncate((e.mode & 0o7777) as libc::mode_t);
-        match fchmodat(dir, name, mode, FchmodatFlags::NoFollowSymlink) {
-            Ok(()) | Err(Errno::EOPNOTSUPP) => {}
-            Err(x) => return Err(err(x, "chmod", n)),
-        }
+        // NoFollowSymlink: should the entry have become a symlink since the check, this fails
+        // (EOPNOTSUPP) instead of changing the link's target.
+        fchmodat(dir, name, mode, FchmodatFlags::NoFollowSymlink)
+            .map_err(|x| err(x, "chmod", n))?;
     }
     set_times(dir, name, e.mtime)
 }
