@@ -20,7 +20,16 @@ fn observe(dir: &Path, out: &mut Seen) {
     let m = std::fs::symlink_metadata(dir).expect("canary");
     out.insert(
         dir.to_path_buf(),
-        (m.mode(), m.uid(), m.gid(), m.nlink(), m.mtime(), m.ctime(), m.ctime_nsec(), vec![]),
+        (
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.nlink(),
+            m.mtime(),
+            m.ctime(),
+            m.ctime_nsec(),
+            vec![],
+        ),
     );
     for e in std::fs::read_dir(dir).expect("canary") {
         let p = e.expect("canary").path();
@@ -30,13 +39,26 @@ fn observe(dir: &Path, out: &mut Seen) {
             continue;
         }
         let body = if m.file_type().is_symlink() {
-            std::fs::read_link(&p).expect("canary").as_os_str().as_bytes().to_vec()
+            std::fs::read_link(&p)
+                .expect("canary")
+                .as_os_str()
+                .as_bytes()
+                .to_vec()
         } else {
             std::fs::read(&p).expect("canary")
         };
         out.insert(
             p,
-            (m.mode(), m.uid(), m.gid(), m.nlink(), m.mtime(), m.ctime(), m.ctime_nsec(), body),
+            (
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.nlink(),
+                m.mtime(),
+                m.ctime(),
+                m.ctime_nsec(),
+                body,
+            ),
         );
     }
 }
@@ -108,8 +130,22 @@ fn pax(out: &mut Vec<u8>, key: &str, value: &[u8]) {
 /// A tar from the input: each 5 bytes pick a kind, a name, a link target, a mode and an owner.
 fn structured(data: &[u8], canary: &Path) -> Vec<u8> {
     const PARTS: &[&[u8]] = &[
-        b"a", b"b", b"d", b"l", b"..", b".", b"", b".wh.", b".wh..", b".wh...", b".wh.a",
-        b".wh.d", b".wh.l", b".wh..wh..opq", b".wh..wh.plnk", b"canary",
+        b"a",
+        b"b",
+        b"d",
+        b"l",
+        b"..",
+        b".",
+        b"",
+        b".wh.",
+        b".wh..",
+        b".wh...",
+        b".wh.a",
+        b".wh.d",
+        b".wh.l",
+        b".wh..wh..opq",
+        b".wh..wh.plnk",
+        b"canary",
     ];
     let abs_file = canary.join("file");
     let abs_dir = canary.join("dir");
@@ -197,7 +233,9 @@ fuzz_target!(|data: &[u8]| {
         rest.to_vec()
     };
     static N: AtomicU64 = AtomicU64::new(0);
-    let scratch = s.top.join(format!("scratch-{}", N.fetch_add(1, Ordering::Relaxed)));
+    let scratch = s
+        .top
+        .join(format!("scratch-{}", N.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir(&scratch).expect("scratch");
     let _ = soci_snapshotter::unpack::unpack(tar.as_slice(), &scratch);
     let mut now = Seen::new();
