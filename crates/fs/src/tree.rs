@@ -22,6 +22,10 @@ pub enum TreeError {
     /// A hardlink whose target is missing or not a regular file.
     #[error("hardlink {0:?} points to {1:?}, which is not an earlier regular file")]
     BadHardlink(String, String),
+    /// A whiteout whose hidden name is empty, `.` or `..` (it would name its directory or the
+    /// parent): containerd refuses such a layer, and so does the full-pull unpacker.
+    #[error("invalid whiteout name {0:?} in zTOC")]
+    InvalidWhiteout(String),
     /// Too many entries.
     #[error("layer has more than {0} entries")]
     TooManyEntries(usize),
@@ -155,8 +159,9 @@ impl LayerTree {
                 continue;
             }
             let (name, whiteout) = match base.strip_prefix(WHITEOUT_PREFIX) {
-                Some(n) if !n.is_empty() => (n, true),
-                _ => (base, false),
+                Some(b"" | b"." | b"..") => return Err(TreeError::InvalidWhiteout(lossy(&e.name))),
+                Some(n) => (n, true),
+                None => (base, false),
             };
             if e.kind == EntryKind::Hardlink && !whiteout {
                 let target = components(&e.linkname)?;
@@ -391,5 +396,16 @@ mod tests {
             LayerTree::build(&z),
             Err(TreeError::UnsafePath(_))
         ));
+    }
+
+    #[test]
+    fn invalid_whiteouts_are_rejected() {
+        for name in [".wh..", ".wh.", ".wh...", "a/.wh..", "a/b/.wh..."] {
+            let z = ztoc_of(|b| add(b, name, tar::EntryType::Regular, b"", None));
+            assert!(
+                matches!(LayerTree::build(&z), Err(TreeError::InvalidWhiteout(_))),
+                "{name}"
+            );
+        }
     }
 }
