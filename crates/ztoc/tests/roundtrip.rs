@@ -375,13 +375,21 @@ fn concatenated_archive_with_small_spans_loads() {
     let spans = z.spans().expect("checkpoints past the archive end are valid");
     let mut src: &[u8] = &gz;
     assert_eq!(z.read_file(&spans, &mut src, b"0/a").unwrap(), first[0].data);
-    // The spans cover the whole stream, so an entry there is readable, not past the end: an
-    // entry pointing at the second archive's file reads its bytes.
+    // The spans cover the stream up to the last checkpoint, so an entry there is readable, not
+    // past the end: an entry pointing into the second archive's file reads its bytes.
+    let off = t.len() as u64 + 512;
+    let covered = last_checkpoint_out(&z);
     let mut z2 = z.clone();
-    z2.entries[0].offset = t.len() as u64 + 512;
-    z2.entries[0].size = second_data.len() as u64;
+    z2.entries[0].offset = off;
+    z2.entries[0].size = covered - off;
     let spans = z2.spans().expect("entry within the spans' coverage");
-    assert_eq!(z2.read_file(&spans, &mut src, b"0/a").unwrap(), second_data);
+    assert_eq!(
+        z2.read_file(&spans, &mut src, b"0/a").unwrap(),
+        second_data[..(covered - off) as usize]
+    );
+    // One byte more is past what the spans can produce (the last span's end is unknown).
+    z2.entries[0].size += 1;
+    assert!(matches!(z2.spans(), Err(ZtocError::EntryPastEnd { .. })));
 }
 
 #[test]
