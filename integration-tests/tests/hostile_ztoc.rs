@@ -27,12 +27,12 @@ const MEMORY_LIMIT: u64 = 256 << 20;
 struct MemoryCgroup(PathBuf);
 
 impl MemoryCgroup {
-    fn new(limit: u64) -> MemoryCgroup {
+    fn new(case: &str, limit: u64) -> MemoryCgroup {
         assert!(
             Path::new(CGROUP_ROOT).join("cgroup.procs").exists(),
             "cgroup v1 memory controller not mounted at {CGROUP_ROOT}"
         );
-        let dir = Path::new(CGROUP_ROOT).join(format!("ztoc-test-{}", std::process::id()));
+        let dir = Path::new(CGROUP_ROOT).join(format!("ztoc-test-{}-{case}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create memory cgroup");
         std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
         MemoryCgroup(dir)
@@ -270,15 +270,24 @@ fn replace_ztoc(reg: &Registry, repo: &str, make: impl FnOnce(&[u8]) -> Vec<u8>)
     });
 }
 
-#[test]
-fn hostile_ztocs_are_refused_and_images_run_by_fallback() {
+/// A registry, a daemon in a memory cgroup, and containerd using it.
+struct Setup {
+    reg: Registry,
+    tmp: tempfile::TempDir,
+    cgroup: MemoryCgroup,
+    daemon: SociDaemon,
+    pid: u32,
+    ctd: Containerd,
+}
+
+fn setup(case: &str) -> Setup {
     integration_tests::require("ctr", "containerd");
     let reg = Registry::start();
     let tmp = tempfile::Builder::new()
         .prefix("ztoc-hostile")
         .tempdir_in("/tmp")
         .unwrap();
-    let cgroup = MemoryCgroup::new(MEMORY_LIMIT);
+    let cgroup = MemoryCgroup::new(case, MEMORY_LIMIT);
     let cfg = format!(
         "[resolver]\nplain_http_hosts = [\"{}\"]\n[background_fetch]\ndisable = true\n",
         reg.addr
@@ -287,13 +296,43 @@ fn hostile_ztocs_are_refused_and_images_run_by_fallback() {
     let pid = daemon_pid(&tmp.path().join("d").join("config.toml"));
     cgroup.add(pid);
     let ctd = Containerd::start_with_soci(&daemon.socket);
+    Setup {
+        reg,
+        tmp,
+        cgroup,
+        daemon,
+        pid,
+        ctd,
+    }
+}
 
-    // 1. Amplification zTOC.
-    let (amp, expected) = converted_image(&reg, tmp.path(), "ztoc-amp");
-    replace_ztoc(&reg, &amp, |_| amplification_ztoc());
+impl Setup {
+    /// Checks the daemon is alive and still answers, then stops everything (cgroup last).
+    fn finish(self) {
+        assert!(alive(self.pid), "daemon {} still running", self.pid);
+        let snaps = self
+            .ctd
+            .ctr_ok(&["snapshots", "--snapshotter", "soci", "ls"]);
+        assert!(!snaps.trim().is_empty());
+        eprintln!(
+            "daemon cgroup peak memory: {} MiB",
+            self.cgroup.read("memory.max_usage_in_bytes") >> 20
+        );
+        drop(self.ctd);
+        drop(self.daemon);
+        drop(self.cgroup);
+        drop(self.tmp);
+    }
+}
+
+#[test]
+fn amplification_ztoc_is_refused_and_the_daemon_survives() {
+    let s = setup("amp");
+    let (amp, expected) = converted_image(&s.reg, s.tmp.path(), "ztoc-amp");
+    replace_ztoc(&s.reg, &amp, |_| amplification_ztoc());
     let image = format!("{amp}:hostile");
-    ctd.soci(&["image", "rpull", "--plain-http", &image]);
-    let out = ctd.ctr_ok(&[
+    s.ctd.soci(&["image", "rpull", "--plain-http", &image]);
+    let out = s.ctd.ctr_ok(&[
         "run",
         "--rm",
         "--snapshotter",
@@ -305,18 +344,25 @@ fn hostile_ztocs_are_refused_and_images_run_by_fallback() {
         out, expected,
         "the image runs with correct output by fallback"
     );
-    assert!(alive(pid), "daemon {pid} survived the amplification zTOC");
     assert!(
-        daemon.log_text().contains("refused"),
-        "the daemon logs the refused zTOC:\n{}",
-        daemon.log_text()
+        alive(s.pid),
+        "daemon {} survived the amplification zTOC",
+        s.pid
     );
-    let peak = cgroup.read("memory.max_usage_in_bytes");
-    eprintln!("daemon cgroup peak memory: {} MiB", peak >> 20);
+    let log = s.daemon.log_text();
+    assert!(
+        log.contains("refused"),
+        "the daemon logs the refused zTOC:\n{log}"
+    );
+    s.finish();
+}
 
-    // 2. A file entry past what the spans cover (the file the workload reads).
-    let (past, expected) = converted_image(&reg, tmp.path(), "ztoc-past");
-    replace_ztoc(&reg, &past, |honest| {
+#[test]
+fn entry_past_the_end_is_not_served_short() {
+    let s = setup("past");
+    let (past, expected) = converted_image(&s.reg, s.tmp.path(), "ztoc-past");
+    // The file the workload reads claims 100 kB more than the spans cover.
+    replace_ztoc(&s.reg, &past, |honest| {
         let mut z = soci_ztoc::Ztoc::from_bytes(honest).unwrap();
         let covered = z.spans().unwrap().uncompressed_size();
         let e = z
@@ -328,8 +374,8 @@ fn hostile_ztocs_are_refused_and_images_run_by_fallback() {
         z.to_bytes()
     });
     let image = format!("{past}:hostile");
-    ctd.soci(&["image", "rpull", "--plain-http", &image]);
-    let o = ctd.ctr(&[
+    s.ctd.soci(&["image", "rpull", "--plain-http", &image]);
+    let o = s.ctd.ctr(&[
         "run",
         "--rm",
         "--snapshotter",
@@ -344,16 +390,10 @@ fn hostile_ztocs_are_refused_and_images_run_by_fallback() {
         "the file is not served short: stderr {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    let log = s.daemon.log_text();
     assert!(
-        daemon.log_text().contains("lies past the end"),
-        "the daemon logs the refused entry:\n{}",
-        daemon.log_text()
+        log.contains("lies past the end"),
+        "the daemon logs the refused entry:\n{log}"
     );
-    assert!(alive(pid), "daemon {pid} still running");
-    // The daemon still answers after both.
-    let snaps = ctd.ctr_ok(&["snapshots", "--snapshotter", "soci", "ls"]);
-    assert!(!snaps.trim().is_empty());
-    drop(ctd);
-    drop(daemon);
-    drop(cgroup);
+    s.finish();
 }

@@ -263,7 +263,10 @@ fn decode_entry(t: &Table<'_>, i: usize, budget: &mut DecodeBudget) -> Result<To
         for j in 0..v.len {
             let x = v.table(j).map_err(bad)?;
             let k = x.bytes(fb::Xattr::VT_KEY).map_err(bad)?.unwrap_or_default();
-            let val = x.bytes(fb::Xattr::VT_VALUE).map_err(bad)?.unwrap_or_default();
+            let val = x
+                .bytes(fb::Xattr::VT_VALUE)
+                .map_err(bad)?
+                .unwrap_or_default();
             let this = k.len() + val.len();
             total = total.saturating_add(this);
             budget.pax_record(i, j + 1, total, this)?;

@@ -77,9 +77,7 @@ impl DecodeBudget {
     pub(crate) fn entries(&mut self, n: usize) -> Result<(), ZtocError> {
         let max = self.blob_len / MIN_ENTRY_BYTES;
         if n > max {
-            return Err(self.exceeded(format!(
-                "{n} entries, at most {max} fit in its size"
-            )));
+            return Err(self.exceeded(format!("{n} entries, at most {max} fit in its size")));
         }
         self.charge(
             (n as u64).saturating_mul(std::mem::size_of::<TocEntry>() as u64),

@@ -112,7 +112,9 @@ fn hostile(shape: Shape) -> Vec<u8> {
             let s = bytes(&mut b, &vec![b'a'; big]);
             let x = xattr(&mut b, s, reg);
             let xs = b.create_vector(&[x]).as_union_value();
-            (0..entries).map(|_| entry(&mut b, s, reg, xs, true)).collect()
+            (0..entries)
+                .map(|_| entry(&mut b, s, reg, xs, true))
+                .collect()
         }
         Shape::SharedTable { entries, big } => {
             let s = bytes(&mut b, &vec![b'a'; big]);
@@ -320,4 +322,3 @@ fn entry_past_the_end_is_refused_at_validation() {
     e.size = 0;
     ok.spans().unwrap();
 }
-

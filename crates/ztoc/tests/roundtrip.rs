@@ -372,9 +372,14 @@ fn concatenated_archive_with_small_spans_loads() {
     assert_eq!(z.uncompressed_archive_size, t.len() as u64);
     assert!(last_checkpoint_out(&z) > z.uncompressed_archive_size);
     let z = Ztoc::from_bytes(&z.to_bytes()).unwrap();
-    let spans = z.spans().expect("checkpoints past the archive end are valid");
+    let spans = z
+        .spans()
+        .expect("checkpoints past the archive end are valid");
     let mut src: &[u8] = &gz;
-    assert_eq!(z.read_file(&spans, &mut src, b"0/a").unwrap(), first[0].data);
+    assert_eq!(
+        z.read_file(&spans, &mut src, b"0/a").unwrap(),
+        first[0].data
+    );
     // The spans cover the stream up to the last checkpoint, so an entry there is readable, not
     // past the end: an entry pointing into the second archive's file reads its bytes.
     let off = t.len() as u64 + 512;
