@@ -24,6 +24,8 @@ use crate::zlib::{Flush, Inflater, Status, WINDOW_BITS_AUTO, WINDOW_BITS_RAW};
 /// Largest uncompressed span accepted (guards allocations driven by a hostile zTOC).
 pub const MAX_SPAN_BYTES: u64 = 256 << 20;
 const GZIP_TRAILER: usize = 8;
+/// First output buffer of a span's inflate; doubled as it fills.
+const INFLATE_CHUNK: usize = 1 << 20;
 
 /// Index of a span within a layer.
 pub type SpanId = usize;
@@ -270,7 +272,9 @@ impl Spans {
 
 /// Inflates `want` bytes starting at a checkpoint, crossing gzip member boundaries.
 fn inflate_span(mut input: &[u8], bits: u8, window: &[u8], want: usize) -> Result<Vec<u8>, String> {
-    let mut out = vec![0u8; want];
+    // The output grows as inflate fills it instead of being sized from the zTOC's claim: a
+    // span claiming 256 MiB whose stream ends early costs what the stream produced.
+    let mut out = Vec::new();
     if want == 0 {
         return Ok(out);
     }
@@ -285,6 +289,9 @@ fn inflate_span(mut input: &[u8], bits: u8, window: &[u8], want: usize) -> Resul
     let mut produced = 0;
     let mut raw = true;
     while produced < want {
+        if produced == out.len() {
+            out.resize(want.min((2 * out.len()).max(INFLATE_CHUNK)), 0);
+        }
         let p = inf
             .inflate(input, &mut out[produced..], Flush::None)
             .map_err(|e| e.to_string())?;

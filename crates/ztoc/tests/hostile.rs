@@ -47,7 +47,6 @@ const FM_TYPE: u16 = 6;
 const FM_LINKNAME: u16 = 12;
 const FM_UNAME: u16 = 20;
 const FM_GNAME: u16 = 22;
-const FM_MOD_TIME: u16 = 24;
 const FM_XATTRS: u16 = 30;
 const X_KEY: u16 = 4;
 const X_VALUE: u16 = 6;
@@ -63,18 +62,18 @@ const Z_USIZE: u16 = 10;
 const Z_TOC: u16 = 12;
 const Z_INFO: u16 = 14;
 
-/// How the hostile zTOC shares data.
+/// What the hostile zTOC shares among its references.
 enum Shape {
     /// `entries` distinct small entry tables whose name, linkname, uname, gname and one xattr
     /// key all point at one `big`-byte string.
-    SharedString { entries: usize, big: usize },
+    String { entries: usize, big: usize },
     /// One entry table (with a `big`-byte name) referenced from `entries` vector slots.
-    SharedTable { entries: usize, big: usize },
+    Table { entries: usize, big: usize },
     /// One entry whose xattr vector has `records` slots all pointing at one xattr table whose
     /// key and value are one `big`-byte string.
-    SharedXattr { records: usize, big: usize },
+    Xattr { records: usize, big: usize },
     /// `digests` span digest slots all pointing at one digest string.
-    SharedDigest { digests: usize },
+    Digest { digests: usize },
 }
 
 fn bytes(b: &mut FlatBufferBuilder<'_>, s: &[u8]) -> Off {
@@ -108,7 +107,7 @@ fn hostile(shape: Shape) -> Vec<u8> {
     let no_xattrs = b.create_vector(&empty).as_union_value();
     let mut digest_slots = 1;
     let entries: Vec<Off> = match shape {
-        Shape::SharedString { entries, big } => {
+        Shape::String { entries, big } => {
             let s = bytes(&mut b, &vec![b'a'; big]);
             let x = xattr(&mut b, s, reg);
             let xs = b.create_vector(&[x]).as_union_value();
@@ -116,19 +115,19 @@ fn hostile(shape: Shape) -> Vec<u8> {
                 .map(|_| entry(&mut b, s, reg, xs, true))
                 .collect()
         }
-        Shape::SharedTable { entries, big } => {
+        Shape::Table { entries, big } => {
             let s = bytes(&mut b, &vec![b'a'; big]);
             let e = entry(&mut b, s, reg, no_xattrs, false);
             vec![e; entries]
         }
-        Shape::SharedXattr { records, big } => {
+        Shape::Xattr { records, big } => {
             let s = bytes(&mut b, &vec![b'k'; big]);
             let name = bytes(&mut b, b"f");
             let x = xattr(&mut b, s, s);
             let xs = b.create_vector(&vec![x; records]).as_union_value();
             vec![entry(&mut b, name, reg, xs, false)]
         }
-        Shape::SharedDigest { digests } => {
+        Shape::Digest { digests } => {
             digest_slots = digests;
             Vec::new()
         }
@@ -172,7 +171,7 @@ fn shared_name_string_is_refused_with_bounded_memory() {
     let _g = serial();
     // ~1 MiB blob; the old decoder copied 2.5 MiB per entry (~30 GiB in all).
     expect_refused(
-        Shape::SharedString {
+        Shape::String {
             entries: 12_000,
             big: 512 << 10,
         },
@@ -185,7 +184,7 @@ fn shared_entry_table_is_refused_with_bounded_memory() {
     let _g = serial();
     // 4 MiB of vector slots all naming one entry: ~1M entries of a 64 KiB name each.
     expect_refused(
-        Shape::SharedTable {
+        Shape::Table {
             entries: 1 << 20,
             big: 64 << 10,
         },
@@ -197,7 +196,7 @@ fn shared_entry_table_is_refused_with_bounded_memory() {
 fn shared_xattr_table_is_refused_with_bounded_memory() {
     let _g = serial();
     expect_refused(
-        Shape::SharedXattr {
+        Shape::Xattr {
             records: 200_000,
             big: 256 << 10,
         },
@@ -210,7 +209,7 @@ fn shared_span_digest_is_within_bound() {
     let _g = serial();
     // 32 decoded bytes per 4-byte slot: an 8x amplification, inside the proportional budget
     // (the zTOC is then rejected by the span table check, not here).
-    let blob = hostile(Shape::SharedDigest { digests: 1 << 20 });
+    let blob = hostile(Shape::Digest { digests: 1 << 20 });
     let _ = decode_capped(&blob);
 }
 
@@ -321,4 +320,45 @@ fn entry_past_the_end_is_refused_at_validation() {
     e.offset = 1 << 40;
     e.size = 0;
     ok.spans().unwrap();
+}
+
+/// Runs `f` with at most `extra` bytes allocated on top of what is live (abort past it).
+fn with_cap<T>(extra: usize, f: impl FnOnce() -> T) -> T {
+    let base = ALLOC.allocated();
+    ALLOC.set_limit(base + extra).unwrap();
+    let r = f();
+    ALLOC.set_limit(usize::MAX).unwrap();
+    r
+}
+
+#[test]
+fn pax_header_size_is_not_allocated_ahead_of_its_bytes() {
+    let _g = serial();
+    // A PAX header claiming 1 MiB of records, then the stream ends.
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.set_size(1 << 20);
+    h.set_path("pax").unwrap();
+    h.set_cksum();
+    let stream = h.as_bytes().to_vec();
+    let r = with_cap(256 << 10, || {
+        let mut w = soci_ztoc::tar::TarWalker::new(stream.as_slice());
+        w.next_entry().map(|_| ())
+    });
+    assert!(matches!(r, Err(soci_ztoc::tar::TarError::Truncated { .. })));
+}
+
+#[test]
+fn span_claiming_more_than_its_stream_is_not_allocated_ahead() {
+    let _g = serial();
+    let (gz, mut z) = small_layer();
+    // The last span claims 200 MiB more than the stream holds (within MAX_SPAN_BYTES).
+    z.uncompressed_archive_size += 200 << 20;
+    let spans = z.spans().unwrap();
+    let last = spans.span(spans.len() - 1).unwrap();
+    let compressed = &gz[last.compressed.start as usize..last.compressed.end as usize];
+    let r = with_cap(32 << 20, || {
+        spans.decompress(last.id, compressed).map(|v| v.len())
+    });
+    assert!(r.is_err(), "a short stream is an error: {r:?}");
 }
