@@ -1,11 +1,11 @@
 //! zTOC flatbuffer encoding and decoding.
 //!
 //! Writing uses the `flatbuffers` builder, adding tables and fields in exactly the order of
-//! upstream's Go marshaler so the bytes are identical. Reading is a small bounds-checked
-//! decoder of our own instead of the generated accessors: tar names and PAX values may be any
-//! bytes (e.g. binary `security.capability` xattrs), which the Rust flatbuffers verifier would
-//! reject as non-UTF-8 strings, and every read here is checked so malformed input gives an
-//! error, never a panic, without table-count limits.
+//! upstream's Go marshaler so the bytes are identical. Reading goes through our own
+//! bounds-checked reader ([`crate::flat`]) instead of the generated accessors and verifier
+//! (tar names and PAX values may be any bytes, which that verifier rejects as non-UTF-8), and
+//! charges everything it copies to a budget in proportion to the blob ([`crate::limits`]), so a
+//! blob whose offsets all point at one big object is refused instead of decoded copy by copy.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +13,8 @@ use flatbuffers::{FlatBufferBuilder, WIPOffset};
 
 use crate::error::{Result, ZtocError};
 use crate::fbs::{zinfo, ztoc as fb};
+use crate::flat::Table;
+use crate::limits::DecodeBudget;
 use crate::model::{CompressionAlgorithm, CompressionInfo, SpanDigest, TocEntry, Ztoc};
 use crate::tar::EntryKind;
 
@@ -147,11 +149,14 @@ fn malformed(e: String) -> ZtocError {
     ZtocError::Malformed(e)
 }
 
-/// Parses zTOC flatbuffer bytes.
+/// Parses zTOC flatbuffer bytes. Everything copied out of `buf` is charged to a budget in
+/// proportion to `buf.len()` first (see [`crate::limits`]).
 pub fn decode(buf: &[u8]) -> Result<Ztoc> {
+    let mut budget = DecodeBudget::new(buf.len());
     let root = Table::root(buf).map_err(malformed)?;
-    let text = |t: &Table<'_>, slot, what: &str| -> Result<String> {
+    let mut text = |t: &Table<'_>, slot, what: &str| -> Result<String> {
         let b = t.bytes(slot).map_err(malformed)?.unwrap_or_default();
+        budget.bytes(what, b.len())?;
         String::from_utf8(b.to_vec()).map_err(|_| malformed(format!("{what} is not UTF-8")))
     };
     let version = text(&root, fb::Ztoc::VT_VERSION, "version")?;
@@ -167,10 +172,13 @@ pub fn decode(buf: &[u8]) -> Result<Ztoc> {
     let mut entries = Vec::new();
     if let Some(toc) = root.table(fb::Ztoc::VT_TOC).map_err(malformed)? {
         if let Some(v) = toc.vector(fb::TOC::VT_METADATA).map_err(malformed)? {
-            entries.reserve(v.len);
+            budget.entries(v.len)?;
+            entries.reserve_exact(v.len);
             for i in 0..v.len {
-                let t = v.table(i).map_err(malformed)?;
-                entries.push(decode_entry(&t).map_err(|e| malformed(format!("entry {i}: {e}")))?);
+                let t = v
+                    .table(i)
+                    .map_err(|e| malformed(format!("entry {i}: {e}")))?;
+                entries.push(decode_entry(&t, i, &mut budget)?);
             }
         }
     }
@@ -195,7 +203,8 @@ pub fn decode(buf: &[u8]) -> Result<Ztoc> {
         .vector(fb::CompressionInfo::VT_SPAN_DIGESTS)
         .map_err(malformed)?
     {
-        span_digests.reserve(v.len);
+        budget.digests(v.len)?;
+        span_digests.reserve_exact(v.len);
         for i in 0..v.len {
             let s = v.bytes(i).map_err(malformed)?;
             let d = SpanDigest::parse(s)
@@ -206,8 +215,8 @@ pub fn decode(buf: &[u8]) -> Result<Ztoc> {
     let checkpoints = info
         .bytes(fb::CompressionInfo::VT_CHECKPOINTS)
         .map_err(malformed)?
-        .unwrap_or_default()
-        .to_vec();
+        .unwrap_or_default();
+    budget.bytes("checkpoints", checkpoints.len())?;
     Ok(Ztoc {
         version,
         build_tool_identifier,
@@ -218,200 +227,68 @@ pub fn decode(buf: &[u8]) -> Result<Ztoc> {
             algorithm,
             max_span_id,
             span_digests,
-            checkpoints,
+            checkpoints: checkpoints.to_vec(),
         },
     })
 }
 
-fn decode_entry(t: &Table<'_>) -> Result<TocEntry, String> {
-    let bytes =
-        |slot| -> Result<Vec<u8>, String> { Ok(t.bytes(slot)?.unwrap_or_default().to_vec()) };
-    let kind_name = bytes(fb::FileMetadata::VT_TYPE_)?;
-    let kind = EntryKind::from_name(&kind_name)
-        .ok_or_else(|| format!("unknown type {:?}", String::from_utf8_lossy(&kind_name)))?;
-    let nonneg = |slot, what: &str| -> Result<u64, String> {
-        let v: i64 = t.scalar(slot, 0)?;
-        u64::try_from(v).map_err(|_| format!("negative {what}"))
+/// Decodes entry `i`, charging what it copies to `budget` before copying it.
+fn decode_entry(t: &Table<'_>, i: usize, budget: &mut DecodeBudget) -> Result<TocEntry> {
+    let bad = |e: String| malformed(format!("entry {i}: {e}"));
+    let mut bytes = |slot, field: &str| -> Result<Vec<u8>> {
+        let b = t.bytes(slot).map_err(bad)?.unwrap_or_default();
+        budget.field(i, field, b.len())?;
+        Ok(b.to_vec())
+    };
+    let kind_name = bytes(fb::FileMetadata::VT_TYPE_, "type")?;
+    let kind = EntryKind::from_name(&kind_name).ok_or_else(|| {
+        bad(format!(
+            "unknown type {:?}",
+            String::from_utf8_lossy(&kind_name)
+        ))
+    })?;
+    let name = bytes(fb::FileMetadata::VT_NAME, "name")?;
+    let linkname = bytes(fb::FileMetadata::VT_LINKNAME, "linkname")?;
+    let uname = bytes(fb::FileMetadata::VT_UNAME, "uname")?;
+    let gname = bytes(fb::FileMetadata::VT_GNAME, "gname")?;
+    let mod_time = String::from_utf8(bytes(fb::FileMetadata::VT_MOD_TIME, "mod_time")?)
+        .map_err(|_| bad("mod_time is not UTF-8".into()))?;
+    let nonneg = |slot, what: &str| -> Result<u64> {
+        let v: i64 = t.scalar(slot, 0).map_err(bad)?;
+        u64::try_from(v).map_err(|_| bad(format!("negative {what}")))
     };
     let mut pax = BTreeMap::new();
-    if let Some(v) = t.vector(fb::FileMetadata::VT_XATTRS)? {
-        for i in 0..v.len {
-            let x = v.table(i)?;
-            let k = x.bytes(fb::Xattr::VT_KEY)?.unwrap_or_default().to_vec();
-            let val = x.bytes(fb::Xattr::VT_VALUE)?.unwrap_or_default().to_vec();
-            pax.insert(k, val);
+    if let Some(v) = t.vector(fb::FileMetadata::VT_XATTRS).map_err(bad)? {
+        let mut total = 0usize;
+        for j in 0..v.len {
+            let x = v.table(j).map_err(bad)?;
+            let k = x.bytes(fb::Xattr::VT_KEY).map_err(bad)?.unwrap_or_default();
+            let val = x
+                .bytes(fb::Xattr::VT_VALUE)
+                .map_err(bad)?
+                .unwrap_or_default();
+            let this = k.len() + val.len();
+            total = total.saturating_add(this);
+            budget.pax_record(i, j + 1, total, this)?;
+            pax.insert(k.to_vec(), val.to_vec());
         }
     }
-    let mod_time = String::from_utf8(bytes(fb::FileMetadata::VT_MOD_TIME)?)
-        .map_err(|_| "mod_time is not UTF-8".to_string())?;
     Ok(TocEntry {
-        name: bytes(fb::FileMetadata::VT_NAME)?,
+        name,
         kind,
         offset: nonneg(fb::FileMetadata::VT_UNCOMPRESSED_OFFSET, "offset")?,
         size: nonneg(fb::FileMetadata::VT_UNCOMPRESSED_SIZE, "size")?,
-        linkname: bytes(fb::FileMetadata::VT_LINKNAME)?,
-        mode: t.scalar(fb::FileMetadata::VT_MODE, 0)?,
-        uid: t.scalar(fb::FileMetadata::VT_UID, 0)?,
-        gid: t.scalar(fb::FileMetadata::VT_GID, 0)?,
-        uname: bytes(fb::FileMetadata::VT_UNAME)?,
-        gname: bytes(fb::FileMetadata::VT_GNAME)?,
+        linkname,
+        mode: t.scalar(fb::FileMetadata::VT_MODE, 0).map_err(bad)?,
+        uid: t.scalar(fb::FileMetadata::VT_UID, 0).map_err(bad)?,
+        gid: t.scalar(fb::FileMetadata::VT_GID, 0).map_err(bad)?,
+        uname,
+        gname,
         mod_time,
-        devmajor: t.scalar(fb::FileMetadata::VT_DEVMAJOR, 0)?,
-        devminor: t.scalar(fb::FileMetadata::VT_DEVMINOR, 0)?,
+        devmajor: t.scalar(fb::FileMetadata::VT_DEVMAJOR, 0).map_err(bad)?,
+        devminor: t.scalar(fb::FileMetadata::VT_DEVMINOR, 0).map_err(bad)?,
         pax,
     })
-}
-
-/// Little-endian scalars readable from a flatbuffer.
-trait Scalar: Sized + Copy {
-    const SIZE: usize;
-    fn from_le(b: &[u8]) -> Self;
-}
-
-macro_rules! scalar {
-    ($($t:ty),*) => {$(
-        impl Scalar for $t {
-            const SIZE: usize = std::mem::size_of::<$t>();
-            fn from_le(b: &[u8]) -> Self {
-                let mut a = [0u8; std::mem::size_of::<$t>()];
-                a.copy_from_slice(b);
-                <$t>::from_le_bytes(a)
-            }
-        }
-    )*};
-}
-scalar!(i8, u16, i32, u32, i64);
-
-fn read<T: Scalar>(buf: &[u8], pos: usize) -> Result<T, String> {
-    pos.checked_add(T::SIZE)
-        .and_then(|end| buf.get(pos..end))
-        .map(T::from_le)
-        .ok_or_else(|| format!("read of {} bytes at {pos} out of bounds", T::SIZE))
-}
-
-/// Follows the uoffset stored at `pos`.
-fn follow(buf: &[u8], pos: usize) -> Result<usize, String> {
-    let off: u32 = read(buf, pos)?;
-    pos.checked_add(off as usize)
-        .filter(|&p| p < buf.len())
-        .ok_or_else(|| format!("offset at {pos} points outside the buffer"))
-}
-
-/// A table located in the buffer, with its vtable checked.
-struct Table<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    vtable: usize,
-    vtable_len: usize,
-    object_len: usize,
-}
-
-impl<'a> Table<'a> {
-    fn root(buf: &'a [u8]) -> Result<Self, String> {
-        Table::at(buf, follow(buf, 0)?)
-    }
-
-    fn at(buf: &'a [u8], pos: usize) -> Result<Self, String> {
-        let soff: i32 = read(buf, pos)?;
-        let vtable = (pos as i64 - i64::from(soff)) as usize;
-        if vtable >= buf.len() {
-            return Err(format!("vtable of table at {pos} out of bounds"));
-        }
-        let vtable_len = usize::from(read::<u16>(buf, vtable)?);
-        let object_len = usize::from(read::<u16>(buf, vtable + 2)?);
-        if vtable_len < 4 || vtable_len % 2 != 0 || vtable + vtable_len > buf.len() {
-            return Err(format!("bad vtable at {vtable}"));
-        }
-        if object_len < 4 || pos + object_len > buf.len() {
-            return Err(format!("table at {pos} overruns the buffer"));
-        }
-        Ok(Table {
-            buf,
-            pos,
-            vtable,
-            vtable_len,
-            object_len,
-        })
-    }
-
-    /// Position of a field, if present.
-    fn field(&self, slot: u16, size: usize) -> Result<Option<usize>, String> {
-        let slot = usize::from(slot);
-        if slot + 2 > self.vtable_len {
-            return Ok(None);
-        }
-        let off = usize::from(read::<u16>(self.buf, self.vtable + slot)?);
-        if off == 0 {
-            return Ok(None);
-        }
-        if off + size > self.object_len {
-            return Err(format!("field {slot} of table at {} overruns it", self.pos));
-        }
-        Ok(Some(self.pos + off))
-    }
-
-    fn scalar<T: Scalar>(&self, slot: u16, default: T) -> Result<T, String> {
-        match self.field(slot, T::SIZE)? {
-            Some(p) => read(self.buf, p),
-            None => Ok(default),
-        }
-    }
-
-    fn bytes(&self, slot: u16) -> Result<Option<&'a [u8]>, String> {
-        match self.field(slot, 4)? {
-            Some(p) => bytes_at(self.buf, follow(self.buf, p)?).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    fn table(&self, slot: u16) -> Result<Option<Table<'a>>, String> {
-        match self.field(slot, 4)? {
-            Some(p) => Table::at(self.buf, follow(self.buf, p)?).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    fn vector(&self, slot: u16) -> Result<Option<OffsetVector<'a>>, String> {
-        let Some(p) = self.field(slot, 4)? else {
-            return Ok(None);
-        };
-        let start = follow(self.buf, p)?;
-        let len = read::<u32>(self.buf, start)? as usize;
-        len.checked_mul(4)
-            .and_then(|n| n.checked_add(start + 4))
-            .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| format!("vector at {start} overruns the buffer"))?;
-        Ok(Some(OffsetVector {
-            buf: self.buf,
-            start: start + 4,
-            len,
-        }))
-    }
-}
-
-/// Length-prefixed bytes (a flatbuffer string or `[ubyte]`) at `pos`.
-fn bytes_at(buf: &[u8], pos: usize) -> Result<&[u8], String> {
-    let len = read::<u32>(buf, pos)? as usize;
-    buf.get(pos + 4..)
-        .and_then(|b| b.get(..len))
-        .ok_or_else(|| format!("byte string at {pos} overruns the buffer"))
-}
-
-/// A vector of offsets (to tables or strings).
-struct OffsetVector<'a> {
-    buf: &'a [u8],
-    start: usize,
-    len: usize,
-}
-
-impl<'a> OffsetVector<'a> {
-    fn table(&self, i: usize) -> Result<Table<'a>, String> {
-        Table::at(self.buf, follow(self.buf, self.start + 4 * i)?)
-    }
-
-    fn bytes(&self, i: usize) -> Result<&'a [u8], String> {
-        bytes_at(self.buf, follow(self.buf, self.start + 4 * i)?)
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,30 @@ pub enum ZtocError {
     /// The zTOC flatbuffer is malformed.
     #[error("malformed zTOC: {0}")]
     Malformed(String),
+    /// Decoding the zTOC would exceed a limit in proportion to its size (see the `limits`
+    /// module): offsets pointing many times at one object, or fields no tar build produces.
+    #[error("zTOC of {ztoc_bytes} bytes refused: {what}")]
+    LimitExceeded {
+        /// What overflowed.
+        what: String,
+        /// Size of the zTOC blob.
+        ztoc_bytes: usize,
+    },
+    /// A file's data lies past what the zTOC's spans can produce: reads would come back short.
+    #[error(
+        "entry {name:?} (offset {offset}, size {size}) lies past the end of the layer's spans \
+         ({covered} uncompressed bytes)"
+    )]
+    EntryPastEnd {
+        /// Entry name, lossily decoded.
+        name: String,
+        /// Offset of its data.
+        offset: u64,
+        /// Size of its data.
+        size: u64,
+        /// Uncompressed bytes the spans cover.
+        covered: u64,
+    },
     /// The gzip checkpoint blob (or tar zinfo) is malformed.
     #[error("malformed checkpoints: {0}")]
     BadCheckpoints(String),

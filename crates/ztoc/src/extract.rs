@@ -9,6 +9,9 @@ use crate::model::{TocEntry, Ztoc};
 use crate::span::Spans;
 use crate::tar::EntryKind;
 
+/// Most bytes reserved ahead of a read; the rest grows as verified data arrives.
+const PREALLOC_MAX: u64 = 16 << 20;
+
 /// Where compressed layer bytes come from (a local blob, an HTTP range reader, ...).
 pub trait SpanSource {
     /// Returns exactly the bytes `range` of the layer blob.
@@ -58,7 +61,9 @@ pub fn read_uncompressed(
     let data = source
         .read_range(base..last.compressed.end)
         .map_err(ZtocError::Source)?;
-    let mut out = Vec::with_capacity((range.end - range.start) as usize);
+    // Capacity from the request, capped: the range comes from a zTOC entry, and the bytes are
+    // only there once the spans verify and decompress.
+    let mut out = Vec::with_capacity((range.end - range.start).min(PREALLOC_MAX) as usize);
     for id in ids {
         let s = spans.span(id)?;
         let slice = &data[(s.compressed.start - base) as usize..(s.compressed.end - base) as usize];

@@ -16,6 +16,8 @@ mod codec;
 mod error;
 mod extract;
 mod fbs;
+mod flat;
+pub mod limits;
 mod model;
 mod span;
 pub mod tar;

@@ -1,8 +1,14 @@
 //! Spans: the unit of fetching, verification and decompression.
 //!
 //! gzip span `i` covers compressed bytes `[in_i - (bits_i ? 1 : 0), in_{i+1})` (the last ends
-//! at the blob size) and uncompressed bytes `[out_i, out_{i+1})` (the last ends at the
-//! uncompressed archive size). Uncompressed tar layers use fixed slices of the span size.
+//! at the blob size) and uncompressed bytes `[out_i, out_{i+1})`. The last ends at the
+//! uncompressed archive size, or is empty when its checkpoint lies past that size: upstream
+//! sets that size where the tar reader stops (the end-of-archive marker) while checkpoints
+//! cover the whole gzip stream (record padding, a second concatenated archive), and never
+//! compares the two. Uncompressed tar layers use fixed slices of the span size.
+//!
+//! Validation also refuses entries whose data lies past what the spans cover: such a file
+//! would `stat` at its full size and read back short.
 
 use std::ops::Range;
 
@@ -12,11 +18,14 @@ use crate::checkpoint::GzipCheckpoints;
 use crate::codec::decode_tar_zinfo;
 use crate::error::{Result, ZtocError};
 use crate::model::{CompressionAlgorithm, SpanDigest, Ztoc};
+use crate::tar::EntryKind;
 use crate::zlib::{Flush, Inflater, Status, WINDOW_BITS_AUTO, WINDOW_BITS_RAW};
 
 /// Largest uncompressed span accepted (guards allocations driven by a hostile zTOC).
 pub const MAX_SPAN_BYTES: u64 = 256 << 20;
 const GZIP_TRAILER: usize = 8;
+/// First output buffer of a span's inflate; doubled as it fills.
+const INFLATE_CHUNK: usize = 1 << 20;
 
 /// Index of a span within a layer.
 pub type SpanId = usize;
@@ -91,11 +100,21 @@ impl Spans {
                 Layout::Tar { span_size }
             }
         };
+        // What decompression can produce: up to the archive end, or to the last checkpoint
+        // when it lies past that end (see the module docs).
+        let uncompressed_size = match &layout {
+            Layout::Gzip(cps) => cps
+                .points()
+                .last()
+                .map_or(0, |p| p.uncompressed_offset)
+                .max(z.uncompressed_archive_size),
+            Layout::Tar { .. } => z.compressed_archive_size,
+        };
         let spans = Spans {
             layout,
             digests: c.span_digests.clone(),
             compressed_size: z.compressed_archive_size,
-            uncompressed_size: z.uncompressed_archive_size,
+            uncompressed_size,
         };
         for id in 0..count {
             let s = spans.span(id)?;
@@ -111,7 +130,28 @@ impl Spans {
                 )));
             }
         }
+        spans.check_entries(z)?;
         Ok(spans)
+    }
+
+    /// Refuses regular files whose data ends past the spans' coverage (an empty file may
+    /// point anywhere: nothing is read).
+    fn check_entries(&self, z: &Ztoc) -> Result<()> {
+        let covered = self.uncompressed_size();
+        for e in &z.entries {
+            if e.kind != EntryKind::Regular || e.size == 0 {
+                continue;
+            }
+            if e.offset.checked_add(e.size).is_none_or(|end| end > covered) {
+                return Err(ZtocError::EntryPastEnd {
+                    name: String::from_utf8_lossy(&e.name).into_owned(),
+                    offset: e.offset,
+                    size: e.size,
+                    covered,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Number of spans.
@@ -126,10 +166,7 @@ impl Spans {
 
     /// Uncompressed size covered by the spans.
     pub fn uncompressed_size(&self) -> u64 {
-        match self.layout {
-            Layout::Gzip(_) => self.uncompressed_size,
-            Layout::Tar { .. } => self.compressed_size,
-        }
+        self.uncompressed_size
     }
 
     /// The ranges of span `id`.
@@ -235,7 +272,9 @@ impl Spans {
 
 /// Inflates `want` bytes starting at a checkpoint, crossing gzip member boundaries.
 fn inflate_span(mut input: &[u8], bits: u8, window: &[u8], want: usize) -> Result<Vec<u8>, String> {
-    let mut out = vec![0u8; want];
+    // The output grows as inflate fills it instead of being sized from the zTOC's claim: a
+    // span claiming 256 MiB whose stream ends early costs what the stream produced.
+    let mut out = Vec::new();
     if want == 0 {
         return Ok(out);
     }
@@ -250,6 +289,9 @@ fn inflate_span(mut input: &[u8], bits: u8, window: &[u8], want: usize) -> Resul
     let mut produced = 0;
     let mut raw = true;
     while produced < want {
+        if produced == out.len() {
+            out.resize(want.min((2 * out.len()).max(INFLATE_CHUNK)), 0);
+        }
         let p = inf
             .inflate(input, &mut out[produced..], Flush::None)
             .map_err(|e| e.to_string())?;

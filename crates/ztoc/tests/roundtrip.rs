@@ -94,6 +94,39 @@ fn check_all_files(blob: &[u8], tar_bytes: &[u8], span_size: u64) {
     }
 }
 
+/// What follows the tar's end-of-archive marker in a layer. Upstream's uncompressed archive size
+/// stops at the marker while its checkpoints cover the whole gzip stream, so the last
+/// checkpoints may lie past that size; such zTOCs are valid and must load.
+#[derive(Debug, Clone)]
+enum Trailer {
+    /// Zero padding (tar record padding; stored-gzip layers have block ends in it).
+    Padding(usize),
+    /// A second archive (concatenated tars; a tar reader stops at the first marker).
+    Archive(Vec<FileSpec>),
+}
+
+fn trailer_strategy() -> impl Strategy<Value = Trailer> {
+    prop_oneof![
+        (1usize..600).prop_map(|n| Trailer::Padding(n * 512)),
+        prop::collection::vec(file_strategy(), 1..5).prop_map(Trailer::Archive),
+    ]
+}
+
+fn with_trailer(t: &[u8], trailer: &Trailer) -> Vec<u8> {
+    let mut layer = t.to_vec();
+    match trailer {
+        Trailer::Padding(n) => layer.resize(t.len() + n, 0),
+        Trailer::Archive(files) => layer.extend(make_tar(files)),
+    }
+    layer
+}
+
+/// The uncompressed offset of the last gzip checkpoint.
+fn last_checkpoint_out(z: &Ztoc) -> u64 {
+    let cps = soci_ztoc::GzipCheckpoints::parse(z.compression.checkpoints.clone()).unwrap();
+    cps.points().last().unwrap().uncompressed_offset
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
@@ -106,6 +139,19 @@ proptest! {
     ) {
         let t = make_tar(&files);
         let gz = gzip_members(&t, &cuts, level);
+        check_all_files(&gz, &t, span_size);
+    }
+
+    #[test]
+    fn checkpoints_past_the_archive_end_load(
+        files in prop::collection::vec(file_strategy(), 1..8),
+        trailer in trailer_strategy(),
+        cuts in prop::collection::vec(any::<usize>(), 0..3),
+        level in 0u32..10,
+        span_size in prop_oneof![Just(1u64 << 10), Just(8u64 << 10), Just(64u64 << 10)],
+    ) {
+        let t = make_tar(&files);
+        let gz = gzip_members(&with_trailer(&t, &trailer), &cuts, level);
         check_all_files(&gz, &t, span_size);
     }
 
@@ -290,4 +336,83 @@ fn entry_metadata_and_kinds() {
         z.read_file(&spans, &mut src, b"nope"),
         Err(ZtocError::NotFound(_))
     ));
+}
+
+fn noise(n: usize, seed: u32) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ seed;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn concatenated_archive_with_small_spans_loads() {
+    let first = vec![FileSpec {
+        name: "a".into(),
+        data: noise(40_000, 1),
+    }];
+    let second_data = noise(60_000, 2);
+    let second = vec![FileSpec {
+        name: "b".into(),
+        data: second_data.clone(),
+    }];
+    let t = make_tar(&first);
+    let layer = with_trailer(&t, &Trailer::Archive(second));
+    let gz = gzip_members(&layer, &[], 6);
+    let opts = BuildOptions {
+        span_size: 1 << 10,
+        ..Default::default()
+    };
+    let z = build(gz.as_slice(), &opts).unwrap();
+    assert_eq!(z.uncompressed_archive_size, t.len() as u64);
+    assert!(last_checkpoint_out(&z) > z.uncompressed_archive_size);
+    let z = Ztoc::from_bytes(&z.to_bytes()).unwrap();
+    let spans = z
+        .spans()
+        .expect("checkpoints past the archive end are valid");
+    let mut src: &[u8] = &gz;
+    assert_eq!(
+        z.read_file(&spans, &mut src, b"0/a").unwrap(),
+        first[0].data
+    );
+    // The spans cover the stream up to the last checkpoint, so an entry there is readable, not
+    // past the end: an entry pointing into the second archive's file reads its bytes.
+    let off = t.len() as u64 + 512;
+    let covered = last_checkpoint_out(&z);
+    let mut z2 = z.clone();
+    z2.entries[0].offset = off;
+    z2.entries[0].size = covered - off;
+    let spans = z2.spans().expect("entry within the spans' coverage");
+    assert_eq!(
+        z2.read_file(&spans, &mut src, b"0/a").unwrap(),
+        second_data[..(covered - off) as usize]
+    );
+    // One byte more is past what the spans can produce (the last span's end is unknown).
+    z2.entries[0].size += 1;
+    assert!(matches!(z2.spans(), Err(ZtocError::EntryPastEnd { .. })));
+}
+
+#[test]
+fn stored_gzip_with_record_padding_loads() {
+    let files = vec![FileSpec {
+        name: "f".into(),
+        data: (0..100_000).map(|i| (i * 7 % 256) as u8).collect(),
+    }];
+    let t = make_tar(&files);
+    let gz = gzip_members(&with_trailer(&t, &Trailer::Padding(300 << 10)), &[], 0);
+    check_all_files(&gz, &t, 1 << 10);
+    let z = build(
+        gz.as_slice(),
+        &BuildOptions {
+            span_size: 1 << 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(last_checkpoint_out(&z) > z.uncompressed_archive_size);
 }

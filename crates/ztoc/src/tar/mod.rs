@@ -255,13 +255,16 @@ impl<R: Read> TarWalker<R> {
         if size > MAX_SPECIAL_FILE {
             return Err(invalid(hdr_off, "special header larger than 1 MiB"));
         }
-        let mut data = vec![0u8; size as usize];
-        let mut n = 0;
-        while n < data.len() {
-            match self.r.read(&mut data[n..]) {
+        // Grown as bytes arrive, not sized from the header: a header claiming 1 MiB in a
+        // truncated stream costs what the stream holds.
+        let mut data = Vec::new();
+        let mut chunk = [0u8; 8192];
+        while (data.len() as u64) < size {
+            let want = (size - data.len() as u64).min(chunk.len() as u64) as usize;
+            match self.r.read(&mut chunk[..want]) {
                 Ok(0) => return Err(TarError::Truncated { offset: self.pos }),
                 Ok(k) => {
-                    n += k;
+                    data.extend_from_slice(&chunk[..k]);
                     self.pos += k as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
