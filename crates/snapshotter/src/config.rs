@@ -288,7 +288,11 @@ mod tests {
         );
         assert_eq!(c.root_path, PathBuf::from(DEFAULT_ROOT));
         let shipped = include_str!("../../../deploy/config.toml");
-        let c: Config = toml::from_str(shipped).unwrap();
+        let (c, notes) = Config::parse(shipped).unwrap();
+        assert!(
+            notes.is_empty(),
+            "deploy/config.toml has only known keys: {notes:?}"
+        );
         assert_eq!(c.address, PathBuf::from(DEFAULT_ADDRESS));
         assert!(!c.pull_modes.soci_v1.enable && c.pull_modes.soci_v2.enable);
         assert_eq!(c.background_fetch.silence_period_msec, 30_000);
