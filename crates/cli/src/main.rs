@@ -49,6 +49,7 @@ impl RegistryArgs {
             hosts_dir: self.hosts_dir.is_dir().then(|| self.hosts_dir.clone()),
             plain_http: self.plain_http,
             plain_http_hosts: Vec::new(),
+            ..Default::default()
         };
         Ok(Arc::new(Client::new(ClientOptions {
             hosts,

@@ -31,6 +31,19 @@ pub struct HostsConfig {
     pub plain_http: bool,
     /// Registries reached over plain HTTP.
     pub plain_http_hosts: Vec<String>,
+    /// Pull mirrors by registry host (upstream's `[[resolver.host."HOST".mirrors]]`), tried
+    /// before `hosts.toml` mirrors and the registry itself.
+    pub mirrors: std::collections::BTreeMap<String, Vec<Mirror>>,
+}
+
+/// A pull mirror from the daemon config: `host[:port][/path]`, over HTTPS unless `insecure`
+/// (or a loopback host).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    /// `host[:port]`, optionally followed by a path prefix.
+    pub host: String,
+    /// Plain HTTP instead of HTTPS.
+    pub insecure: bool,
 }
 
 impl HostsConfig {
@@ -46,7 +59,13 @@ impl HostsConfig {
         } else {
             format!("https://{registry}")
         };
-        let mut out = Vec::new();
+        let mut out: Vec<Endpoint> = self
+            .mirrors
+            .get(registry)
+            .into_iter()
+            .flatten()
+            .filter_map(mirror_endpoint)
+            .collect();
         let mut server = default_server.clone();
         if let Some(dir) = &self.hosts_dir {
             let file = [registry, "_default"]
@@ -59,7 +78,7 @@ impl HostsConfig {
                 if let Some(s) = s {
                     server = s;
                 }
-                out = hosts;
+                out.extend(hosts);
             }
         }
         out.push(Endpoint {
@@ -72,6 +91,37 @@ impl HostsConfig {
         });
         Ok(out)
     }
+}
+
+/// The pull endpoint of a config mirror (`None` for an empty host). As upstream: a scheme in
+/// `host` is ignored (plain HTTP only when `insecure` or a loopback host), and a path, when
+/// given, is the API root as is (`/v2` otherwise).
+fn mirror_endpoint(m: &Mirror) -> Option<Endpoint> {
+    let spec = m.host.trim();
+    let spec = spec
+        .split_once("://")
+        .map_or(spec, |(_, rest)| rest)
+        .trim_end_matches('/');
+    let (host, path) = match spec.split_once('/') {
+        Some((h, p)) => (h, format!("/{p}")),
+        None => (spec, "/v2".to_string()),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    let scheme = if m.insecure || is_localhost(host) {
+        "http"
+    } else {
+        "https"
+    };
+    Some(Endpoint {
+        base: format!("{scheme}://{host}"),
+        path_prefix: path,
+        pull: true,
+        resolve: true,
+        push: false,
+        skip_verify: false,
+    })
 }
 
 /// Whether `registry` (`host[:port]`) is this machine: `localhost`, 127.0.0.0/8 or `::1`.
@@ -223,5 +273,56 @@ mod tests {
         assert_eq!(e.last().unwrap().base, "http://127.0.0.1:5000");
         let e = HostsConfig::default().endpoints("example.com").unwrap();
         assert_eq!(e.last().unwrap().base, "https://example.com");
+    }
+
+    #[test]
+    fn config_mirrors_come_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("example.com");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("hosts.toml"),
+            "[host.\"https://fromhosts.example\"]\n  capabilities = [\"pull\"]\n",
+        )
+        .unwrap();
+        let mirrors = [(
+            "example.com".to_string(),
+            vec![
+                Mirror {
+                    host: "https://mirror.example:5000/cache/v2/".into(),
+                    insecure: false,
+                },
+                Mirror {
+                    host: "10.0.0.9".into(),
+                    insecure: true,
+                },
+                Mirror {
+                    host: String::new(),
+                    insecure: false,
+                },
+            ],
+        )]
+        .into_iter()
+        .collect();
+        let h = HostsConfig {
+            hosts_dir: Some(dir.path().into()),
+            mirrors,
+            ..Default::default()
+        };
+        let e = h.endpoints("example.com").unwrap();
+        let got: Vec<(&str, &str, bool)> = e
+            .iter()
+            .map(|e| (e.base.as_str(), e.path_prefix.as_str(), e.push))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("https://mirror.example:5000", "/cache/v2", false),
+                ("http://10.0.0.9", "/v2", false),
+                ("https://fromhosts.example", "/v2", false),
+                ("https://example.com", "/v2", true),
+            ]
+        );
+        assert_eq!(h.endpoints("other.example").unwrap().len(), 1);
     }
 }

@@ -18,6 +18,6 @@ pub use blobs::{BlobStream, MAX_BLOB_IN_MEMORY};
 pub use client::{Client, ClientOptions};
 pub use digest::Digest;
 pub use error::{RegistryError, Result};
-pub use hosts::{Endpoint, HostsConfig};
+pub use hosts::{Endpoint, HostsConfig, Mirror};
 pub use oci::{Descriptor, ImageIndex, ImageManifest, Platform};
 pub use reference::{Reference, Repository};

@@ -57,6 +57,30 @@ pub struct ResolverConfig {
     pub plain_http_hosts: Vec<String>,
     /// containerd hosts directory (`<host>/hosts.toml`). Default `/etc/containerd/certs.d`.
     pub hosts_dir: PathBuf,
+    /// Upstream's `[[resolver.host."HOST".mirrors]]`: pull mirrors per registry host, tried
+    /// in order before `hosts.toml` mirrors and the registry itself. Default none.
+    pub host: std::collections::BTreeMap<String, HostMirrors>,
+}
+
+/// `[resolver.host."HOST"]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct HostMirrors {
+    /// The mirrors of this host.
+    pub mirrors: Vec<MirrorConfig>,
+}
+
+/// `[[resolver.host."HOST".mirrors]]` (upstream's keys).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct MirrorConfig {
+    /// `host[:port]` with an optional path used as the API root (default `/v2`); a scheme
+    /// written here is ignored, as upstream.
+    pub host: String,
+    /// Plain HTTP instead of HTTPS (loopback hosts always use plain HTTP). Default false.
+    pub insecure: bool,
+    /// Upstream's per-mirror request timeout: not implemented (warned about when set).
+    pub request_timeout_sec: i64,
 }
 
 impl Default for ResolverConfig {
@@ -64,6 +88,7 @@ impl Default for ResolverConfig {
         ResolverConfig {
             plain_http_hosts: Vec::new(),
             hosts_dir: "/etc/containerd/certs.d".into(),
+            host: Default::default(),
         }
     }
 }
@@ -259,7 +284,34 @@ impl Config {
                     .to_string(),
             );
         }
+        for (host, h) in &cfg.resolver.host {
+            if h.mirrors.iter().any(|m| m.request_timeout_sec != 0) {
+                notes.push(format!(
+                    "config key `resolver.host.\"{host}\".mirrors.request_timeout_sec` is not \
+                     implemented by soci-rs: mirrors use `[blob] fetching_timeout_sec`"
+                ));
+            }
+        }
         Ok((cfg, notes))
+    }
+
+    /// Upstream-style config mirrors as the registry client takes them.
+    pub fn mirrors(&self) -> std::collections::BTreeMap<String, Vec<soci_registry::Mirror>> {
+        self.resolver
+            .host
+            .iter()
+            .map(|(h, m)| {
+                let list = m
+                    .mirrors
+                    .iter()
+                    .map(|m| soci_registry::Mirror {
+                        host: m.host.clone(),
+                        insecure: m.insecure,
+                    })
+                    .collect();
+                (h.clone(), list)
+            })
+            .collect()
     }
 
     /// The metrics listen address, if metrics are on.
@@ -357,5 +409,19 @@ mod tests {
         assert!(notes.is_empty(), "dump has only known keys: {notes:?}");
         assert_eq!(back.to_toml(), c.to_toml());
         assert_eq!(back.metrics_address, "127.0.0.1:9");
+    }
+
+    #[test]
+    fn upstream_resolver_mirrors() {
+        let text = "[[resolver.host.\"docker.io\".mirrors]]\nhost = \"mirror.example\"\n\n\
+                    [[resolver.host.\"docker.io\".mirrors]]\nhost = \"127.0.0.1:5000\"\n\
+                    request_timeout_sec = 5\n";
+        let (c, notes) = Config::parse(text).unwrap();
+        let m = c.mirrors();
+        assert_eq!(m["docker.io"].len(), 2);
+        assert_eq!(m["docker.io"][0].host, "mirror.example");
+        assert!(!m["docker.io"][0].insecure);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("request_timeout_sec"), "{notes:?}");
     }
 }

@@ -190,6 +190,7 @@ impl Remote {
                 .then(|| cfg.resolver.hosts_dir.clone()),
             plain_http: false,
             plain_http_hosts: cfg.resolver.plain_http_hosts.clone(),
+            mirrors: cfg.mirrors(),
         };
         let opts = ClientOptions {
             hosts,
