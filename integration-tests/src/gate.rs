@@ -1,12 +1,14 @@
 //! A switchable HTTP/1.1 gate in front of the real registry, to take it down and bring it back
 //! at the same address: open (forward everything), blobs down (503 for every blob request,
-//! manifests still served), or down (every connection closed at once, like a dead registry).
+//! manifests still served), down (every connection closed at once, like a dead registry), or
+//! holding span fetches (ranged blob GETs wait until the mode changes, so reads stay in
+//! flight inside the daemon).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the gate lets through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +20,9 @@ pub enum GateMode {
     BlobsDown = 1,
     /// Close every connection without an answer.
     Down = 2,
+    /// Hold every ranged blob GET (span fetch) until the mode changes (at most two minutes),
+    /// then handle it in the new mode; forward the rest.
+    HoldRanges = 3,
 }
 
 /// A running gate; stopped when dropped.
@@ -26,6 +31,7 @@ pub struct Gate {
     pub addr: String,
     mode: Arc<AtomicU8>,
     stop: Arc<AtomicBool>,
+    held: Arc<AtomicUsize>,
 }
 
 impl Gate {
@@ -35,18 +41,34 @@ impl Gate {
         let addr = listener.local_addr().unwrap().to_string();
         let mode = Arc::new(AtomicU8::new(GateMode::Open as u8));
         let stop = Arc::new(AtomicBool::new(false));
-        let (m, st, up) = (mode.clone(), stop.clone(), upstream.to_string());
+        let held = Arc::new(AtomicUsize::new(0));
+        let (m, st, h, up) = (
+            mode.clone(),
+            stop.clone(),
+            held.clone(),
+            upstream.to_string(),
+        );
         std::thread::spawn(move || {
             for c in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(c) = c else { continue };
-                let (m, up) = (m.clone(), up.clone());
-                std::thread::spawn(move || serve(c, &up, &m));
+                let (m, h, up) = (m.clone(), h.clone(), up.clone());
+                std::thread::spawn(move || serve(c, &up, &m, &h));
             }
         });
-        Gate { addr, mode, stop }
+        Gate {
+            addr,
+            mode,
+            stop,
+            held,
+        }
+    }
+
+    /// Span fetches waiting at the gate now ([`GateMode::HoldRanges`]).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
     }
 
     /// Switches what the gate lets through (connections opened later see the new mode).
@@ -74,10 +96,23 @@ fn read_head(c: &mut TcpStream) -> Option<Vec<u8>> {
     Some(head)
 }
 
-fn serve(mut c: TcpStream, upstream: &str, mode: &AtomicU8) {
+fn serve(mut c: TcpStream, upstream: &str, mode: &AtomicU8, held: &AtomicUsize) {
     let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
     while let Some(head) = read_head(&mut c) {
         let text = String::from_utf8_lossy(&head).to_string();
+        let ranged_blob = text.starts_with("GET ")
+            && text.contains("/blobs/")
+            && text.to_ascii_lowercase().contains("\r\nrange:");
+        if ranged_blob && mode.load(Ordering::SeqCst) == GateMode::HoldRanges as u8 {
+            held.fetch_add(1, Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while mode.load(Ordering::SeqCst) == GateMode::HoldRanges as u8
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            held.fetch_sub(1, Ordering::SeqCst);
+        }
         let m = mode.load(Ordering::SeqCst);
         if m == GateMode::Down as u8 {
             return;

@@ -4,114 +4,14 @@
 //! the daemon and its fd holder.
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use integration_tests::containerd::Containerd;
 use integration_tests::daemon::SociDaemon;
+use integration_tests::gate::{Gate, GateMode};
 use integration_tests::image::{push_busybox_image, random_bytes, Entry};
 use integration_tests::registry::Registry;
 use integration_tests::{bin, run, sha256_hex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A proxy in front of the registry that, while closed, holds every span fetch (ranged blob
-/// GET) until it opens (at most two minutes), so demand reads stay in flight in the daemon.
-struct Gate {
-    addr: String,
-    open: Arc<AtomicBool>,
-    held: Arc<AtomicUsize>,
-    _rt: tokio::runtime::Runtime,
-}
-
-impl Gate {
-    fn start(upstream: &str) -> Gate {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let open = Arc::new(AtomicBool::new(true));
-        let held = Arc::new(AtomicUsize::new(0));
-        let (o, h, up) = (open.clone(), held.clone(), upstream.to_string());
-        rt.spawn(async move {
-            while let Ok((c, _)) = listener.accept().await {
-                tokio::spawn(forward(c, up.clone(), o.clone(), h.clone()));
-            }
-        });
-        Gate {
-            addr,
-            open,
-            held,
-            _rt: rt,
-        }
-    }
-
-    /// Span fetches waiting at the closed gate now.
-    fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
-    }
-}
-
-async fn read_head(c: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if c.read(&mut b).await.ok()? == 0 || head.len() > 65536 {
-            return None;
-        }
-        head.push(b[0]);
-    }
-    Some(head)
-}
-
-async fn forward(
-    mut c: TcpStream,
-    upstream: String,
-    open: Arc<AtomicBool>,
-    held: Arc<AtomicUsize>,
-) {
-    while let Some(head) = read_head(&mut c).await {
-        let text = String::from_utf8_lossy(&head).to_string();
-        let span_fetch = text.starts_with("GET ")
-            && text.contains("/blobs/")
-            && text.to_ascii_lowercase().contains("\r\nrange:");
-        if span_fetch && !open.load(Ordering::SeqCst) {
-            held.fetch_add(1, Ordering::SeqCst);
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !open.load(Ordering::SeqCst) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            held.fetch_sub(1, Ordering::SeqCst);
-        }
-        let Ok(mut u) = TcpStream::connect(&upstream).await else {
-            return;
-        };
-        let req = format!("{}Connection: close\r\n\r\n", &text[..text.len() - 2]);
-        if u.write_all(req.as_bytes()).await.is_err() {
-            return;
-        }
-        let mut resp = Vec::new();
-        if u.read_to_end(&mut resp).await.is_err() {
-            return;
-        }
-        let Some(split) = resp
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map(|i| i + 4)
-        else {
-            return;
-        };
-        let (rhead, body) = resp.split_at(split);
-        let rhead = String::from_utf8_lossy(rhead).replace("Connection: close\r\n", "");
-        if c.write_all(rhead.as_bytes()).await.is_err() || c.write_all(body).await.is_err() {
-            return;
-        }
-    }
-}
 
 fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -211,7 +111,7 @@ fn reads_in_flight_at_kill_9_are_answered_by_the_next_daemon() {
 
     // Close the gate, start the readers: their reads reach the daemon, which waits on the
     // registry with the requests taken from /dev/fuse.
-    gate.open.store(false, Ordering::SeqCst);
+    gate.set(GateMode::HoldRanges);
     std::fs::write(out.join("go"), b"").unwrap();
     wait_for(
         "span fetches held at the gate",
@@ -241,7 +141,7 @@ fn reads_in_flight_at_kill_9_are_answered_by_the_next_daemon() {
             .count()
             >= lazy
     });
-    gate.open.store(true, Ordering::SeqCst);
+    gate.set(GateMode::Open);
 
     // Every reader finishes, with the right bytes, in bounded time.
     let deadline = Instant::now() + Duration::from_secs(60);
