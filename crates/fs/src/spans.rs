@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 pub use crate::cache::{DiskBudget, MemoryCache, POISONED_SPAN_TTL};
 use crate::cache::{NegativeCache, Standing};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 
 /// A boxed future borrowing the reader.
 pub type ReadFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
@@ -155,30 +155,6 @@ pub struct SpanManager {
     progress: watch::Sender<u64>,
     /// This manager, for tasks that outlive a read.
     me: Weak<SpanManager>,
-}
-
-/// The whole-blob fetch of a layer: at most one at a time.
-#[derive(Debug, Default)]
-struct WholeState {
-    running: bool,
-    /// Fetches started so far.
-    started: u64,
-    /// Fetches ended so far, and why the last one failed.
-    ended: u64,
-    last_error: Option<String>,
-}
-
-/// Background fetch pacing.
-#[derive(Debug, Clone)]
-pub struct BackgroundConfig {
-    /// Wait after mount before starting.
-    pub delay: Duration,
-    /// Pause between span fetches.
-    pub period: Duration,
-    /// Quiet time after a demand read before background fetching resumes.
-    pub yield_to_demand: Duration,
-    /// Shared by every layer: bounds background fetches across the daemon.
-    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 fn eio(msg: String) -> io::Error {
@@ -483,132 +459,6 @@ impl SpanManager {
         }
     }
 
-    /// Starts the whole-blob fetch if none is running; returns its number.
-    fn start_whole(&self, prio: Priority) -> u64 {
-        let mut st = self.whole.lock().unwrap_or_else(|e| e.into_inner());
-        if !st.running {
-            if let Some(me) = self.me.upgrade() {
-                st.running = true;
-                st.started += 1;
-                tokio::spawn(me.fetch_whole(prio));
-            }
-        }
-        st.started
-    }
-
-    /// Waits for the whole-blob fetch to store spans `run` (a demand read until its
-    /// deadline; the fetch itself goes on for later reads).
-    async fn wait_for_whole(
-        &self,
-        run: Range<SpanId>,
-        prio: Priority,
-        deadline: Instant,
-    ) -> io::Result<()> {
-        let mut rx = self.progress.subscribe();
-        let fetch = self.start_whole(prio);
-        loop {
-            rx.borrow_and_update();
-            if run.clone().all(|i| self.is_cached(i)) {
-                return Ok(());
-            }
-            self.refuse_poisoned(&run.clone().collect::<Vec<_>>())?;
-            {
-                let st = self.whole.lock().unwrap_or_else(|e| e.into_inner());
-                if st.ended >= fetch {
-                    return Err(eio(format!(
-                        "layer {}: whole-blob fetch ended without spans {run:?}: {}",
-                        self.layer,
-                        st.last_error.as_deref().unwrap_or("no error")
-                    )));
-                }
-            }
-            let changed = rx.changed();
-            let waited = match prio {
-                Priority::Demand => tokio::time::timeout_at(deadline, changed).await,
-                Priority::Background => Ok(changed.await),
-            };
-            if waited.is_err() {
-                return Err(eio(format!(
-                    "layer {}: spans {run:?} not yet fetched after {:?} (the registry serves whole blobs only; the fetch goes on)",
-                    self.layer, self.cfg.fetch_timeout
-                )));
-            }
-        }
-    }
-
-    /// Reads the whole blob once, verifying and caching each span as its bytes pass; spans
-    /// already cached are skipped. Memory held: one span plus one chunk.
-    async fn fetch_whole(self: Arc<Self>, prio: Priority) {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(16);
-        let reader = self.reader.clone();
-        let fetch = tokio::spawn(async move { reader.read_whole(tx).await });
-        let mut buf: Vec<u8> = Vec::new();
-        let mut base = 0u64;
-        let mut ended = false;
-        let mut error = None;
-        info!(layer = %self.layer, "fetching the whole layer blob (registry without range support)");
-        for id in 0..self.spans.len() {
-            if self.closed.load(Ordering::Relaxed) {
-                break;
-            }
-            let s = match self.spans.span(id) {
-                Ok(s) => s,
-                Err(e) => {
-                    error = Some(e.to_string());
-                    break;
-                }
-            };
-            // Drop what lies before this span, then take bytes up to its end.
-            while base < s.compressed.start && !ended {
-                if buf.is_empty() {
-                    match rx.recv().await {
-                        Some(c) => buf.extend_from_slice(&c),
-                        None => ended = true,
-                    }
-                    continue;
-                }
-                let k = (s.compressed.start - base).min(buf.len() as u64);
-                buf.drain(..k as usize);
-                base += k;
-            }
-            while base + (buf.len() as u64) < s.compressed.end && !ended {
-                match rx.recv().await {
-                    Some(c) => buf.extend_from_slice(&c),
-                    None => ended = true,
-                }
-            }
-            if base != s.compressed.start || base + (buf.len() as u64) < s.compressed.end {
-                break;
-            }
-            if !self.is_cached(id) {
-                let len = (s.compressed.end - s.compressed.start) as usize;
-                let data = Bytes::copy_from_slice(&buf[..len]);
-                if let Err(e) = self.verify_and_store(&(id..id + 1), base, data, prio).await {
-                    warn!(layer = %self.layer, span = id, error = %e, "span from the whole blob failed");
-                }
-            }
-            self.progress.send_modify(|g| *g += 1);
-        }
-        drop(rx);
-        let fetched = fetch.await;
-        if error.is_none() {
-            error = match fetched {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) => Some(format!("fetch task: {e}")),
-            };
-        }
-        if let Some(e) = &error {
-            warn!(layer = %self.layer, error = %e, "whole-blob fetch failed");
-        }
-        let mut st = self.whole.lock().unwrap_or_else(|e| e.into_inner());
-        st.running = false;
-        st.ended = st.started;
-        st.last_error = error;
-        drop(st);
-        self.progress.send_modify(|g| *g += 1);
-    }
-
     /// Verifies, decompresses and caches the spans of `run` from their compressed bytes
     /// (starting at blob offset `base`). Spans before a bad one are kept; the bad one is
     /// refused for a while if its digest or its decompression failed.
@@ -681,48 +531,6 @@ impl SpanManager {
         debug!(layer = %self.layer, spans = ?run, "spans fetched and verified");
         Ok(())
     }
-
-    /// Fetches every span not yet cached, one at a time: after `cfg.delay`, pausing
-    /// `cfg.period` between spans, holding one of the shared `cfg.slots` per fetch, and backing
-    /// off while demand reads are active; until done or closed.
-    pub async fn background_fill(self: Arc<Self>, cfg: BackgroundConfig) {
-        tokio::time::sleep(cfg.delay).await;
-        for id in 0..self.spans.len() {
-            loop {
-                if self.closed.load(Ordering::Relaxed) {
-                    return;
-                }
-                let since = self.born.elapsed().as_millis() as u64
-                    - self.last_demand_ms.load(Ordering::Relaxed);
-                let quiet = cfg.yield_to_demand.as_millis() as u64;
-                if self.last_demand_ms.load(Ordering::Relaxed) == 0 || since >= quiet {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(quiet - since)).await;
-            }
-            if self.is_cached(id) {
-                continue;
-            }
-            let want = self
-                .spans
-                .span(id)
-                .map(|s| s.uncompressed.end - s.uncompressed.start);
-            if !self.cfg.disk.fits(want.unwrap_or(0)) {
-                info!(layer = %self.layer, used = self.cfg.disk.used(), "span disk cache is full; background fetch stops");
-                return;
-            }
-            let Ok(_permit) = cfg.slots.acquire().await else {
-                return;
-            };
-            if let Err(e) = self.ensure(id..id + 1, Priority::Background).await {
-                warn!(layer = %self.layer, span = id, error = %e, "background fetch failed; stopping it");
-                return;
-            }
-            drop(_permit);
-            tokio::time::sleep(cfg.period).await;
-        }
-        debug!(layer = %self.layer, "background fetch complete");
-    }
 }
 
 /// Verifies and decompresses span `id` out of `data` (blob bytes from offset `base`).
@@ -763,6 +571,11 @@ fn decode_one(
     }
     Ok(plain)
 }
+
+mod background;
+mod whole;
+pub use background::BackgroundConfig;
+use whole::WholeState;
 
 #[cfg(test)]
 #[path = "spans_tests.rs"]
