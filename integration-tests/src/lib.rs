@@ -2,6 +2,7 @@
 //! FUSE). Tests fail with a clear message when a prerequisite is missing; they never skip.
 
 pub mod containerd;
+pub mod cri;
 pub mod daemon;
 pub mod fault_proxy;
 pub mod gate;
