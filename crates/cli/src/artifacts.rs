@@ -10,8 +10,8 @@ use clap::Args;
 use soci_index::containerd::Containerd;
 use soci_index::{
     index_layers, now_secs, ArtifactEntry, ArtifactKind, ArtifactsDb, ConvertOptions,
-    ConvertReport, ImageStore, SociIndex, SociVersion, ANNOTATION_LAYER_DIGEST,
-    ARTIFACT_TYPE_V1, DEFAULT_MIN_LAYER_SIZE, EMPTY_CONFIG,
+    ConvertReport, ImageStore, SociIndex, SociVersion, ANNOTATION_LAYER_DIGEST, ARTIFACT_TYPE_V1,
+    DEFAULT_MIN_LAYER_SIZE, EMPTY_CONFIG,
 };
 use soci_registry::oci::{is_index, is_manifest, MEDIA_TYPE_OCI_MANIFEST};
 use soci_registry::{Descriptor, Digest, ImageIndex, ImageManifest, Platform};
@@ -74,7 +74,8 @@ pub fn location_of(s: &ImageStore) -> String {
 pub fn existing_ztocs(db: &ArtifactsDb, location: &str) -> BTreeMap<Digest, Descriptor> {
     let mut out = BTreeMap::new();
     for z in db.ztocs().filter(|z| z.location == location) {
-        if let (Some(layer), Some(d)) = (Digest::parse(&z.original_digest), Digest::parse(&z.digest))
+        if let (Some(layer), Some(d)) =
+            (Digest::parse(&z.original_digest), Digest::parse(&z.digest))
         {
             let mut desc = Descriptor::new(z.media_type.clone(), d, z.size);
             desc.annotations = z.annotations.clone();
@@ -96,8 +97,7 @@ pub async fn record_index(
     artifact_type: &str,
 ) -> Result<()> {
     let (desc, bytes) = store.get_manifest(index_digest.as_str()).await?;
-    let idx = SociIndex::parse(&bytes)
-        .map_err(|e| anyhow!("SOCI index {index_digest}: {e}"))?;
+    let idx = SociIndex::parse(&bytes).map_err(|e| anyhow!("SOCI index {index_digest}: {e}"))?;
     let location = location_of(store);
     let now = now_secs();
     for z in &idx.ztocs {
@@ -200,7 +200,11 @@ pub async fn platform_manifests(
         };
         vec![(p, target.clone())]
     } else {
-        bail!("{}: unsupported media type {}", target.digest, target.media_type);
+        bail!(
+            "{}: unsupported media type {}",
+            target.digest,
+            target.media_type
+        );
     };
     let single = candidates.len() == 1 && !is_index(&target.media_type);
     let want: Vec<Platform> = if all || single && wanted.is_empty() {
@@ -216,7 +220,10 @@ pub async fn platform_manifests(
             .iter()
             .find(|(p, _)| w.matches(p))
             .ok_or_else(|| anyhow!("image {} has no manifest for platform {w}", target.digest))?;
-        if !out.iter().any(|(_, d): &(Platform, Descriptor)| d.digest == found.1.digest) {
+        if !out
+            .iter()
+            .any(|(_, d): &(Platform, Descriptor)| d.digest == found.1.digest)
+        {
             out.push(found.clone());
         }
     }
@@ -280,7 +287,8 @@ async fn create_with(a: &CreateArgs, g: &Globals, c: Arc<Containerd>) -> Result<
     let tmp = tempfile::tempdir().context("temp dir")?;
     let progress = |line: &str| tracing::info!("{line}");
     let mut last_index = None;
-    for (platform, mdesc) in platform_manifests(&src, &target, &a.platform, a.all_platforms).await? {
+    for (platform, mdesc) in platform_manifests(&src, &target, &a.platform, a.all_platforms).await?
+    {
         let bytes = src.get_blob(&mdesc).await?;
         let m: ImageManifest = serde_json::from_slice(&bytes)
             .with_context(|| format!("image manifest {}", mdesc.digest))?;
@@ -292,14 +300,22 @@ async fn create_with(a: &CreateArgs, g: &Globals, c: Arc<Containerd>) -> Result<
         if ztocs.is_empty() {
             bail!("{platform}: no zTOCs created: every layer was skipped (below --min-layer-size, zstd or unsupported)");
         }
-        let mut subject = Descriptor::new(mdesc.media_type.clone(), mdesc.digest.clone(), mdesc.size);
+        let mut subject =
+            Descriptor::new(mdesc.media_type.clone(), mdesc.digest.clone(), mdesc.size);
         subject.platform = None;
         let idx = SociIndex::new(SociVersion::V1, ztocs, Some(subject), BUILD_TOOL);
         local
-            .put_blob(&Digest::of(EMPTY_CONFIG), bytes::Bytes::from_static(EMPTY_CONFIG))
+            .put_blob(
+                &Digest::of(EMPTY_CONFIG),
+                bytes::Bytes::from_static(EMPTY_CONFIG),
+            )
             .await?;
         let digest = local
-            .put_manifest(None, MEDIA_TYPE_OCI_MANIFEST, bytes::Bytes::from(idx.to_json()))
+            .put_manifest(
+                None,
+                MEDIA_TYPE_OCI_MANIFEST,
+                bytes::Bytes::from(idx.to_json()),
+            )
             .await?;
         record_index(
             &mut db,
@@ -311,7 +327,10 @@ async fn create_with(a: &CreateArgs, g: &Globals, c: Arc<Containerd>) -> Result<
             ARTIFACT_TYPE_V1,
         )
         .await?;
-        eprintln!("{platform}: SOCI index {digest} for manifest {}", mdesc.digest);
+        eprintln!(
+            "{platform}: SOCI index {digest} for manifest {}",
+            mdesc.digest
+        );
         last_index = Some(digest);
     }
     db.save()?;
@@ -335,7 +354,9 @@ pub async fn rebuild_db(g: &Globals) -> Result<()> {
             if let Ok(rd) = std::fs::read_dir(dir.join("blobs/sha256")) {
                 for e in rd.flatten() {
                     let name = e.file_name().to_string_lossy().to_string();
-                    if let (Some(d), Ok(m)) = (Digest::parse(&format!("sha256:{name}")), e.metadata()) {
+                    if let (Some(d), Ok(m)) =
+                        (Digest::parse(&format!("sha256:{name}")), e.metadata())
+                    {
                         out.push((d, m.len()));
                     }
                 }
@@ -372,6 +393,9 @@ pub async fn rebuild_db(g: &Globals) -> Result<()> {
         added += 1;
     }
     db.save()?;
-    eprintln!("artifacts database {}: {added} index(es) added, {removed} stale entr(y/ies) removed", g.root.display());
+    eprintln!(
+        "artifacts database {}: {added} index(es) added, {removed} stale entr(y/ies) removed",
+        g.root.display()
+    );
     Ok(())
 }

@@ -129,32 +129,46 @@ async fn info(g: &Globals, d: &Digest) -> Result<()> {
         bail!("the provided digest is of ztoc not SOCI index. Use \"soci ztoc info\" command to get detailed info of ztoc");
     }
     let store = local_store(g, None).await?;
-    let bytes = store.get_blob(&Descriptor::new("", d.clone(), entry.size)).await?;
+    let bytes = store
+        .get_blob(&Descriptor::new("", d.clone(), entry.size))
+        .await?;
     let v: serde_json::Value = serde_json::from_slice(&bytes)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }
 
-async fn list(g: &Globals, image: Option<String>, quiet: bool, platform: Vec<String>) -> Result<()> {
+async fn list(
+    g: &Globals,
+    image: Option<String>,
+    quiet: bool,
+    platform: Vec<String>,
+) -> Result<()> {
     let db = ArtifactsDb::open(&g.root)?;
     let wanted: Vec<Platform> = platform
         .iter()
         .map(|p| Platform::parse(p).ok_or_else(|| anyhow!("invalid platform {p:?}")))
         .collect::<Result<_>>()?;
     let mut manifests: Option<Vec<String>> = None;
-    let ctd = match (&image, g.content_store.as_str()) {
-        (Some(_), _) | (None, "containerd") => connect(g).await.ok().map(Arc::new),
-        _ => None,
-    };
+    // containerd names the images (IMAGE REF column); listing works without it.
+    let ctd = connect(g).await.ok().map(Arc::new);
     if let Some(name) = &image {
-        let c = ctd.clone().ok_or_else(|| anyhow!("cannot connect to containerd at {}", g.address))?;
-        let target = c
-            .image_target(name)
-            .await?
-            .ok_or_else(|| anyhow!("image {name:?} not found in containerd namespace {:?}", g.namespace))?;
+        let c = ctd
+            .clone()
+            .ok_or_else(|| anyhow!("cannot connect to containerd at {}", g.address))?;
+        let target = c.image_target(name).await?.ok_or_else(|| {
+            anyhow!(
+                "image {name:?} not found in containerd namespace {:?}",
+                g.namespace
+            )
+        })?;
         let all = wanted.is_empty();
         let found = platform_manifests(&ImageStore::Containerd(c), &target, &platform, all).await?;
-        manifests = Some(found.into_iter().map(|(_, d)| d.digest.to_string()).collect());
+        manifests = Some(
+            found
+                .into_iter()
+                .map(|(_, d)| d.digest.to_string())
+                .collect(),
+        );
     }
     let mut rows: Vec<_> = db
         .indexes()
@@ -162,7 +176,8 @@ async fn list(g: &Globals, image: Option<String>, quiet: bool, platform: Vec<Str
             Some(m) => m.contains(&e.original_digest),
             None => {
                 wanted.is_empty()
-                    || Platform::parse(&e.platform).is_some_and(|p| wanted.iter().any(|w| w.matches(&p)))
+                    || Platform::parse(&e.platform)
+                        .is_some_and(|p| wanted.iter().any(|w| w.matches(&p)))
             }
         })
         .cloned()
@@ -187,9 +202,10 @@ async fn list(g: &Globals, image: Option<String>, quiet: bool, platform: Vec<Str
     for r in &rows {
         let mut names = Vec::new();
         if let (Some(c), false) = (&ctd, r.image_digest.is_empty()) {
-            if r.location == format!("containerd:{}", c.namespace()) || r.location == "soci" {
-                names = c.images_with_target(&r.image_digest).await.unwrap_or_default();
-            }
+            names = c
+                .images_with_target(&r.image_digest)
+                .await
+                .unwrap_or_default();
         }
         if names.is_empty() {
             names.push(String::new());
@@ -237,10 +253,12 @@ async fn rm(g: &Globals, image: Option<String>, digests: Vec<String>) -> Result<
     let targets: Vec<String> = match image {
         Some(name) => {
             let c = connect(g).await?;
-            let t = c
-                .image_target(&name)
-                .await?
-                .ok_or_else(|| anyhow!("image {name:?} not found in containerd namespace {:?}", g.namespace))?;
+            let t = c.image_target(&name).await?.ok_or_else(|| {
+                anyhow!(
+                    "image {name:?} not found in containerd namespace {:?}",
+                    g.namespace
+                )
+            })?;
             db.indexes()
                 .filter(|e| e.image_digest == t.digest.as_str())
                 .map(|e| e.digest.clone())

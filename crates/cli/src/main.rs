@@ -8,8 +8,8 @@ mod local_cmd;
 mod push_cmd;
 mod rpull;
 mod version;
-mod ztoc_local;
 mod ztoc_cmd;
+mod ztoc_local;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use clap::Args;
-use soci_index::{ArtifactsDb, ImageStore, SociIndex, ARTIFACT_TYPE_V1, ARTIFACT_TYPE_V2, EMPTY_CONFIG};
+use soci_index::{
+    ArtifactsDb, ImageStore, SociIndex, ARTIFACT_TYPE_V1, ARTIFACT_TYPE_V2, EMPTY_CONFIG,
+};
 use soci_registry::oci::{to_go_json, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST};
 use soci_registry::{Descriptor, Digest, ImageIndex, Reference};
 
@@ -82,7 +84,11 @@ pub async fn push(a: PushArgs, g: &Globals) -> Result<()> {
     let repo = reference.repository.clone();
     let c = Arc::new(connect(g).await?);
     let target = c.image_target(&a.image_ref).await?.ok_or_else(|| {
-        anyhow!("image {:?} not found in containerd namespace {:?}", a.image_ref, g.namespace)
+        anyhow!(
+            "image {:?} not found in containerd namespace {:?}",
+            a.image_ref,
+            g.namespace
+        )
     })?;
     let ctd_store = ImageStore::Containerd(c.clone());
     let local = local_store(g, Some(c)).await?;
@@ -94,12 +100,17 @@ pub async fn push(a: PushArgs, g: &Globals) -> Result<()> {
         }
     };
     let mut to_push = Vec::new();
-    for (platform, mdesc) in platform_manifests(&ctd_store, &target, &a.platform, a.all_platforms).await? {
+    for (platform, mdesc) in
+        platform_manifests(&ctd_store, &target, &a.platform, a.all_platforms).await?
+    {
         let for_manifest: Vec<_> = db
             .indexes()
             .filter(|i| i.original_digest == mdesc.digest.as_str() && i.location == location)
             .collect();
-        if for_manifest.iter().any(|i| i.artifact_type == ARTIFACT_TYPE_V2) {
+        if for_manifest
+            .iter()
+            .any(|i| i.artifact_type == ARTIFACT_TYPE_V2)
+        {
             println!("[WARN] Skipping SOCI index manifest v2. You should push the whole image with higher level tools like finch or nerdctl.");
         }
         let newest = for_manifest
@@ -124,16 +135,23 @@ pub async fn push(a: PushArgs, g: &Globals) -> Result<()> {
                 let found = if existing.len() > 1 {
                     "multiple soci indices found in remote repository".to_string()
                 } else {
-                    format!("soci index found in remote repository with digest: {}", existing[0].digest)
+                    format!(
+                        "soci index found in remote repository with digest: {}",
+                        existing[0].digest
+                    )
                 };
                 if a.existing_index == "skip" {
-                    say(format!("{found}: skipping pushing artifacts for image manifest: {}", mdesc.digest));
+                    say(format!(
+                        "{found}: skipping pushing artifacts for image manifest: {}",
+                        mdesc.digest
+                    ));
                     continue;
                 }
                 println!("[WARN] {found}: pushing index anyway");
             }
         }
-        let d = Digest::parse(&index_digest).ok_or_else(|| anyhow!("bad digest {index_digest} in the artifacts database"))?;
+        let d = Digest::parse(&index_digest)
+            .ok_or_else(|| anyhow!("bad digest {index_digest} in the artifacts database"))?;
         if a.quiet {
             println!("{d}");
         } else {
@@ -149,10 +167,17 @@ pub async fn push(a: PushArgs, g: &Globals) -> Result<()> {
             say(format!("pushing artifact with digest: {}", z.digest));
             let data = local.get_blob(z).await?;
             client.push_blob(&repo, &z.digest, data).await?;
-            say(format!("successfully pushed artifact with digest: {}", z.digest));
+            say(format!(
+                "successfully pushed artifact with digest: {}",
+                z.digest
+            ));
         }
         client
-            .push_blob(&repo, &Digest::of(EMPTY_CONFIG), Bytes::from_static(EMPTY_CONFIG))
+            .push_blob(
+                &repo,
+                &Digest::of(EMPTY_CONFIG),
+                Bytes::from_static(EMPTY_CONFIG),
+            )
             .await?;
         client
             .put_manifest(&repo, d.as_str(), MEDIA_TYPE_OCI_MANIFEST, bytes.clone())
@@ -184,7 +209,12 @@ pub async fn push(a: PushArgs, g: &Globals) -> Result<()> {
             refs.manifests.retain(|m| m.digest != d);
             refs.manifests.push(entry);
             client
-                .put_manifest(&repo, &tag, MEDIA_TYPE_OCI_INDEX, Bytes::from(to_go_json(&refs)))
+                .put_manifest(
+                    &repo,
+                    &tag,
+                    MEDIA_TYPE_OCI_INDEX,
+                    Bytes::from(to_go_json(&refs)),
+                )
                 .await?;
         }
     }

@@ -14,7 +14,10 @@ use crate::artifacts::{connect, local_store, platform_manifests};
 use crate::local_cmd::print_table;
 use crate::Globals;
 
-async fn load(g: &Globals, d: &Digest) -> Result<(Ztoc, u64, Option<Arc<soci_index::containerd::Containerd>>)> {
+async fn load(
+    g: &Globals,
+    d: &Digest,
+) -> Result<(Ztoc, u64, Option<Arc<soci_index::containerd::Containerd>>)> {
     let db = ArtifactsDb::open(&g.root)?;
     let e = db
         .get(d.as_str())
@@ -23,7 +26,9 @@ async fn load(g: &Globals, d: &Digest) -> Result<(Ztoc, u64, Option<Arc<soci_ind
         bail!("the provided digest belongs to a SOCI index. Use `soci index info` to get the detailed information about it");
     }
     let store = local_store(g, None).await?;
-    let bytes = store.get_blob(&Descriptor::new("", d.clone(), e.size)).await?;
+    let bytes = store
+        .get_blob(&Descriptor::new("", d.clone(), e.size))
+        .await?;
     let z = Ztoc::from_bytes(&bytes).with_context(|| format!("parsing zTOC {d}"))?;
     let ctd = match &store {
         ImageStore::Containerd(c) => Some(c.clone()),
@@ -90,9 +95,12 @@ pub async fn open_for_get_file(g: &Globals, d: &Digest) -> Result<(Ztoc, File, S
         None => Arc::new(connect(g).await?),
     };
     let tmp = tempfile::NamedTempFile::new().context("temp file")?;
-    c.read_to_file(&layer, tmp.path())
-        .await
-        .with_context(|| format!("layer {layer} of zTOC {d} (is the image pulled into namespace {:?}?)", g.namespace))?;
+    c.read_to_file(&layer, tmp.path()).await.with_context(|| {
+        format!(
+            "layer {layer} of zTOC {d} (is the image pulled into namespace {:?}?)",
+            g.namespace
+        )
+    })?;
     let f = tmp.reopen().context("temp file")?;
     Ok((z, f, d.to_string()))
 }
@@ -113,7 +121,10 @@ pub async fn list(
         Some(name) => {
             let c = Arc::new(connect(g).await?);
             let target = c.image_target(name).await?.ok_or_else(|| {
-                anyhow!("image {name:?} not found in containerd namespace {:?}", g.namespace)
+                anyhow!(
+                    "image {name:?} not found in containerd namespace {:?}",
+                    g.namespace
+                )
             })?;
             let store = ImageStore::Containerd(c.clone());
             let local = local_store(g, Some(c)).await?;
@@ -123,12 +134,19 @@ pub async fn list(
                 .map(|(_, d)| d.digest.to_string())
                 .collect();
             let mut out = Vec::new();
-            for idx in db.indexes().filter(|i| manifests.contains(&i.original_digest)) {
-                let Some(d) = Digest::parse(&idx.digest) else { continue };
+            for idx in db
+                .indexes()
+                .filter(|i| manifests.contains(&i.original_digest))
+            {
+                let Some(d) = Digest::parse(&idx.digest) else {
+                    continue;
+                };
                 let Ok((_, bytes)) = local.get_manifest(d.as_str()).await else {
                     continue;
                 };
-                let Ok(si) = SociIndex::parse(&bytes) else { continue };
+                let Ok(si) = SociIndex::parse(&bytes) else {
+                    continue;
+                };
                 for z in si.ztocs {
                     let e = db.get(z.digest.as_str()).ok_or_else(|| {
                         anyhow!("failed to get ztoc {} from artifacts store (try running \"soci rebuild-db\" first)", z.digest)

@@ -16,9 +16,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use containerd_client::services::v1::{
     content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
-    CreateImageRequest, CreateRequest, DeleteContentRequest, DeleteRequest, GetImageRequest,
-    Image, InfoRequest, ListContentRequest, ListImagesRequest, ReadContentRequest, UpdateImageRequest, UpdateRequest, WriteAction,
-    WriteContentRequest,
+    CreateImageRequest, CreateRequest, DeleteContentRequest, DeleteRequest, GetImageRequest, Image,
+    InfoRequest, ListContentRequest, ListImagesRequest, ReadContentRequest, UpdateImageRequest,
+    UpdateRequest, WriteAction, WriteContentRequest,
 };
 use soci_registry::{Descriptor, Digest};
 use tokio::io::AsyncWriteExt;

@@ -6,15 +6,16 @@
 
 pub mod containerd;
 mod convert;
-mod local;
 mod discover;
+mod local;
 mod soci;
 mod store;
 
 pub use convert::{
-    convert, index_layers, ConvertError, ConvertOptions, ConvertReport, PlatformReport, PlatformSelection,
+    convert, index_layers, ConvertError, ConvertOptions, ConvertReport, PlatformReport,
+    PlatformSelection,
 };
 pub use discover::{discover, DiscoverOptions, NoSoci, SociImage};
-pub use soci::*;
 pub use local::{now_secs, ArtifactEntry, ArtifactKind, ArtifactsDb, LocalError};
+pub use soci::*;
 pub use store::{ImageLocation, ImageStore, StoreError, LAYOUT_PREFIX, REGISTRY_PREFIX};

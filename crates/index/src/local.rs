@@ -124,7 +124,9 @@ impl ArtifactsDb {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(|x| e(x.to_string()))?;
         }
-        let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
+        let tmp = self
+            .path
+            .with_extension(format!("tmp.{}", std::process::id()));
         let body = serde_json::to_vec_pretty(&self.entries).map_err(|x| e(x.to_string()))?;
         std::fs::write(&tmp, body).map_err(|x| e(x.to_string()))?;
         std::fs::rename(&tmp, &self.path).map_err(|x| e(x.to_string()))
@@ -144,7 +146,9 @@ impl ArtifactsDb {
 
     /// Index entries.
     pub fn indexes(&self) -> impl Iterator<Item = &ArtifactEntry> {
-        self.entries.iter().filter(|e| e.kind == ArtifactKind::Index)
+        self.entries
+            .iter()
+            .filter(|e| e.kind == ArtifactKind::Index)
     }
 
     /// zTOC entries.
