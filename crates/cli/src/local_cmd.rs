@@ -182,7 +182,7 @@ async fn list(
         })
         .cloned()
         .collect();
-    rows.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.created_at));
     let mut out = std::io::stdout().lock();
     if quiet {
         for r in &rows {
