@@ -37,6 +37,23 @@ fn soci(args: &[&str]) -> Output {
     Command::new(bin("soci")).args(args).output().unwrap()
 }
 
+/// Runs `soci` with nerdctl's exact arguments (which never pass `--root`), in a private mount
+/// namespace where the default root `/var/lib/soci-snapshotter-grpc` is `root`, so the test
+/// does not write the host's real artifacts database.
+fn nerdctl_soci(root: &Path, args: &[&str]) -> Output {
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mkdir -p /var/lib/soci-snapshotter-grpc && \
+             mount --bind \"$0\" /var/lib/soci-snapshotter-grpc && exec \"$@\"",
+        )
+        .arg(root)
+        .arg(bin("soci"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn ok(o: Output, what: &str) -> String {
     assert!(
         o.status.success(),
@@ -171,6 +188,8 @@ fn nerdctl_argument_lists() {
     let tmp = tmpdir("cli-nerdctl");
     let repo = image(&reg, tmp.path(), "cli-nerdctl");
     let ctd = Containerd::start("");
+    let root = tmp.path().join("soci-root");
+    std::fs::create_dir_all(&root).unwrap();
     let sock = ctd.socket.to_str().unwrap().to_string();
     let ns = "cli-nerdctl";
     let src = format!("{repo}:v1");
@@ -179,24 +198,27 @@ fn nerdctl_argument_lists() {
     // nerdctl pkg/snapshotterutil/sociutil.go, ConvertSociIndexV2: `--address A --namespace N`
     // (setupSociCommand), then "convert", "--platform" P per platform, "--span-size" N,
     // "--min-layer-size" N, srcRef, destRef. It first runs `soci --version` (CheckSociVersion).
-    ok(soci(&["--version"]), "soci --version");
+    ok(nerdctl_soci(&root, &["--version"]), "soci --version");
     let dst = format!("{repo}:soci");
     ok(
-        soci(&[
-            "--address",
-            &sock,
-            "--namespace",
-            ns,
-            "convert",
-            "--platform",
-            "linux/amd64",
-            "--span-size",
-            "65536",
-            "--min-layer-size",
-            "0",
-            &src,
-            &dst,
-        ]),
+        nerdctl_soci(
+            &root,
+            &[
+                "--address",
+                &sock,
+                "--namespace",
+                ns,
+                "convert",
+                "--platform",
+                "linux/amd64",
+                "--span-size",
+                "65536",
+                "--min-layer-size",
+                "0",
+                &src,
+                &dst,
+            ],
+        ),
         "nerdctl image convert --soci",
     );
     // nerdctl then looks the image up in containerd: an image index with a v2 SOCI entry.
@@ -224,44 +246,51 @@ fn nerdctl_argument_lists() {
     // "--min-layer-size" N, rawRef; PushSoci: "push", "--platform" P, "--skip-verify",
     // "--plain-http" (insecure registry), rawRef.
     ok(
-        soci(&[
-            "--address",
-            &sock,
-            "--namespace",
-            ns,
-            "create",
-            "--platform",
-            "linux/amd64",
-            "--span-size",
-            "65536",
-            "--min-layer-size",
-            "0",
-            &src,
-        ]),
+        nerdctl_soci(
+            &root,
+            &[
+                "--address",
+                &sock,
+                "--namespace",
+                ns,
+                "create",
+                "--platform",
+                "linux/amd64",
+                "--span-size",
+                "65536",
+                "--min-layer-size",
+                "0",
+                &src,
+            ],
+        ),
         "nerdctl push --snapshotter soci: create",
     );
     ok(
-        soci(&[
-            "--address",
-            &sock,
-            "--namespace",
-            ns,
-            "push",
-            "--platform",
-            "linux/amd64",
-            "--skip-verify",
-            "--plain-http",
-            &src,
-        ]),
+        nerdctl_soci(
+            &root,
+            &[
+                "--address",
+                &sock,
+                "--namespace",
+                ns,
+                "push",
+                "--platform",
+                "linux/amd64",
+                "--skip-verify",
+                "--plain-http",
+                &src,
+            ],
+        ),
         "nerdctl push --snapshotter soci: push",
     );
     // The registry has the v1 index with the image manifest as subject and its zTOCs.
-    let manifest = skopeo_raw(&src);
-    let mdigest = format!(
-        "sha256:{}",
-        integration_tests::sha256_hex(&serde_json::to_vec(&manifest).unwrap())
-    );
-    let _ = mdigest;
+    let images = ctd.ctr_ok(&["-n", ns, "images", "ls"]);
+    let src_digest = images
+        .lines()
+        .find(|l| l.starts_with(&format!("{src} ")))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+        .unwrap_or_else(|| panic!("{src} not in {images}"))
+        .to_string();
     let info: Value = serde_json::from_str(&ok(
         soci(&[
             "index",
@@ -287,7 +316,11 @@ fn nerdctl_argument_lists() {
         info["index"]["config"]["mediaType"],
         "application/vnd.amazon.soci.index.v1+json"
     );
-    assert!(info["index"]["subject"]["digest"].is_string(), "{info}");
+    assert_eq!(
+        info["index"]["subject"]["digest"],
+        src_digest.as_str(),
+        "{info}"
+    );
 }
 
 #[test]

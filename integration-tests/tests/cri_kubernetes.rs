@@ -40,8 +40,8 @@ fn cri_pulls_and_runs_converted_image_lazily_and_unconverted_by_full_pull() {
     run(Command::new(bin("soci")).args([
         "convert",
         "--plain-http",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
     let pause = cri::push_pause_image(&reg, tmp.path(), "cri-pause");
