@@ -100,7 +100,10 @@ fn handback_credentials_only_rpull_has() {
     // base64("handback:hb-s3cret")
     fs::write(
         creds.join("config.json"),
-        format!(r#"{{"auths":{{"{}":{{"auth":"aGFuZGJhY2s6aGItczNjcmV0"}}}}}}"#, reg.addr),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"aGFuZGJhY2s6aGItczNjcmV0"}}}}}}"#,
+            reg.addr
+        ),
     )
     .unwrap();
     let o = Command::new(bin("soci"))
@@ -138,7 +141,8 @@ fn handback_credentials_only_rpull_has() {
     // One log line for the image, not one per layer.
     let log = daemon.log_text();
     assert_eq!(
-        log.matches("handed back to containerd to pull itself").count(),
+        log.matches("handed back to containerd to pull itself")
+            .count(),
         1,
         "{log}"
     );
@@ -214,7 +218,10 @@ fn ztoc_digests(reg: &Registry) -> Vec<String> {
     for prefix in fs::read_dir(&root).unwrap().flatten() {
         for blob in fs::read_dir(prefix.path()).unwrap().flatten() {
             let data = blob.path().join("data");
-            if fs::metadata(&data).map(|m| m.len() > 1 << 20).unwrap_or(true) {
+            if fs::metadata(&data)
+                .map(|m| m.len() > 1 << 20)
+                .unwrap_or(true)
+            {
                 continue;
             }
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&fs::read(&data).unwrap())
@@ -293,7 +300,8 @@ fn handback_corrupt_ztoc_and_failed_full_pull() {
     // The zTOC'd data layer: handed back after the corrupt zTOC and the failed full pull.
     assert!(
         modes.contains("handed back to containerd (full_pull_failed;after=corrupt_ztoc)")
-            || modes.contains("handed back to containerd (full_pull_failed;after=lazy_mount_failed)"),
+            || modes
+                .contains("handed back to containerd (full_pull_failed;after=lazy_mount_failed)"),
         "{modes}"
     );
     assert!(handed_back(&metrics, "full_pull_failed") >= 1);

@@ -11,12 +11,12 @@ use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClien
 use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
-use containerd_client::services::v1::{diff_client::DiffClient, ApplyRequest, InfoRequest};
 use containerd_client::services::v1::{
     content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
     CreateImageRequest, CreateRequest, DeleteRequest, GetImageRequest, Image, ReadContentRequest,
     UpdateImageRequest, WriteAction, WriteContentRequest,
 };
+use containerd_client::services::v1::{diff_client::DiffClient, ApplyRequest, InfoRequest};
 use containerd_client::types::Descriptor as CtdDescriptor;
 use sha2::{Digest as _, Sha256};
 use soci_registry::oci::{is_index, is_manifest};
@@ -500,7 +500,12 @@ impl HandedBack<'_> {
                 sync_fs: false,
             }))
             .await
-            .map_err(|e| anyhow!("applying layer with containerd's diff service: {}", e.message()))?
+            .map_err(|e| {
+                anyhow!(
+                    "applying layer with containerd's diff service: {}",
+                    e.message()
+                )
+            })?
             .into_inner()
             .applied
             .unwrap_or_default();
@@ -555,10 +560,7 @@ impl HandedBack<'_> {
             self.diff_id.to_string(),
         )]);
         labels.insert(
-            format!(
-                "containerd.io/distribution.source.{}",
-                self.repo.registry
-            ),
+            format!("containerd.io/distribution.source.{}", self.repo.registry),
             self.repo.name.clone(),
         );
         let total = self.layer.size as i64;
@@ -588,18 +590,29 @@ impl HandedBack<'_> {
                 if buf.len() >= WRITE_CHUNK {
                     let n = buf.len() as i64;
                     let data = std::mem::replace(&mut buf, Vec::with_capacity(WRITE_CHUNK));
-                    if tx.send(msg(WriteAction::Write, offset, data)).await.is_err() {
+                    if tx
+                        .send(msg(WriteAction::Write, offset, data))
+                        .await
+                        .is_err()
+                    {
                         bail!("containerd ended the write of {digest}");
                     }
                     offset += n;
                 }
             }
             let n = buf.len() as i64;
-            if tx.send(msg(WriteAction::Commit, offset, buf)).await.is_err() {
+            if tx
+                .send(msg(WriteAction::Commit, offset, buf))
+                .await
+                .is_err()
+            {
                 bail!("containerd ended the write of {digest}");
             }
             if offset + n != total {
-                bail!("layer {digest}: {} bytes, descriptor says {total}", offset + n);
+                bail!(
+                    "layer {digest}: {} bytes, descriptor says {total}",
+                    offset + n
+                );
             }
             Ok(())
         };

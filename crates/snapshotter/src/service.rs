@@ -437,13 +437,21 @@ impl Service {
             }
             (Ok(()), Err(e)) if e.code() == tonic::Code::AlreadyExists => Err(exists()),
             (Ok(()), Err(e)) => Err(e),
-            (Err((_, e)), _) if handback::is_fatal(&e) => Err(Status::resource_exhausted(
-                format!("layer for {target}: {e}"),
-            )),
+            (Err((_, e)), _) if handback::is_fatal(&e) => Err(Status::resource_exhausted(format!(
+                "layer for {target}: {e}"
+            ))),
             (Err((cause, e)), _) => {
                 let detail = format!("layer for {target}: {e}");
-                self.hand_back(&remote, key, parent, labels, cause, after.as_deref(), &detail)
-                    .await
+                self.hand_back(
+                    &remote,
+                    key,
+                    parent,
+                    labels,
+                    cause,
+                    after.as_deref(),
+                    &detail,
+                )
+                .await
             }
         }
     }

@@ -46,7 +46,12 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause, for metrics that show zero counts.
-    pub const ALL: [Cause; 4] = [Cause::Auth, Cause::Registry, Cause::FullPull, Cause::Deadline];
+    pub const ALL: [Cause; 4] = [
+        Cause::Auth,
+        Cause::Registry,
+        Cause::FullPull,
+        Cause::Deadline,
+    ];
 
     /// Short label for metrics and snapshot labels.
     pub const fn label(self) -> &'static str {
@@ -140,7 +145,10 @@ mod tests {
             Cause::classify("connection refused", Cause::Registry),
             Cause::Registry
         );
-        assert_eq!(Cause::classify("digest mismatch", Cause::FullPull), Cause::FullPull);
+        assert_eq!(
+            Cause::classify("digest mismatch", Cause::FullPull),
+            Cause::FullPull
+        );
     }
 
     #[test]
@@ -154,7 +162,9 @@ mod tests {
 
     #[test]
     fn only_a_full_disk_is_fatal() {
-        assert!(is_fatal("unpacking layer sha256:ab: No space left on device (os error 28)"));
+        assert!(is_fatal(
+            "unpacking layer sha256:ab: No space left on device (os error 28)"
+        ));
         assert!(!is_fatal("registry answered 503"));
     }
 }
