@@ -211,13 +211,14 @@ fn handback_private_image_with_pull_image_credentials_only() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", daemon.log_text()));
     assert_eq!((out.code, out.log.as_str()), (0, "private pod runs\n"));
     let modes = ctd.soci(&["-n", cri::K8S_NAMESPACE, "image", "mode", &image]);
-    // The busybox layer is shared with the pause image (already pulled by the daemon).
-    assert!(
-        modes.contains("handed back to containerd (auth)"),
+    assert_eq!(
+        modes.matches("handed back to containerd (auth)").count(),
+        2,
         "{modes}"
     );
+    // Both layers (the pause image is pulled later, at RunPodSandbox).
     assert!(
-        get_metrics(&metrics).contains("soci_layers_handed_back_total{reason=\"auth\"} 1"),
+        get_metrics(&metrics).contains("soci_layers_handed_back_total{reason=\"auth\"} 2"),
         "{}",
         get_metrics(&metrics)
     );
