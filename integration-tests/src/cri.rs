@@ -66,27 +66,47 @@ pub struct CriOptions<'a> {
     pub extra: &'a str,
 }
 
+/// The documented node configuration (deploy/kubernetes/containerd-1.x.toml) with the
+/// socket and root of the daemon under test, without its `version` line (the harness writes
+/// it): the tested configuration is the documented one.
+pub fn deploy_snippet(soci_socket: &Path, soci_root: &Path) -> String {
+    let text = include_str!("../../deploy/kubernetes/containerd-1.x.toml");
+    text.lines()
+        .filter(|l| !l.starts_with("version ="))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock",
+            &soci_socket.to_string_lossy(),
+        )
+        .replace(
+            "/var/lib/soci-snapshotter-grpc",
+            &soci_root.to_string_lossy(),
+        )
+}
+
 /// Starts containerd with the CRI plugin using `soci` as its snapshotter with snapshot
-/// annotations passed on (what deploy/ documents for Kubernetes nodes).
+/// annotations passed on: deploy/kubernetes/containerd-1.x.toml (see [`deploy_snippet`];
+/// the daemon's root is `root` next to its socket, as [`crate::daemon::SociDaemon`] lays
+/// them out) plus what a test node needs (sandbox image, registries' hosts.toml).
 pub fn start_containerd(o: &CriOptions) -> Containerd {
+    let root = o
+        .soci_socket
+        .parent()
+        .map(|d| d.join("root"))
+        .unwrap_or_default();
     let cfg = format!(
-        r#"[proxy_plugins]
-  [proxy_plugins.soci]
-    type = "snapshot"
-    address = "{sock}"
+        r#"{snippet}
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{sandbox}"
   restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "soci"
-    disable_snapshot_annotations = false
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{certs}"
 {extra}
 "#,
-        sock = o.soci_socket.display(),
+        snippet = deploy_snippet(o.soci_socket, &root),
         sandbox = o.sandbox_image,
         certs = o.certs_dir.display(),
         extra = o.extra,

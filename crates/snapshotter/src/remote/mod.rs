@@ -163,6 +163,8 @@ pub struct Remote {
     pub metrics: Arc<FsMetrics>,
     /// Fallbacks by reason label.
     pub fallbacks: Mutex<BTreeMap<&'static str, u64>>,
+    /// Layers handed back to containerd to pull itself, by cause label.
+    pub handed_back: Mutex<BTreeMap<&'static str, u64>>,
     /// Layers served lazily / unpacked.
     pub layers_lazy: std::sync::atomic::AtomicU64,
     /// Layers downloaded and unpacked.
@@ -226,6 +228,7 @@ impl Remote {
             )),
             metrics: Arc::new(FsMetrics::default()),
             fallbacks: Mutex::new(BTreeMap::new()),
+            handed_back: Mutex::new(BTreeMap::new()),
             layers_lazy: Default::default(),
             layers_full: Default::default(),
             health: Default::default(),
@@ -385,6 +388,21 @@ impl Remote {
                 .entry(reason.label())
                 .or_default() += 1;
         }
+    }
+
+    /// Counts a layer of `image_ref` handed back to containerd for `cause`; true the first
+    /// time for this image and cause (the one time it is logged).
+    pub fn note_hand_back(&self, image_ref: &str, cause: &'static str) -> bool {
+        *self
+            .handed_back
+            .lock()
+            .expect("handed_back")
+            .entry(cause)
+            .or_default() += 1;
+        self.logged
+            .lock()
+            .expect("logged")
+            .insert(format!("{image_ref} handed_back:{cause}"))
     }
 
     /// Fetches, verifies and parses a layer's zTOC and builds its tree, once per zTOC.
