@@ -251,8 +251,8 @@ fn handback_remove_image_cleans_snapshots_and_image_fs_is_the_daemon_root() {
         "--plain-http",
         "--min-layer-size",
         "1000000",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
     let pause = cri::push_pause_image(&reg, tmp.path(), "handback-rm-pause");

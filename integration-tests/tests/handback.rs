@@ -260,8 +260,8 @@ fn handback_corrupt_ztoc_and_failed_full_pull() {
         "--plain-http",
         "--min-layer-size",
         "1000000",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
     let ztocs = ztoc_digests(&reg);
