@@ -378,7 +378,10 @@ mod tests {
             .dir;
         assert_eq!(without_home, Some(pw.join(".docker/config.json")));
         assert_eq!(empty_home, without_home);
-        assert_eq!(with_dc, Some(PathBuf::from("/tmp/soci-dc-test/config.json")));
+        assert_eq!(
+            with_dc,
+            Some(PathBuf::from("/tmp/soci-dc-test/config.json"))
+        );
     }
 
     #[test]
@@ -392,7 +395,10 @@ mod tests {
         .unwrap();
         let c = DockerConfig::load(&p).unwrap();
         let a = c.credentials("a").unwrap().unwrap();
-        assert_eq!((a.kind, a.secret.as_str()), (SecretKind::RegistryToken, "rt"));
+        assert_eq!(
+            (a.kind, a.secret.as_str()),
+            (SecretKind::RegistryToken, "rt")
+        );
         assert!(!format!("{a:?}").contains("rt\""));
         assert_eq!(c.credentials("b").unwrap().unwrap().secret, "p");
     }

@@ -152,7 +152,11 @@ async fn a_403_after_fresh_authentication_is_an_error_not_a_loop() {
     f.refuse_all.store(true, Ordering::SeqCst);
     let e = c.get_manifest(&repo, "v1").await.unwrap_err();
     assert!(e.to_string().contains("403"), "{e}");
-    assert_eq!(f.issued.load(Ordering::SeqCst), 2, "exactly one fresh token");
+    assert_eq!(
+        f.issued.load(Ordering::SeqCst),
+        2,
+        "exactly one fresh token"
+    );
 }
 
 #[tokio::test]
@@ -165,11 +169,18 @@ async fn token_past_its_expires_in_is_renewed_before_use() {
     c.get_manifest(&repo, "v1").await.unwrap();
     assert_eq!(f.issued.load(Ordering::SeqCst), 2);
     let seen = f.seen.lock().unwrap();
-    let refused = seen.iter().filter(|l| l.contains("/v2/") && l.ends_with(" ")).count();
+    let refused = seen
+        .iter()
+        .filter(|l| l.contains("/v2/") && l.ends_with(" "))
+        .count();
     // Unauthenticated manifest requests: the first one and the one after the expiry; the
     // expired token itself was never sent again.
     assert_eq!(refused, 2, "{seen:#?}");
-    assert_eq!(seen.iter().filter(|l| l.ends_with("Bearer t1")).count(), 1, "{seen:#?}");
+    assert_eq!(
+        seen.iter().filter(|l| l.ends_with("Bearer t1")).count(),
+        1,
+        "{seen:#?}"
+    );
 }
 
 struct RegistryToken;

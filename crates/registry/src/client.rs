@@ -15,10 +15,10 @@ use reqwest::{RequestBuilder, Response, StatusCode};
 use tracing::{debug, warn};
 
 use crate::auth::{parse_challenge, DockerConfig, SecretKind};
-use crate::keychain::Keychain;
 use crate::digest::Digest;
 use crate::error::{RegistryError, Result};
 use crate::hosts::{Endpoint, HostsConfig};
+use crate::keychain::Keychain;
 use crate::oci::Descriptor;
 use crate::oci::{ImageIndex, MANIFEST_ACCEPT, MEDIA_TYPE_OCI_INDEX};
 use crate::reference::Repository;

@@ -114,7 +114,12 @@ impl Snapshotter {
             r.release(s.id);
             if let Some(img) = s.labels.get(remote::LABEL_IMAGE_REF) {
                 let l = remote::LABEL_IMAGE_REF;
-                if !self.store.list()?.iter().any(|(_, o)| o.labels.get(l) == Some(img)) {
+                if !self
+                    .store
+                    .list()?
+                    .iter()
+                    .any(|(_, o)| o.labels.get(l) == Some(img))
+                {
                     r.image_unused(img);
                 }
             }

@@ -135,9 +135,8 @@ fn explain_pull_error(status: Status, image: &str) -> Status {
     )
 }
 
-type ImageStream = Pin<
-    Box<dyn tokio_stream::Stream<Item = Result<cri::StreamImagesResponse, Status>> + Send>,
->;
+type ImageStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<cri::StreamImagesResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl cri::image_service_server::ImageService for ImageProxy {

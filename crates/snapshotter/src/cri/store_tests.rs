@@ -107,7 +107,10 @@ fn auth_field_identity_and_registry_tokens_and_server_address() {
         ..Default::default()
     };
     s.remember("r.example/b:1", Some(&t)).unwrap();
-    assert_eq!(creds(&s, "r.example", "b"), Some((String::new(), "idt".into())));
+    assert_eq!(
+        creds(&s, "r.example", "b"),
+        Some((String::new(), "idt".into()))
+    );
     let rt = AuthConfig {
         registry_token: "rt".into(),
         ..Default::default()
@@ -143,11 +146,17 @@ fn debug_never_prints_secrets() {
         server_address: String::new(),
     };
     let printed = format!("{a:?}");
-    assert!(!printed.contains("s3cret") && !printed.contains("YXV0"), "{printed}");
+    assert!(
+        !printed.contains("s3cret") && !printed.contains("YXV0"),
+        "{printed}"
+    );
     s.remember("r.example/a:1", Some(&a)).unwrap();
     let old = s.remember("r.example/a:1", Some(&a)).unwrap().unwrap();
     let printed = format!("{old:?}");
-    assert!(!printed.contains("s3cret") && !printed.contains("YXV0"), "{printed}");
+    assert!(
+        !printed.contains("s3cret") && !printed.contains("YXV0"),
+        "{printed}"
+    );
     let req = crate::proto::runtime::v1::PullImageRequest {
         auth: Some(a),
         ..Default::default()
