@@ -117,6 +117,10 @@ fn forward<T>(req: Request<T>, limit: Duration) -> Request<T> {
 /// A rejected-credentials error from containerd, made to say so and name the registry.
 fn explain_pull_error(status: Status, image: &str) -> Status {
     let msg = status.message().to_ascii_lowercase();
+    if msg.contains("authentication to ") {
+        // The snapshotter's own registry error: it already names the registry and the cause.
+        return status;
+    }
     let auth = ["401", "403", "unauthorized", "forbidden", "authoriz"]
         .iter()
         .any(|k| msg.contains(k));
