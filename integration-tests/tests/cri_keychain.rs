@@ -335,3 +335,60 @@ fn write_docker_login(home: &Path, addr: &str) {
     )
     .unwrap();
 }
+
+#[test]
+fn cri_expired_credentials_answered_403_without_challenge_get_fresh_authentication() {
+    use integration_tests::fault_proxy::{Fault, FaultProxy};
+    use soci_registry::auth::DockerConfig;
+    use soci_registry::{Client, ClientOptions, Digest, HostsConfig, Reference};
+
+    // A small private image is enough: this is about the client's answer to the 403.
+    let reg = Registry::start_with_auth(Some((USER, PASS)));
+    let tmp = tempfile::tempdir().unwrap();
+    let mut lw = LayoutWriter::new(&tmp.path().join("l"));
+    let layer = Layer {
+        entries: vec![Entry::File("f".into(), random_bytes(1 << 20, 77), 0o644)],
+        compression: Compression::Gzip,
+    };
+    let m = lw.manifest("amd64", &[layer], &["/f"]);
+    lw.tag_manifest(&m, "v1");
+    reg.push_layout(
+        &lw.dir,
+        "v1",
+        "cri-forbidden:v1",
+        Some(&format!("{USER}:{PASS}")),
+    );
+    let proxy = FaultProxy::start(&reg.addr);
+    let home = tmp.path().join("home");
+    write_docker_login(&home, &proxy.addr);
+    let creds = DockerConfig::load(&home.join(".docker/config.json")).unwrap();
+    let c = Client::with_credentials(
+        ClientOptions {
+            hosts: HostsConfig {
+                plain_http_hosts: vec![proxy.addr.clone()],
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        creds,
+    )
+    .unwrap();
+    let r = Reference::parse(&format!("{}/cri-forbidden:v1", proxy.addr)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_, m) = c.get_manifest(&r.repository, "v1").await.unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        let layer = Digest::parse(m["layers"][0]["digest"].as_str().unwrap()).unwrap();
+        c.get_blob_range(&r.repository, &layer, 0..4096)
+            .await
+            .unwrap();
+        // The registry now calls the cached credentials expired: 403, no challenge.
+        proxy.inject(Fault::ForbiddenIfAuthorized, 1);
+        let b = c
+            .get_blob_range(&r.repository, &layer, 4096..8192)
+            .await
+            .unwrap_or_else(|e| panic!("no fresh authentication after a 403: {e}"));
+        assert_eq!(b.len(), 4096);
+        assert_eq!(proxy.applied(), 1);
+    });
+}
