@@ -132,6 +132,17 @@ impl Snapshotter {
         let s = self.store.remove(key)?;
         if let Some(r) = &self.remote {
             r.release(s.id);
+            if let Some(img) = s.labels.get(remote::LABEL_IMAGE_REF) {
+                let l = remote::LABEL_IMAGE_REF;
+                if !self
+                    .store
+                    .list()?
+                    .iter()
+                    .any(|(_, o)| o.labels.get(l) == Some(img))
+                {
+                    r.image_unused(img);
+                }
+            }
         }
         if let Err(e) = std::fs::remove_dir_all(self.layout.dir(s.id)) {
             if e.kind() != std::io::ErrorKind::NotFound {

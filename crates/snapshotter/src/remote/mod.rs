@@ -135,6 +135,8 @@ const DOWNLOADS_PER_IMAGE: usize = 3;
 
 /// State of remote layers.
 pub struct Remote {
+    /// Credentials from the kubelet's PullImage requests (`[cri_keychain]` enabled).
+    pub cri_credentials: Option<Arc<crate::cri::CredentialStore>>,
     client: Arc<Client>,
     cfg: Config,
     cache_root: PathBuf,
@@ -199,7 +201,8 @@ impl Remote {
             request_timeout: Duration::from_secs(cfg.blob.fetching_timeout_sec.max(1) * 10),
             ..Default::default()
         };
-        let client = Client::new(opts).map_err(|e| e.to_string())?;
+        let (keychain, cri_credentials) = crate::cri::keychain(root, cfg);
+        let client = Client::with_keychain(opts, keychain).map_err(|e| e.to_string())?;
         let cache_root = root.join("cache");
         let tmp_root = root.join("tmp");
         // Downloads of a previous run are of no use: start clean.
@@ -208,6 +211,7 @@ impl Remote {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
         Ok(Remote {
+            cri_credentials,
             client: Arc::new(client),
             cfg: cfg.clone(),
             cache_root,
@@ -585,6 +589,13 @@ impl Remote {
             if let Err(e) = c.del(id) {
                 warn!(id, error = %e, "fd holder did not release a mount");
             }
+        }
+    }
+
+    /// The last snapshot prepared for `image` is gone: its CRI credentials are not needed.
+    pub fn image_unused(&self, image: &str) {
+        if let Some(c) = &self.cri_credentials {
+            c.forget(image);
         }
     }
 
