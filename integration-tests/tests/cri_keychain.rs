@@ -99,8 +99,8 @@ fn world(name: &str) -> World {
         .args([
             "convert",
             "--plain-http",
-            &format!("{repo}:v1"),
-            &format!("{repo}:soci"),
+            &format!("docker://{repo}:v1"),
+            &format!("docker://{repo}:soci"),
         ]))
     .unwrap();
     let pause = cri::push_pause_image(&pause_reg, tmp.path(), "cri-pause");
