@@ -6,6 +6,7 @@
 
 mod convert;
 mod discover;
+pub mod prefetch;
 mod soci;
 mod store;
 
