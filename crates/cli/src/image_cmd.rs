@@ -28,6 +28,13 @@ pub struct ConvertArgs {
     /// Layers smaller than this (compressed bytes) get no zTOC.
     #[arg(long, default_value_t = DEFAULT_MIN_LAYER_SIZE)]
     min_layer_size: u64,
+    /// File to prefetch when the image is run lazily (repeatable): its spans are written as a
+    /// prefetch artifact in the SOCI index (upstream's format).
+    #[arg(long = "prefetch-file", value_name = "PATH")]
+    prefetch_file: Vec<String>,
+    /// JSON file with an array of paths to prefetch (upstream's `--prefetch-files-json`).
+    #[arg(long, value_name = "FILE")]
+    prefetch_files_json: Option<std::path::PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
     /// Source image: registry reference or oci:DIR[:TAG].
@@ -65,6 +72,8 @@ pub async fn convert(a: ConvertArgs) -> Result<()> {
         span_size: a.span_size,
         min_layer_size: a.min_layer_size,
         platforms,
+        prefetch_files: soci_index::prefetch::cli_files(&a.prefetch_file, a.prefetch_files_json.as_deref())
+            .map_err(anyhow::Error::msg)?,
         ..Default::default()
     };
     let src = ImageStore::open(&src_loc, client.clone());

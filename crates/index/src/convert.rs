@@ -38,6 +38,9 @@ pub struct ConvertOptions {
     pub platforms: PlatformSelection,
     /// Build tool identifier written in zTOCs and indexes.
     pub build_tool_identifier: String,
+    /// Files whose spans the snapshotter fetches before a lazy mount is ready: written as
+    /// prefetch artifacts (see [`crate::prefetch`]). Default none.
+    pub prefetch_files: Vec<String>,
 }
 
 impl Default for ConvertOptions {
@@ -47,6 +50,7 @@ impl Default for ConvertOptions {
             min_layer_size: DEFAULT_MIN_LAYER_SIZE,
             platforms: PlatformSelection::Host,
             build_tool_identifier: soci_ztoc::DEFAULT_BUILD_TOOL_IDENTIFIER.into(),
+            prefetch_files: Vec::new(),
         }
     }
 }
@@ -289,6 +293,7 @@ async fn convert_manifest(
 
     let mut ztocs = Vec::new();
     let mut skipped = Vec::new();
+    let mut built = Vec::new(); // (layer, zTOC), kept only for prefetch artifacts
     for layer in &manifest.layers {
         dst.copy_blob_from(src, layer, tmp).await?;
         let algorithm = match layer_compression(&layer.media_type) {
@@ -352,9 +357,13 @@ async fn convert_manifest(
         );
         dst.put_blob(&zdigest, Bytes::from(zbytes)).await?;
         ztocs.push(zdesc);
+        if !opts.prefetch_files.is_empty() {
+            built.push((layer.digest.clone(), z));
+        }
     }
 
     let n_ztocs = ztocs.len();
+    ztocs.extend(crate::prefetch::write_artifacts(dst, &built, &opts.prefetch_files, progress).await?);
     let mut soci_entry = None;
     let mut soci_digest = None;
     if n_ztocs > 0 {

@@ -381,6 +381,28 @@ pub fn parse_files_json(bytes: &[u8]) -> Result<Vec<String>, String> {
         .collect())
 }
 
+/// The files of `soci convert --prefetch-file` (blank ones dropped) and
+/// `--prefetch-files-json`, in that order, as upstream's CLI collects them.
+pub fn cli_files(
+    flags: &[String],
+    json: Option<&std::path::Path>,
+) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = flags
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(p) = json {
+        let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if meta.len() > 16 << 20 {
+            return Err(format!("{}: larger than 16 MiB", p.display()));
+        }
+        let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        out.extend(parse_files_json(&bytes).map_err(|e| format!("{}: {e}", p.display()))?);
+    }
+    Ok(out)
+}
+
 impl crate::soci::SociIndex {
     /// The prefetch artifact listed for an image layer (the first, as upstream).
     pub fn prefetch_for(&self, layer: &Digest) -> Option<&Descriptor> {
@@ -418,6 +440,46 @@ impl SociImage {
             })?;
         PrefetchArtifact::parse(&bytes, &artifact, layer.as_str(), span_count)
     }
+}
+
+/// `soci convert`: writes one prefetch artifact per layer of `built` (layer digest and zTOC, in
+/// image layer order) providing some of `files`, and returns their descriptors for the SOCI
+/// index, in layer order. Files found nowhere are reported and skipped, as upstream.
+pub async fn write_artifacts(
+    dst: &crate::store::ImageStore,
+    built: &[(Digest, Ztoc)],
+    files: &[String],
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Vec<Descriptor>, crate::ConvertError> {
+    if files.is_empty() || built.is_empty() {
+        return Ok(Vec::new());
+    }
+    let layers: Vec<LayerToc<'_>> = built
+        .iter()
+        .map(|(layer, ztoc)| LayerToc { layer, ztoc })
+        .collect();
+    let p = plan(&layers, files).map_err(|e| {
+        crate::ConvertError::Image(format!("prefetch: span table of a built zTOC: {e}"))
+    })?;
+    for f in &p.not_found {
+        tracing::warn!(file = %f, "prefetch file not found in any indexed layer");
+        progress(&format!("  prefetch file {f} not found in any indexed layer"));
+    }
+    let mut out = Vec::new();
+    for (layer, _) in built {
+        let Some(ranges) = p.layers.get(layer.as_str()) else {
+            continue;
+        };
+        let (desc, bytes) = PrefetchArtifact::new(ranges.clone()).descriptor(layer);
+        dst.put_blob(&desc.digest, bytes::Bytes::from(bytes)).await?;
+        progress(&format!(
+            "  layer {layer}: prefetch artifact {} ({} span ranges)",
+            desc.digest,
+            ranges.len()
+        ));
+        out.push(desc);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
