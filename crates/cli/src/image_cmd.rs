@@ -72,8 +72,11 @@ pub async fn convert(a: ConvertArgs) -> Result<()> {
         span_size: a.span_size,
         min_layer_size: a.min_layer_size,
         platforms,
-        prefetch_files: soci_index::prefetch::cli_files(&a.prefetch_file, a.prefetch_files_json.as_deref())
-            .map_err(anyhow::Error::msg)?,
+        prefetch_files: soci_index::prefetch::cli_files(
+            &a.prefetch_file,
+            a.prefetch_files_json.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?,
         ..Default::default()
     };
     let src = ImageStore::open(&src_loc, client.clone());

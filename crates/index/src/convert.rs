@@ -363,7 +363,9 @@ async fn convert_manifest(
     }
 
     let n_ztocs = ztocs.len();
-    ztocs.extend(crate::prefetch::write_artifacts(dst, &built, &opts.prefetch_files, progress).await?);
+    ztocs.extend(
+        crate::prefetch::write_artifacts(dst, &built, &opts.prefetch_files, progress).await?,
+    );
     let mut soci_entry = None;
     let mut soci_digest = None;
     if n_ztocs > 0 {

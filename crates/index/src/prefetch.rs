@@ -324,7 +324,10 @@ impl LayerNames {
 /// unless a whiteout or an opaque directory in a layer above hides it. As upstream: span
 /// `span_of(offset)` through `span_of(offset + size)`; layers without a zTOC are not looked
 /// at. Non-regular entries (directories, links) provide nothing to prefetch.
-pub fn plan(layers: &[LayerToc<'_>], paths: &[String]) -> Result<PrefetchPlan, soci_ztoc::ZtocError> {
+pub fn plan(
+    layers: &[LayerToc<'_>],
+    paths: &[String],
+) -> Result<PrefetchPlan, soci_ztoc::ZtocError> {
     let mut out = PrefetchPlan::default();
     let mut names: Vec<Option<LayerNames>> = layers.iter().map(|_| None).collect();
     let mut spans: Vec<Option<soci_ztoc::Spans>> = layers.iter().map(|_| None).collect();
@@ -373,8 +376,8 @@ pub fn plan(layers: &[LayerToc<'_>], paths: &[String]) -> Result<PrefetchPlan, s
 /// Reads the requested files of upstream's `--prefetch-files-json` file shape: a JSON array of
 /// path strings (blank entries dropped, as upstream).
 pub fn parse_files_json(bytes: &[u8]) -> Result<Vec<String>, String> {
-    let v: Vec<String> =
-        serde_json::from_slice(bytes).map_err(|e| format!("expected a JSON array of paths: {e}"))?;
+    let v: Vec<String> = serde_json::from_slice(bytes)
+        .map_err(|e| format!("expected a JSON array of paths: {e}"))?;
     Ok(v.into_iter()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
@@ -383,10 +386,7 @@ pub fn parse_files_json(bytes: &[u8]) -> Result<Vec<String>, String> {
 
 /// The files of `soci convert --prefetch-file` (blank ones dropped) and
 /// `--prefetch-files-json`, in that order, as upstream's CLI collects them.
-pub fn cli_files(
-    flags: &[String],
-    json: Option<&std::path::Path>,
-) -> Result<Vec<String>, String> {
+pub fn cli_files(flags: &[String], json: Option<&std::path::Path>) -> Result<Vec<String>, String> {
     let mut out: Vec<String> = flags
         .iter()
         .map(|s| s.trim().to_string())
@@ -408,7 +408,9 @@ impl crate::soci::SociIndex {
     pub fn prefetch_for(&self, layer: &Digest) -> Option<&Descriptor> {
         self.ztocs.iter().find(|d| {
             d.media_type == MEDIA_TYPE_PREFETCH
-                && d.annotations.get(ANNOTATION_LAYER_DIGEST).map(String::as_str)
+                && d.annotations
+                    .get(ANNOTATION_LAYER_DIGEST)
+                    .map(String::as_str)
                     == Some(layer.as_str())
         })
     }
@@ -463,7 +465,9 @@ pub async fn write_artifacts(
     })?;
     for f in &p.not_found {
         tracing::warn!(file = %f, "prefetch file not found in any indexed layer");
-        progress(&format!("  prefetch file {f} not found in any indexed layer"));
+        progress(&format!(
+            "  prefetch file {f} not found in any indexed layer"
+        ));
     }
     let mut out = Vec::new();
     for (layer, _) in built {
@@ -471,7 +475,8 @@ pub async fn write_artifacts(
             continue;
         };
         let (desc, bytes) = PrefetchArtifact::new(ranges.clone()).descriptor(layer);
-        dst.put_blob(&desc.digest, bytes::Bytes::from(bytes)).await?;
+        dst.put_blob(&desc.digest, bytes::Bytes::from(bytes))
+            .await?;
         progress(&format!(
             "  layer {layer}: prefetch artifact {} ({} span ranges)",
             desc.digest,

@@ -59,14 +59,35 @@ fn parse_limits_and_errors_name_the_artifact() {
     assert_eq!(a.span_ranges(), vec![1..=3]);
     let cases: &[(&[u8], &str)] = &[
         (b"not-json", "invalid JSON"),
-        (br#"{"version":"0.9","prefetch_spans":[{"start_span":1,"end_span":1}]}"#, "unsupported version"),
-        (br#"{"version":"1.0","prefetch_spans":[]}"#, "no span ranges"),
-        (br#"{"version":"1.0","prefetch_spans":null}"#, "no span ranges"),
+        (
+            br#"{"version":"0.9","prefetch_spans":[{"start_span":1,"end_span":1}]}"#,
+            "unsupported version",
+        ),
+        (
+            br#"{"version":"1.0","prefetch_spans":[]}"#,
+            "no span ranges",
+        ),
+        (
+            br#"{"version":"1.0","prefetch_spans":null}"#,
+            "no span ranges",
+        ),
         (br#"{"version":"1.0"}"#, "no span ranges"),
-        (br#"{"version":"1.0","prefetch_spans":[{"start_span":1,"end_span":4}]}"#, "outside layer"),
-        (br#"{"version":"1.0","prefetch_spans":[{"start_span":-1,"end_span":1}]}"#, "outside layer"),
-        (br#"{"version":"1.0","prefetch_spans":[{"start_span":3,"end_span":1}]}"#, "outside layer"),
-        (br#"{"version":"1.0","prefetch_spans":[{"start_span":1,"end_span":99999999999}]}"#, "invalid JSON"),
+        (
+            br#"{"version":"1.0","prefetch_spans":[{"start_span":1,"end_span":4}]}"#,
+            "outside layer",
+        ),
+        (
+            br#"{"version":"1.0","prefetch_spans":[{"start_span":-1,"end_span":1}]}"#,
+            "outside layer",
+        ),
+        (
+            br#"{"version":"1.0","prefetch_spans":[{"start_span":3,"end_span":1}]}"#,
+            "outside layer",
+        ),
+        (
+            br#"{"version":"1.0","prefetch_spans":[{"start_span":1,"end_span":99999999999}]}"#,
+            "invalid JSON",
+        ),
     ];
     for (bytes, want) in cases {
         let e = PrefetchArtifact::parse(bytes, "sha256:art", "sha256:lay", 4)
@@ -81,7 +102,10 @@ fn parse_limits_and_errors_name_the_artifact() {
     let many: Vec<String> = (0..=MAX_PREFETCH_RANGES)
         .map(|i| format!(r#"{{"start_span":{i},"end_span":{i}}}"#))
         .collect();
-    let many = format!(r#"{{"version":"1.0","prefetch_spans":[{}]}}"#, many.join(","));
+    let many = format!(
+        r#"{{"version":"1.0","prefetch_spans":[{}]}}"#,
+        many.join(",")
+    );
     let e = PrefetchArtifact::parse(many.as_bytes(), "sha256:art", "l", 1 << 20).unwrap_err();
     assert!(matches!(e, PrefetchError::TooLarge { .. }), "{e}");
 }
@@ -90,7 +114,13 @@ fn parse_limits_and_errors_name_the_artifact() {
 fn normalize_merges_like_upstream() {
     assert!(normalize(vec![]).is_empty());
     assert_eq!(
-        normalize(vec![span(5, 6), span(0, 1), span(2, 3), span(9, 12), span(10, 11)]),
+        normalize(vec![
+            span(5, 6),
+            span(0, 1),
+            span(2, 3),
+            span(9, 12),
+            span(10, 11)
+        ]),
         vec![span(0, 3), span(5, 6), span(9, 12)]
     );
     assert_eq!(normalize(vec![span(1, 1), span(1, 1)]), vec![span(1, 1)]);
@@ -139,12 +169,24 @@ fn files_map_to_topmost_layer_spans_respecting_whiteouts() {
     let l1 = layer(&[("./a", 100), (".wh.b", 0), ("c/.wh..wh..opq", 0)]);
     let (d0, d1) = (Digest::of(b"l0"), Digest::of(b"l1"));
     let layers = [
-        LayerToc { layer: &d0, ztoc: &l0 },
-        LayerToc { layer: &d1, ztoc: &l1 },
+        LayerToc {
+            layer: &d0,
+            ztoc: &l0,
+        },
+        LayerToc {
+            layer: &d1,
+            ztoc: &l1,
+        },
     ];
     let p = plan(
         &layers,
-        &["/a".into(), "b".into(), "/c/d".into(), "e".into(), "nope".into()],
+        &[
+            "/a".into(),
+            "b".into(),
+            "/c/d".into(),
+            "e".into(),
+            "nope".into(),
+        ],
     )
     .unwrap();
     // a: l1, header 512 bytes, data 512..612 -> span 0 (and span_of(612) = 0).

@@ -135,9 +135,9 @@ impl SociIndex {
         self.ztocs.iter().find(|z| {
             z.media_type != crate::prefetch::MEDIA_TYPE_PREFETCH
                 && z.annotations
-                .get(ANNOTATION_LAYER_DIGEST)
-                .map(String::as_str)
-                == Some(layer.as_str())
+                    .get(ANNOTATION_LAYER_DIGEST)
+                    .map(String::as_str)
+                    == Some(layer.as_str())
         })
     }
 }

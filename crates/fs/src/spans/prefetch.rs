@@ -63,7 +63,8 @@ impl SpanManager {
                     continue;
                 }
                 let extend = out.last().is_some_and(|last| {
-                    last.end == id && self.compressed_len(last.start..id + 1) <= MAX_PREFETCH_REQUEST_BYTES
+                    last.end == id
+                        && self.compressed_len(last.start..id + 1) <= MAX_PREFETCH_REQUEST_BYTES
                 });
                 match out.last_mut() {
                     Some(last) if extend => last.end = id + 1,
@@ -148,7 +149,9 @@ impl SpanManager {
                     }
                 }
                 Ok(Some(Err(e))) => {
-                    total.error.get_or_insert_with(|| format!("prefetch task: {e}"));
+                    total
+                        .error
+                        .get_or_insert_with(|| format!("prefetch task: {e}"));
                 }
                 Ok(None) => break,
                 Err(_) => {

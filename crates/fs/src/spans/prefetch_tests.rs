@@ -76,8 +76,13 @@ async fn adjacent_ranges_are_one_request_and_reads_then_hit_the_cache() {
     let (m, fake, _d) = manager(1 << 20, 65536, Fake::default());
     let n = m.span_count();
     assert!(n >= 17, "{n}");
-    let (runs, cached) = m.prefetch_requests(&[4..=5, 0..=1, 2..=3, 9..=9, 8..=8, 12..=11, 99..=120]);
-    assert_eq!(runs, vec![0..6, 8..10], "merged, sorted, empty and out-of-layer dropped");
+    let (runs, cached) =
+        m.prefetch_requests(&[4..=5, 0..=1, 2..=3, 9..=9, 8..=8, 12..=11, 99..=120]);
+    assert_eq!(
+        runs,
+        vec![0..6, 8..10],
+        "merged, sorted, empty and out-of-layer dropped"
+    );
     assert_eq!(cached, 0);
 
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -123,7 +128,10 @@ async fn failures_and_deadlines_end_in_a_report_not_an_error() {
         .await;
     assert_eq!(r.spans, 0);
     assert_eq!(r.requests, 2);
-    assert!(r.error.as_deref().unwrap().contains("sha256:layer"), "{r:?}");
+    assert!(
+        r.error.as_deref().unwrap().contains("sha256:layer"),
+        "{r:?}"
+    );
 
     let fake = Fake {
         stall_ms: AtomicU64::new(10_000),
@@ -132,7 +140,11 @@ async fn failures_and_deadlines_end_in_a_report_not_an_error() {
     let (m, _fake, _d) = manager(1 << 20, 65536, fake);
     let t = std::time::Instant::now();
     let r = m
-        .prefetch(&[0..=1, 4..=4, 8..=8], 2, Instant::now() + Duration::from_millis(300))
+        .prefetch(
+            &[0..=1, 4..=4, 8..=8],
+            2,
+            Instant::now() + Duration::from_millis(300),
+        )
         .await;
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert!(r.timed_out, "{r:?}");
