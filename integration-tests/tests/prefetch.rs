@@ -264,7 +264,11 @@ fn prefetched_spans_arrive_before_the_first_read_and_bad_artifacts_never_fail_a_
     );
     let daemon = SociDaemon::start(&tmp.path().join("d"), &cfg);
     let ctd = Containerd::start_with_soci(&daemon.socket);
-    let log = |what: &str| format!("{what}\n{}", daemon.log_text());
+    let log = |what: &str| {
+        let text = daemon.log_text();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("prefetch")).collect();
+        format!("{what}\n{}", lines.join("\n"))
+    };
 
     // 1. Built by our convert: a.bin by flag, b.bin from upstream's JSON file shape.
     let (repo, want) = image(&reg, tmp.path(), "prefetch-ok", 10);
