@@ -104,10 +104,8 @@ impl SpanManager {
             let (me, queue) = (self.clone(), queue.clone());
             set.spawn(async move {
                 let mut r = PrefetchReport::default();
-                loop {
-                    let Some(run) = queue.lock().ok().and_then(|mut q| q.next()) else {
-                        break;
-                    };
+                // The guard is consumed inside `and_then`: not held across the fetch.
+                while let Some(run) = queue.lock().ok().and_then(|mut q| q.next()) {
                     if me.closed.load(Ordering::Relaxed) {
                         break;
                     }
