@@ -258,8 +258,9 @@ fn prefetched_spans_arrive_before_the_first_read_and_bad_artifacts_never_fail_a_
         .prefix("prefetch")
         .tempdir_in("/tmp")
         .unwrap();
+    let maddr = format!("127.0.0.1:{}", integration_tests::registry::free_port());
     let cfg = format!(
-        "[resolver]\nplain_http_hosts = [\"{}\"]\n[background_fetch]\ndisable = true\n[prefetch]\nenable = true\n",
+        "metrics_address = \"{maddr}\"\n[resolver]\nplain_http_hosts = [\"{}\"]\n[background_fetch]\ndisable = true\n[prefetch]\nenable = true\n",
         reg.addr
     );
     let daemon = SociDaemon::start(&tmp.path().join("d"), &cfg);
@@ -388,4 +389,32 @@ fn prefetched_spans_arrive_before_the_first_read_and_bad_artifacts_never_fail_a_
         "container reads went to the registry: {:?}",
         r.at_run
     );
+
+    // Metrics: two prefetches done (4 requests), two refused (corrupt, hostile).
+    let m = metrics(&maddr);
+    assert_eq!(metric(&m, "soci_prefetch_layers_total"), 4, "{m}");
+    assert_eq!(metric(&m, "soci_prefetch_requests_total"), 4, "{m}");
+    assert_eq!(metric(&m, "soci_prefetch_failures_total"), 2, "{m}");
+    assert!(
+        metric(&m, "soci_prefetch_bytes_total") >= 12 * MIB as u64,
+        "{m}"
+    );
+}
+
+fn metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX)
 }

@@ -198,3 +198,22 @@ fn files_map_to_topmost_layer_spans_respecting_whiteouts() {
     assert_eq!(p.layers[d0.as_str()], vec![span(6, 10)]);
     assert_eq!(p.not_found, vec!["b", "/c/d", "nope"]);
 }
+
+#[test]
+fn index_lookups_tell_ztocs_and_prefetch_artifacts_apart() {
+    use crate::soci::{ztoc_descriptor, SociIndex, SociVersion};
+    let layer = Descriptor::new(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        Digest::of(b"layer"),
+        5,
+    );
+    let z = ztoc_descriptor(Digest::of(b"ztoc"), 4, &layer, 1 << 22, false);
+    let (p, _) = PrefetchArtifact::new(vec![span(0, 1)]).descriptor(&layer.digest);
+    // Both carry the layer digest annotation; the prefetch artifact listed first must not be
+    // taken for the zTOC (and the index still parses and round-trips).
+    let idx = SociIndex::new(SociVersion::V2, vec![p.clone(), z.clone()], None, "t");
+    let back = SociIndex::parse(&idx.to_json()).unwrap();
+    assert_eq!(back.ztoc_for(&layer.digest), Some(&z));
+    assert_eq!(back.prefetch_for(&layer.digest), Some(&p));
+    assert_eq!(back.prefetch_for(&Digest::of(b"other")), None);
+}
