@@ -292,7 +292,7 @@ async fn create_with(a: &CreateArgs, g: &Globals, c: Arc<Containerd>) -> Result<
         let bytes = src.get_blob(&mdesc).await?;
         let m: ImageManifest = serde_json::from_slice(&bytes)
             .with_context(|| format!("image manifest {}", mdesc.digest))?;
-        let (ztocs, skipped) =
+        let (ztocs, skipped, _) =
             index_layers(&src, &local, &m.layers, &opts, &progress, tmp.path()).await?;
         for (l, why) in &skipped {
             eprintln!("{platform}: layer {l} skipped: {why}");

@@ -37,6 +37,13 @@ pub struct ConvertArgs {
     min_layer_size: u64,
     #[command(flatten)]
     optimizations: Optimizations,
+    /// File to prefetch when the image is run lazily (repeatable): its spans are written as a
+    /// prefetch artifact in the SOCI index (upstream's format).
+    #[arg(long = "prefetch-file", value_name = "PATH")]
+    prefetch_file: Vec<String>,
+    /// JSON file with an array of paths to prefetch (upstream's `--prefetch-files-json`).
+    #[arg(long, value_name = "FILE")]
+    prefetch_files_json: Option<PathBuf>,
     /// Rebuild zTOCs even if the artifacts database has them.
     #[arg(short = 'f', long)]
     force: bool,
@@ -99,6 +106,11 @@ pub async fn convert(a: ConvertArgs, g: &Globals) -> Result<()> {
         min_layer_size: a.min_layer_size,
         platforms,
         force: a.force,
+        prefetch_files: soci_index::prefetch::cli_files(
+            &a.prefetch_file,
+            a.prefetch_files_json.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?,
         ..Default::default()
     };
     let registry = RegistryArgs {

@@ -116,7 +116,8 @@ enum Command {
     /// Pull images through containerd with the soci snapshotter; show how they were pulled.
     #[command(subcommand)]
     Image(rpull::ImageCommand),
-    /// Not supported: upstream's prefetch artifacts.
+    /// Not supported: upstream's `soci prefetch list|info` (artifacts are written by
+    /// `soci convert --prefetch-file`).
     #[command(hide = true)]
     Prefetch {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -151,7 +152,8 @@ fn main() {
         Command::Index(c) => run_async(&g, local_cmd::index(c, &g)),
         Command::Image(c) => run_async(&g, rpull::run(c, &g.address, &g.namespace)),
         Command::Prefetch { .. } => Err(anyhow::anyhow!(
-            "`soci prefetch` (upstream's prefetch artifacts) is not supported by soci-rs"
+            "`soci prefetch` (upstream's list/info of prefetch artifacts) is not supported by soci-rs; \
+             prefetch artifacts are written by `soci convert --prefetch-file`"
         )),
     };
     if let Err(e) = result {

@@ -15,7 +15,8 @@ mod tree;
 pub use kernel::Session;
 pub use mount::{mount, resume, MountedLayer, Served};
 pub use spans::{
-    BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, Priority, RangeReader, ReadFuture,
-    SpanConfig, SpanManager, LATENCY_BUCKETS_MS, POISONED_SPAN_TTL,
+    BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, PrefetchReport, Priority, RangeReader,
+    ReadFuture, SpanConfig, SpanManager, LATENCY_BUCKETS_MS, MAX_PREFETCH_REQUEST_BYTES,
+    POISONED_SPAN_TTL,
 };
 pub use tree::{LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};

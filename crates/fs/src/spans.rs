@@ -573,8 +573,10 @@ fn decode_one(
 }
 
 mod background;
+mod prefetch;
 mod whole;
 pub use background::BackgroundConfig;
+pub use prefetch::{PrefetchReport, MAX_PREFETCH_REQUEST_BYTES};
 use whole::WholeState;
 
 #[cfg(test)]

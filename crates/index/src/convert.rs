@@ -42,6 +42,9 @@ pub struct ConvertOptions {
     pub existing_ztocs: BTreeMap<Digest, Descriptor>,
     /// Rebuild zTOCs even when `existing_ztocs` has one.
     pub force: bool,
+    /// Files whose spans the snapshotter fetches before a lazy mount is ready: written as
+    /// prefetch artifacts (see [`crate::prefetch`]). Default none.
+    pub prefetch_files: Vec<String>,
 }
 
 impl Default for ConvertOptions {
@@ -53,6 +56,7 @@ impl Default for ConvertOptions {
             build_tool_identifier: soci_ztoc::DEFAULT_BUILD_TOOL_IDENTIFIER.into(),
             existing_ztocs: BTreeMap::new(),
             force: false,
+            prefetch_files: Vec::new(),
         }
     }
 }
@@ -296,9 +300,13 @@ async fn convert_manifest(
     for layer in &manifest.layers {
         dst.copy_blob_from(src, layer, tmp).await?;
     }
-    let (ztocs, skipped) = index_layers(src, dst, &manifest.layers, opts, progress, tmp).await?;
+    let (mut ztocs, skipped, built) =
+        index_layers(src, dst, &manifest.layers, opts, progress, tmp).await?;
 
     let n_ztocs = ztocs.len();
+    ztocs.extend(
+        crate::prefetch::write_artifacts(dst, &built, &opts.prefetch_files, progress).await?,
+    );
     let mut soci_entry = None;
     let mut soci_digest = None;
     if n_ztocs > 0 {
@@ -345,8 +353,17 @@ async fn convert_manifest(
     Ok((new_entry, soci_entry, report))
 }
 
+/// What [`index_layers`] made: zTOC descriptors, layers skipped (with why), and the zTOCs
+/// themselves by layer when `prefetch_files` asks for prefetch artifacts (empty otherwise).
+pub type IndexedLayers = (
+    Vec<Descriptor>,
+    Vec<(Digest, String)>,
+    Vec<(Digest, soci_ztoc::Ztoc)>,
+);
+
 /// Builds the zTOC of each eligible layer of `layers` (read from `src`) and stores it in `dst`.
-/// Returns the zTOC descriptors (image layer order) and the skipped layers with the reason.
+/// Returns the zTOC descriptors (image layer order), the skipped layers with the reason, and
+/// the zTOCs when prefetch artifacts are to be written.
 pub async fn index_layers(
     src: &ImageStore,
     dst: &ImageStore,
@@ -354,9 +371,10 @@ pub async fn index_layers(
     opts: &ConvertOptions,
     progress: &(dyn Fn(&str) + Sync),
     tmp: &Path,
-) -> Result<(Vec<Descriptor>, Vec<(Digest, String)>), ConvertError> {
+) -> Result<IndexedLayers, ConvertError> {
     let mut ztocs = Vec::new();
     let mut skipped = Vec::new();
+    let mut built = Vec::new(); // (layer, zTOC), kept only for prefetch artifacts
     for layer in layers {
         let algorithm = match layer_compression(&layer.media_type) {
             LayerCompression::Gzip => CompressionAlgorithm::Gzip,
@@ -389,6 +407,16 @@ pub async fn index_layers(
                         layer.digest, z.digest
                     ));
                     ztocs.push(z.clone());
+                    if !opts.prefetch_files.is_empty() {
+                        let bytes = dst.get_blob(z).await?;
+                        let parsed = soci_ztoc::Ztoc::from_bytes(&bytes).map_err(|source| {
+                            ConvertError::Ztoc {
+                                layer: layer.digest.clone(),
+                                source,
+                            }
+                        })?;
+                        built.push((layer.digest.clone(), parsed));
+                    }
                     continue;
                 }
             }
@@ -431,6 +459,9 @@ pub async fn index_layers(
         );
         dst.put_blob(&zdigest, Bytes::from(zbytes)).await?;
         ztocs.push(zdesc);
+        if !opts.prefetch_files.is_empty() {
+            built.push((layer.digest.clone(), z));
+        }
     }
-    Ok((ztocs, skipped))
+    Ok((ztocs, skipped, built))
 }

@@ -8,6 +8,7 @@ pub mod containerd;
 mod convert;
 mod discover;
 mod local;
+pub mod prefetch;
 mod soci;
 mod store;
 

@@ -54,7 +54,8 @@ impl SociVersion {
 pub struct SociIndex {
     /// v1 or v2.
     pub version: SociVersion,
-    /// zTOC descriptors, one per indexed layer, in image layer order.
+    /// zTOC descriptors, one per indexed layer, in image layer order, then the prefetch
+    /// artifacts (see [`crate::prefetch`]).
     pub ztocs: Vec<Descriptor>,
     /// Subject (v1).
     pub subject: Option<Descriptor>,
@@ -128,13 +129,15 @@ impl SociIndex {
         })
     }
 
-    /// The zTOC descriptor for an image layer digest.
+    /// The zTOC descriptor for an image layer digest (prefetch artifacts, listed in the same
+    /// `layers` array with the same annotation, are not zTOCs).
     pub fn ztoc_for(&self, layer: &Digest) -> Option<&Descriptor> {
         self.ztocs.iter().find(|z| {
-            z.annotations
-                .get(ANNOTATION_LAYER_DIGEST)
-                .map(String::as_str)
-                == Some(layer.as_str())
+            z.media_type != crate::prefetch::MEDIA_TYPE_PREFETCH
+                && z.annotations
+                    .get(ANNOTATION_LAYER_DIGEST)
+                    .map(String::as_str)
+                    == Some(layer.as_str())
         })
     }
 }

@@ -49,6 +49,32 @@ pub struct Config {
     pub pull_modes: PullModes,
     /// Credentials from the kubelet (CRI image service proxy).
     pub cri_keychain: CriKeychainConfig,
+    /// Prefetch of the files an image's prefetch artifacts name.
+    pub prefetch: PrefetchConfig,
+}
+
+/// `[prefetch]` (upstream's section and keys, plus `timeout_sec`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct PrefetchConfig {
+    /// Fetch the spans a layer's prefetch artifact names before its lazy mount is reported
+    /// ready. Default false (as upstream: artifacts are ignored).
+    pub enable: bool,
+    /// Layers prefetching at once across the daemon; 0 (or negative) = no limit. Default 0.
+    pub max_concurrency: i64,
+    /// soci-rs: time one layer's prefetch may add to its mount (artifact fetch included), in
+    /// seconds; past it the mount goes ahead without the rest. Default 10.
+    pub timeout_sec: u64,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            enable: false,
+            max_concurrency: 0,
+            timeout_sec: 10,
+        }
+    }
 }
 
 /// `[resolver]`.
@@ -277,6 +303,7 @@ impl Default for Config {
             background_fetch: BackgroundFetchConfig::default(),
             pull_modes: PullModes::default(),
             cri_keychain: CriKeychainConfig::default(),
+            prefetch: PrefetchConfig::default(),
         }
     }
 }
@@ -401,6 +428,7 @@ mod tests {
                 .experimental_parallel_pull_as_fallback
         );
         assert!(!c.background_fetch.disable);
+        assert!(!c.prefetch.enable && c.prefetch.max_concurrency == 0);
         for key in [
             "http",
             "directory_cache",
@@ -423,6 +451,8 @@ mod tests {
             "metrics_address",
             "fuse.attr_timeout",
             "blob.fetching_timeout_sec",
+            "prefetch.enable",
+            "prefetch.max_concurrency",
         ] {
             assert!(
                 !notes.iter().any(|n| n.contains(&format!("`{known}`"))),

@@ -64,6 +64,7 @@ pub fn render(s: &Snapshotter) -> String {
         r.layers_full.load(Ordering::Relaxed)
     );
     render_broken(&mut o, r);
+    render_prefetch(&mut o, &r.prefetch);
     let _ = writeln!(o, "# HELP soci_fallbacks_total Images pulled in full, by reason.\n# TYPE soci_fallbacks_total counter");
     for (reason, n) in r.fallbacks.lock().expect("fallbacks").iter() {
         let _ = writeln!(o, "soci_fallbacks_total{{reason=\"{reason}\"}} {n}");
@@ -153,6 +154,40 @@ fn render_handed_back(o: &mut String, r: &crate::remote::Remote) {
             o,
             "soci_layers_handed_back_total{{reason=\"{reason}\"}} {n}"
         );
+    }
+}
+
+/// Prefetch at mount time: layers, spans, bytes, requests, incomplete prefetches.
+fn render_prefetch(o: &mut String, p: &crate::remote::PrefetchState) {
+    for (name, help, v) in [
+        (
+            "soci_prefetch_layers_total",
+            "Lazy layers whose prefetch artifact was acted on.",
+            &p.layers,
+        ),
+        (
+            "soci_prefetch_spans_total",
+            "Spans fetched by prefetch before a mount was ready.",
+            &p.spans,
+        ),
+        (
+            "soci_prefetch_bytes_total",
+            "Compressed bytes fetched by prefetch.",
+            &p.bytes,
+        ),
+        (
+            "soci_prefetch_requests_total",
+            "Range requests made by prefetch.",
+            &p.requests,
+        ),
+        (
+            "soci_prefetch_failures_total",
+            "Prefetches that did not complete (bad artifact, fetch error, timeout).",
+            &p.failures,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+        let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
     }
 }
 

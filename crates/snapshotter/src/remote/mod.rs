@@ -24,8 +24,10 @@ use crate::holder::{Held, HolderClient};
 mod attempt;
 mod full_pull;
 mod health;
+mod prefetch;
 
 pub use health::{BrokenLayer, PROBE_TIMEOUT};
+pub use prefetch::PrefetchState;
 
 /// containerd: the snapshot name the client wants (the layer's chain id).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -173,6 +175,8 @@ pub struct Remote {
     pub layers_full: std::sync::atomic::AtomicU64,
     /// Lazy layers not served, and their restore locks.
     health: health::Health,
+    /// Prefetch counters and bound.
+    pub prefetch: prefetch::PrefetchState,
 }
 
 /// How one layer will be provided.
@@ -236,6 +240,7 @@ impl Remote {
             layers_lazy: Default::default(),
             layers_full: Default::default(),
             health: Default::default(),
+            prefetch: prefetch::PrefetchState::new(&cfg.prefetch),
         })
     }
 
@@ -470,6 +475,7 @@ impl Remote {
             self.metrics.clone(),
         )
         .map_err(|e| e.to_string())?;
+        self.prefetch_layer(img, layer, &mgr).await;
         let served = soci_fs::Served {
             tree,
             spans: mgr.clone(),

@@ -1,0 +1,168 @@
+//! Prefetch: fetch the spans a prefetch artifact names before the layer's mount is reported
+//! ready, so the container's first reads of those files are served from the cache.
+//!
+//! Why through the span manager: prefetched spans are verified, decompressed and cached exactly
+//! like spans a read fetches (same locks, so a read arriving meanwhile waits for the prefetch
+//! instead of fetching twice). Requests are few and large: the named ranges are merged, cached
+//! spans dropped, and each run of consecutive missing spans is one range request (cut at
+//! [`MAX_PREFETCH_REQUEST_BYTES`] so memory stays bounded and runs fetch in parallel).
+//! Best effort by construction: the result is a report, never an error, and everything ends by
+//! the caller's deadline.
+
+use std::ops::{Range, RangeInclusive};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use soci_ztoc::SpanId;
+use tokio::time::Instant;
+
+use super::{Priority, SpanManager};
+
+/// Largest compressed range fetched by one prefetch request (a larger run is split).
+pub const MAX_PREFETCH_REQUEST_BYTES: u64 = 32 << 20;
+
+/// What a prefetch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefetchReport {
+    /// Spans fetched, verified and cached by the prefetch.
+    pub spans: u64,
+    /// Compressed bytes of those spans.
+    pub bytes: u64,
+    /// Range requests made (one per run of consecutive missing spans).
+    pub requests: u64,
+    /// Spans named but already cached.
+    pub cached: u64,
+    /// The first failure (the other requests still ran).
+    pub error: Option<String>,
+    /// The deadline passed before every request finished.
+    pub timed_out: bool,
+}
+
+impl SpanManager {
+    /// The range requests a prefetch of `ranges` (inclusive span ids) makes now: ids past the
+    /// layer dropped, ranges merged, cached spans skipped, runs cut at
+    /// [`MAX_PREFETCH_REQUEST_BYTES`]. Also returns how many named spans are cached.
+    pub fn prefetch_requests(
+        &self,
+        ranges: &[RangeInclusive<SpanId>],
+    ) -> (Vec<Range<SpanId>>, u64) {
+        let n = self.spans.len();
+        let mut ids: Vec<Range<SpanId>> = ranges
+            .iter()
+            .filter(|r| r.start() <= r.end() && *r.start() < n)
+            .map(|r| *r.start()..(*r.end()).min(n - 1) + 1)
+            .collect();
+        ids.sort_by_key(|r| (r.start, r.end));
+        let mut out: Vec<Range<SpanId>> = Vec::new();
+        let mut cached = 0;
+        let mut next = 0; // first id not yet looked at (ranges may overlap)
+        for r in ids {
+            for id in r.start.max(next)..r.end {
+                if self.is_cached(id) {
+                    cached += 1;
+                    continue;
+                }
+                let extend = out.last().is_some_and(|last| {
+                    last.end == id
+                        && self.compressed_len(last.start..id + 1) <= MAX_PREFETCH_REQUEST_BYTES
+                });
+                match out.last_mut() {
+                    Some(last) if extend => last.end = id + 1,
+                    _ => out.push(id..id + 1),
+                }
+            }
+            next = next.max(r.end);
+        }
+        (out, cached)
+    }
+
+    fn compressed_len(&self, run: Range<SpanId>) -> u64 {
+        match (self.spans.span(run.start), self.spans.span(run.end - 1)) {
+            (Ok(a), Ok(b)) => b.compressed.end.saturating_sub(a.compressed.start),
+            _ => 0,
+        }
+    }
+
+    /// Fetches the spans of `ranges` (inclusive span ids) that are not cached, with at most
+    /// `concurrency` range requests at once, all by `deadline`. Never fails: what happened is
+    /// in the report (the caller logs it once).
+    pub async fn prefetch(
+        self: &Arc<Self>,
+        ranges: &[RangeInclusive<SpanId>],
+        concurrency: usize,
+        deadline: Instant,
+    ) -> PrefetchReport {
+        let (runs, cached) = self.prefetch_requests(ranges);
+        let mut total = PrefetchReport {
+            cached,
+            ..Default::default()
+        };
+        let workers = concurrency.max(1).min(runs.len());
+        let queue = Arc::new(Mutex::new(runs.into_iter()));
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..workers {
+            let (me, queue) = (self.clone(), queue.clone());
+            set.spawn(async move {
+                let mut r = PrefetchReport::default();
+                // The guard is consumed inside `and_then`: not held across the fetch.
+                while let Some(run) = queue.lock().ok().and_then(|mut q| q.next()) {
+                    if me.closed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if Instant::now() >= deadline {
+                        r.timed_out = true;
+                        break;
+                    }
+                    let bytes = me.compressed_len(run.clone());
+                    r.requests += 1;
+                    let fetch = me.ensure_until(run.clone(), Priority::Background, deadline);
+                    match tokio::time::timeout_at(deadline, fetch).await {
+                        Ok(Ok(())) => {
+                            r.spans += run.len() as u64;
+                            r.bytes += bytes;
+                        }
+                        Ok(Err(e)) => {
+                            r.error.get_or_insert_with(|| e.to_string());
+                        }
+                        Err(_) => {
+                            r.timed_out = true;
+                            break;
+                        }
+                    }
+                }
+                r
+            });
+        }
+        // Each request is bounded by `deadline`; the grace only covers task wake-ups.
+        let grace = deadline + std::time::Duration::from_secs(1);
+        loop {
+            match tokio::time::timeout_at(grace, set.join_next()).await {
+                Ok(Some(Ok(r))) => {
+                    total.spans += r.spans;
+                    total.bytes += r.bytes;
+                    total.requests += r.requests;
+                    total.timed_out |= r.timed_out;
+                    if total.error.is_none() {
+                        total.error = r.error;
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    total
+                        .error
+                        .get_or_insert_with(|| format!("prefetch task: {e}"));
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    total.timed_out = true;
+                    set.abort_all();
+                    break;
+                }
+            }
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+#[path = "prefetch_tests.rs"]
+mod tests;

@@ -1,0 +1,160 @@
+use super::*;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::spans::{DiskBudget, FsMetrics, MemoryCache, RangeReader, ReadFuture, SpanConfig};
+
+/// An in-memory blob recording its range requests; can fail or stall them.
+#[derive(Default)]
+struct Fake {
+    blob: Vec<u8>,
+    calls: Mutex<Vec<Range<u64>>>,
+    fail: AtomicU32,
+    stall_ms: AtomicU64,
+}
+
+impl RangeReader for Fake {
+    fn read_range(&self, range: Range<u64>, _deadline: Instant) -> ReadFuture<'_, Bytes> {
+        Box::pin(async move {
+            self.calls.lock().unwrap().push(range.clone());
+            let ms = self.stall_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if self.fail.load(Ordering::SeqCst) > 0 {
+                return Err(io::Error::other("connection reset"));
+            }
+            Ok(Bytes::copy_from_slice(
+                &self.blob[range.start as usize..range.end as usize],
+            ))
+        })
+    }
+}
+
+/// An uncompressed tar layer with one `size`-byte file, spans of `span` bytes.
+fn manager(size: usize, span: u64, fake: Fake) -> (Arc<SpanManager>, Arc<Fake>, tempfile::TempDir) {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(size as u64);
+    h.set_mode(0o644);
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    b.append_data(&mut h, "f", data.as_slice()).unwrap();
+    let blob = b.into_inner().unwrap();
+    let opts = soci_ztoc::BuildOptions {
+        span_size: span,
+        algorithm: Some(soci_ztoc::CompressionAlgorithm::Uncompressed),
+        ..Default::default()
+    };
+    let z = soci_ztoc::build(blob.as_slice(), &opts).unwrap();
+    let fake = Arc::new(Fake { blob, ..fake });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SpanConfig {
+        cache_dir: dir.path().join("c"),
+        disable_verification: false,
+        max_verification_retries: 0,
+        fetch_timeout: Duration::from_secs(5),
+        poisoned_ttl: crate::spans::POISONED_SPAN_TTL,
+        memory: MemoryCache::new(1 << 20),
+        disk: DiskBudget::new(0),
+    };
+    let m = SpanManager::new(
+        "sha256:layer".into(),
+        z.spans().unwrap(),
+        fake.clone(),
+        cfg,
+        Arc::new(FsMetrics::default()),
+    )
+    .unwrap();
+    (m, fake, dir)
+}
+
+#[tokio::test]
+async fn adjacent_ranges_are_one_request_and_reads_then_hit_the_cache() {
+    // 1 MiB file, 64 KiB spans: 17 spans (header + data + tar end).
+    let (m, fake, _d) = manager(1 << 20, 65536, Fake::default());
+    let n = m.span_count();
+    assert!(n >= 17, "{n}");
+    let (runs, cached) = m.prefetch_requests(&[
+        4..=5,
+        0..=1,
+        2..=3,
+        9..=9,
+        8..=8,
+        RangeInclusive::new(12, 11),
+        99..=120,
+    ]);
+    assert_eq!(
+        runs,
+        vec![0..6, 8..10],
+        "merged, sorted, empty and out-of-layer dropped"
+    );
+    assert_eq!(cached, 0);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let r = m.prefetch(&[0..=1, 2..=5, 8..=9], 4, deadline).await;
+    assert_eq!(r.spans, 8, "{r:?}");
+    assert_eq!(r.requests, 2, "{r:?}");
+    assert_eq!(r.bytes, 8 * 65536);
+    assert!(r.error.is_none() && !r.timed_out, "{r:?}");
+    let calls = fake.calls.lock().unwrap().clone();
+    assert_eq!(calls, vec![0..6 * 65536, 8 * 65536..10 * 65536]);
+    // The spans are verified and cached like any: reads need no request.
+    let got = m.read(100..6 * 65536).await.unwrap();
+    assert_eq!(got, &fake.blob[100..6 * 65536]);
+    assert_eq!(fake.calls.lock().unwrap().len(), 2);
+    // A second prefetch finds everything cached.
+    let r = m.prefetch(&[0..=5], 4, deadline).await;
+    assert_eq!((r.spans, r.requests, r.cached), (0, 0, 6), "{r:?}");
+    // Cached spans split a run in two.
+    let (runs, cached) = m.prefetch_requests(&[4..=12]);
+    assert_eq!((runs, cached), (vec![6..8, 10..13], 4));
+}
+
+#[tokio::test]
+async fn long_runs_are_cut_at_the_request_limit() {
+    // 40 MiB in 1 MiB spans: one run of 41 spans becomes two requests.
+    let (m, _fake, _d) = manager(40 << 20, 1 << 20, Fake::default());
+    let n = m.span_count();
+    let (runs, _) = m.prefetch_requests(&[0..=n - 1]);
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs[0], 0..32);
+    assert_eq!(runs[1], 32..n);
+}
+
+#[tokio::test]
+async fn failures_and_deadlines_end_in_a_report_not_an_error() {
+    let fake = Fake {
+        fail: AtomicU32::new(1),
+        ..Default::default()
+    };
+    let (m, _fake, _d) = manager(1 << 20, 65536, fake);
+    let r = m
+        .prefetch(&[0..=1, 4..=4], 2, Instant::now() + Duration::from_secs(5))
+        .await;
+    assert_eq!(r.spans, 0);
+    assert_eq!(r.requests, 2);
+    assert!(
+        r.error.as_deref().unwrap().contains("sha256:layer"),
+        "{r:?}"
+    );
+
+    let fake = Fake {
+        stall_ms: AtomicU64::new(10_000),
+        ..Default::default()
+    };
+    let (m, _fake, _d) = manager(1 << 20, 65536, fake);
+    let t = std::time::Instant::now();
+    let r = m
+        .prefetch(
+            &[0..=1, 4..=4, 8..=8],
+            2,
+            Instant::now() + Duration::from_millis(300),
+        )
+        .await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(r.timed_out, "{r:?}");
+    assert_eq!(r.spans, 0);
+    assert_eq!(m.cached_count(), 0);
+}
