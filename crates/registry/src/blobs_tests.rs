@@ -435,5 +435,9 @@ async fn chunked_download_from_a_registry_ignoring_ranges_streams_the_rest_whole
     assert!(st.whole, "{st:?}");
     assert!(!c.supports_ranges(&addr));
     // At most the first window of range requests, then one whole-blob request.
-    assert!(count.load(Ordering::SeqCst) <= 5, "{}", count.load(Ordering::SeqCst));
+    assert!(
+        count.load(Ordering::SeqCst) <= 5,
+        "{}",
+        count.load(Ordering::SeqCst)
+    );
 }

@@ -53,10 +53,15 @@ type ChunkTask = JoinHandle<Result<Bytes>>;
 async fn acquire_all(limits: &[Arc<Semaphore>]) -> Result<Vec<OwnedSemaphorePermit>> {
     let mut held = Vec::with_capacity(limits.len());
     for s in limits {
-        held.push(s.clone().acquire_owned().await.map_err(|_| RegistryError::Io {
-            what: "download limit".into(),
-            source: std::io::Error::other("download limiter closed"),
-        })?);
+        held.push(
+            s.clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| RegistryError::Io {
+                    what: "download limit".into(),
+                    source: std::io::Error::other("download limiter closed"),
+                })?,
+        );
     }
     Ok(held)
 }

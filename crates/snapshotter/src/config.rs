@@ -185,18 +185,37 @@ pub struct PullModes {
     pub parallel_pull_unpack: ParallelPullUnpack,
 }
 
-/// `[pull_modes.parallel_pull_unpack]` (upstream's names).
+/// `[pull_modes.parallel_pull_unpack]`: upstream's keys, meanings and defaults (upstream
+/// `config/parallel.go`, `docs/parallel-mode.md`); a negative limit means unbounded.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ParallelPullUnpack {
-    /// Upstream: lazy loading off, every image downloaded and unpacked up front. Not
-    /// implemented by soci-rs (warned about at start when true). Default false.
+    /// Lazy loading off: every layer of every image is downloaded and unpacked by the daemon
+    /// up front, in parallel (within the limits below). Default false.
     pub enable: bool,
-    /// For layers pulled in full when an image has no usable SOCI index: download and unpack
-    /// the coming layers of the image in parallel, each unpacked as its bytes arrive, ahead of
-    /// their Prepare (false: each layer downloaded ahead, unpacked at its Prepare). Default
-    /// true in soci-rs (upstream: false), since it is what makes fallback pulls fast.
+    /// Images without a usable SOCI index (lazy loading on) are pulled by the daemon with
+    /// this mode's parallel download and unpack instead of one layer at a time. Ignored when
+    /// `enable` is true. Default true in soci-rs (upstream: false, where containerd then pulls
+    /// the image itself; soci-rs always pulls such layers itself, one at a time when false).
     pub experimental_parallel_pull_as_fallback: bool,
+    /// HTTP requests for layer blobs at once, all images. Default -1 (unbounded).
+    pub max_concurrent_downloads: i64,
+    /// HTTP requests for layer blobs at once, per image. Default 3.
+    pub max_concurrent_downloads_per_image: i64,
+    /// Bytes per range request when a layer is fetched as several parallel range requests
+    /// (`"8mb"`, `"512kb"`, `"1gb"`, a number of bytes); empty or 0: one request per layer.
+    /// Default empty.
+    pub concurrent_download_chunk_size: String,
+    /// Layers being unpacked at once, all images. Default -1 (unbounded).
+    pub max_concurrent_unpacks: i64,
+    /// Layers being unpacked at once, per image. Default 1.
+    pub max_concurrent_unpacks_per_image: i64,
+    /// Upstream: false keeps each layer blob in the content store after unpacking. soci-rs
+    /// never keeps the blob (it is streamed into the unpacker or a temp file removed after
+    /// unpacking), i.e. always behaves as `true`; `false` written out is warned about.
+    /// Default unset (upstream default false).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discard_unpacked_layers: Option<bool>,
 }
 
 impl Default for ParallelPullUnpack {
@@ -204,8 +223,51 @@ impl Default for ParallelPullUnpack {
         ParallelPullUnpack {
             enable: false,
             experimental_parallel_pull_as_fallback: true,
+            max_concurrent_downloads: -1,
+            max_concurrent_downloads_per_image: 3,
+            concurrent_download_chunk_size: String::new(),
+            max_concurrent_unpacks: -1,
+            max_concurrent_unpacks_per_image: 1,
+            discard_unpacked_layers: None,
         }
     }
+}
+
+impl ParallelPullUnpack {
+    /// `concurrent_download_chunk_size` in bytes; 0 means one request per layer. Upstream's
+    /// grammar: a number with an optional `b`, `kb`, `mb` or `gb` (powers of 1024, any case).
+    pub fn chunk_size(&self) -> Result<u64, String> {
+        parse_size(&self.concurrent_download_chunk_size)
+    }
+}
+
+/// Upstream's size strings (`config/parallel.go` `parseSize`): empty or zero means unset.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    if t.is_empty() {
+        return Ok(0);
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let mult: f64 = match unit {
+        "" | "b" => 1.0,
+        "kb" => 1024.0,
+        "mb" => 1024.0 * 1024.0,
+        "gb" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("invalid size format: {text:?}")),
+    };
+    let valid_num = !num.is_empty()
+        && !num.starts_with('.')
+        && !num.ends_with('.')
+        && num.matches('.').count() <= 1;
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|_| valid_num)
+        .ok_or_else(|| format!("invalid size format: {text:?}"))?;
+    Ok((n * mult) as u64)
 }
 
 impl Default for PullModes {
@@ -275,12 +337,26 @@ impl Config {
             ))
         })
         .map_err(|e| e.to_string())?;
-        if cfg.pull_modes.parallel_pull_unpack.enable {
+        let p = &cfg.pull_modes.parallel_pull_unpack;
+        p.chunk_size().map_err(|e| {
+            format!("pull_modes.parallel_pull_unpack.concurrent_download_chunk_size: {e}")
+        })?;
+        let daemon_parallel = p.enable || p.experimental_parallel_pull_as_fallback;
+        if daemon_parallel && p.discard_unpacked_layers == Some(false) {
             notes.push(
-                "config key `pull_modes.parallel_pull_unpack.enable = true`: upstream's parallel \
-                 pull mode (lazy loading off) is not implemented by soci-rs; images with a SOCI \
-                 index still load lazily (layers pulled in full use \
-                 `experimental_parallel_pull_as_fallback`)"
+                "config key `pull_modes.parallel_pull_unpack.discard_unpacked_layers = false`: \
+                 soci-rs never keeps pulled layer blobs (nor writes them to containerd's content \
+                 store): `ctr image export`/`push` of images pulled by the snapshotter cannot \
+                 find their layer blobs"
+                    .to_string(),
+            );
+        }
+        if !p.enable && !p.experimental_parallel_pull_as_fallback {
+            notes.push(
+                "config key `pull_modes.parallel_pull_unpack.experimental_parallel_pull_as_fallback \
+                 = false`: upstream hands images without a SOCI index to containerd; soci-rs \
+                 still pulls their layers itself, one layer at a time at its Prepare, and their \
+                 blobs are not in containerd's content store"
                     .to_string(),
             );
         }
@@ -377,14 +453,33 @@ mod tests {
             "debug",
             "fuse.entry_timeout",
             "background_fetch.max_queue_size",
-            "pull_modes.parallel_pull_unpack.max_concurrent_downloads",
             "cri_keychain",
             "resolver.auth_client_ttl_sec",
         ] {
             let want = format!("config key `{key}` is not supported by soci-rs and is ignored");
             assert!(notes.contains(&want), "no note for {key}: {notes:#?}");
         }
+        let p = &c.pull_modes.parallel_pull_unpack;
+        assert_eq!(
+            (
+                p.max_concurrent_downloads,
+                p.max_concurrent_downloads_per_image
+            ),
+            (-1, 3)
+        );
+        assert_eq!(
+            (p.max_concurrent_unpacks, p.max_concurrent_unpacks_per_image),
+            (-1, 1)
+        );
+        assert_eq!(p.chunk_size(), Ok(0));
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("experimental_parallel_pull_as_fallback")),
+            "explicit false differs from upstream: {notes:#?}"
+        );
         for known in [
+            "pull_modes.parallel_pull_unpack.max_concurrent_downloads",
             "metrics_address",
             "fuse.attr_timeout",
             "blob.fetching_timeout_sec",
@@ -401,14 +496,43 @@ mod tests {
         let (c, notes) =
             Config::parse("[pull_modes.parallel_pull_unpack]\nenable = true\n").unwrap();
         assert!(c.pull_modes.parallel_pull_unpack.enable);
-        assert_eq!(notes.len(), 1);
-        assert!(notes[0].contains("not implemented"), "{notes:?}");
+        assert!(notes.is_empty(), "parallel mode is implemented: {notes:?}");
+        let (_, notes) = Config::parse(
+            "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = false\n\
+             [pull_modes.parallel_pull_unpack.decompress_streams.gzip]\npath = \"/usr/bin/unpigz\"\n",
+        )
+        .unwrap();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("decompress_streams"), "{notes:?}");
+        assert!(notes[1].contains("content store"), "{notes:?}");
+        let bad =
+            "[pull_modes.parallel_pull_unpack]\nconcurrent_download_chunk_size = \"8 parsecs\"\n";
+        assert!(Config::parse(bad).is_err());
         let (c, _) = Config::parse("metrics_address = \"127.0.0.1:9\"\n").unwrap();
         assert_eq!(c.metrics_addr(), Some("127.0.0.1:9"));
         let (back, notes) = Config::parse(&c.to_toml()).unwrap();
         assert!(notes.is_empty(), "dump has only known keys: {notes:?}");
         assert_eq!(back.to_toml(), c.to_toml());
         assert_eq!(back.metrics_address, "127.0.0.1:9");
+    }
+
+    #[test]
+    fn upstream_size_strings() {
+        for (text, want) in [
+            ("", 0),
+            ("0", 0),
+            ("8mb", 8 << 20),
+            ("16MB", 16 << 20),
+            (" 512 kb ", 512 << 10),
+            ("1.5gb", 3 << 29),
+            ("4096", 4096),
+            ("10b", 10),
+        ] {
+            assert_eq!(parse_size(text), Ok(want), "{text:?}");
+        }
+        for bad in ["-1", "8tb", "mb", "1..2mb", ".5mb", "x"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -24,6 +24,9 @@ use crate::holder::{Held, HolderClient};
 mod attempt;
 mod full_pull;
 mod health;
+mod parallel;
+
+pub use parallel::PullStats;
 
 pub use health::{BrokenLayer, PROBE_TIMEOUT};
 
@@ -121,17 +124,13 @@ type Prepared = attempt::Cell<Result<PreparedLayer, String>>;
 /// unpacked into a staging directory.
 type Download = attempt::Cell<Result<Arc<full_pull::Fetched>, String>>;
 
-/// The layers of an image (for full pulls) and the downloads it may run at once.
+/// The layers of an image (for full pulls) and its download and unpack limits.
 struct ImageLayers {
     layers: Vec<Descriptor>,
-    slots: Arc<tokio::sync::Semaphore>,
+    limits: Arc<parallel::ImageLimits>,
 }
 
 type LayerList = attempt::Cell<Result<Arc<ImageLayers>, String>>;
-
-/// Downloads of one image that may run at once (upstream's
-/// `max_concurrent_downloads_per_image` default).
-const DOWNLOADS_PER_IMAGE: usize = 3;
 
 /// State of remote layers.
 pub struct Remote {
@@ -169,6 +168,8 @@ pub struct Remote {
     pub layers_full: std::sync::atomic::AtomicU64,
     /// Lazy layers not served, and their restore locks.
     health: health::Health,
+    /// Full-pull limits (`[pull_modes.parallel_pull_unpack]`) and counters.
+    limits: parallel::PullLimits,
 }
 
 /// How one layer will be provided.
@@ -229,6 +230,7 @@ impl Remote {
             layers_lazy: Default::default(),
             layers_full: Default::default(),
             health: Default::default(),
+            limits: parallel::PullLimits::new(&cfg.pull_modes.parallel_pull_unpack),
         })
     }
 
@@ -306,6 +308,9 @@ impl Remote {
             .and_then(|d| Digest::parse(d))
             .ok_or("no valid layer digest label")?;
         let r = Reference::parse(image_ref)?;
+        if self.cfg.pull_modes.parallel_pull_unpack.enable {
+            return self.plan_full(&r, labels, &layer_digest, None).await;
+        }
         match self
             .image(
                 image_ref,
@@ -332,16 +337,16 @@ impl Remote {
                             .cloned()
                             .collect();
                         let key = format!("{image_ref}@{}", img.manifest_desc.digest);
-                        let slots = self
+                        let limits = self
                             .layer_list(&key, async { Ok(unindexed) })
                             .await?
-                            .slots
+                            .limits
                             .clone();
                         self.start_downloads(
                             &r.repository,
                             labels,
                             &img.manifest.layers,
-                            &slots,
+                            &limits,
                             |d| img.index.ztoc_for(d).is_none(),
                         );
                         Ok(LayerPlan::Full(r.repository, layer, None))
@@ -350,22 +355,8 @@ impl Remote {
             }
             Err(reason) => {
                 self.note_fallback(image_ref, &reason);
-                let key = format!(
-                    "{image_ref}@{}",
-                    labels
-                        .get(LABEL_MANIFEST_DIGEST)
-                        .map(String::as_str)
-                        .unwrap_or("")
-                );
-                let list = self.layer_list(&key, self.fetch_layers(&r, labels)).await?;
-                let layer = list
-                    .layers
-                    .iter()
-                    .find(|l| l.digest == layer_digest)
-                    .cloned()
-                    .ok_or_else(|| format!("layer {layer_digest} is not in image {r}"))?;
-                self.start_downloads(&r.repository, labels, &list.layers, &list.slots, |_| true);
-                Ok(LayerPlan::Full(r.repository, layer, Some(reason)))
+                self.plan_full(&r, labels, &layer_digest, Some(reason))
+                    .await
             }
         }
     }
