@@ -136,9 +136,17 @@ pub async fn index(c: IndexCommand) -> Result<()> {
                 }
                 None => Platform::host(),
             };
-            let img = discover(&client, &r, &DiscoverOptions { platform, allow_v1 })
-                .await
-                .with_context(|| format!("image {reference}"))?;
+            let img = discover(
+                &client,
+                &r,
+                &DiscoverOptions {
+                    platform,
+                    allow_v1,
+                    index_digest: None,
+                },
+            )
+            .await
+            .with_context(|| format!("image {reference}"))?;
             let mut layers = Vec::new();
             for (layer, ztoc) in img.layer_ztocs() {
                 let summary = match &ztoc {

@@ -46,6 +46,8 @@ pub const LABEL_MODE: &str = "containerd.io/snapshot/soci.mode";
 pub const LABEL_REASON: &str = "containerd.io/snapshot/soci.fallback-reason";
 /// zTOC digest of a lazy layer.
 pub const LABEL_ZTOC: &str = "containerd.io/snapshot/soci.ztoc-digest";
+/// Upstream's (nerdctl `--soci-index-digest`): use this SOCI index instead of discovery.
+pub const LABEL_SOCI_INDEX_DIGEST: &str = "containerd.io/snapshot/remote/soci.index.digest";
 /// Marks a layer that could not be restored.
 pub const LABEL_BROKEN: &str = "containerd.io/snapshot/broken";
 
@@ -239,12 +241,28 @@ impl Remote {
         self: &Arc<Self>,
         image_ref: &str,
         manifest: Option<&str>,
+        index_digest: Option<&str>,
     ) -> Result<Arc<SociImage>, NoSoci> {
-        let key = format!("{image_ref}@{}", manifest.unwrap_or(""));
+        let key = format!(
+            "{image_ref}@{} {}",
+            manifest.unwrap_or(""),
+            index_digest.unwrap_or("")
+        );
         let cell = attempt::cell(&self.images, &key);
         let result = cell
             .get_or_init(|| async {
-                if !self.cfg.pull_modes.soci_v2.enable {
+                let index_digest = index_digest
+                    .map(|d| {
+                        Digest::parse(d).ok_or_else(|| {
+                            NoSoci::CorruptIndex(
+                                d.into(),
+                                format!("invalid {LABEL_SOCI_INDEX_DIGEST} label"),
+                            )
+                        })
+                    })
+                    .transpose()?;
+                // As upstream, an index named by the client is used even with v1/v2 off.
+                if index_digest.is_none() && !self.cfg.pull_modes.soci_v2.enable {
                     return Err(NoSoci::NoIndex(
                         "SOCI v2 is disabled in the configuration".into(),
                     ));
@@ -252,6 +270,7 @@ impl Remote {
                 let r = Reference::parse(image_ref).map_err(NoSoci::Registry)?;
                 let opts = DiscoverOptions {
                     allow_v1: self.cfg.pull_modes.soci_v1.enable,
+                    index_digest,
                     ..Default::default()
                 };
                 let img = discover(&self.client, &r, &opts).await?;
@@ -315,6 +334,7 @@ impl Remote {
             .image(
                 image_ref,
                 labels.get(LABEL_MANIFEST_DIGEST).map(String::as_str),
+                labels.get(LABEL_SOCI_INDEX_DIGEST).map(String::as_str),
             )
             .await
         {
