@@ -65,6 +65,8 @@ pub fn render(s: &Snapshotter) -> String {
     );
     render_broken(&mut o, r);
     render_full_pulls(&mut o, r.pull_stats());
+    // Upstream soci-snapshotter's families, same names, types and labels.
+    m.upstream.render(&mut o);
     let _ = writeln!(o, "# HELP soci_fallbacks_total Images pulled in full, by reason.\n# TYPE soci_fallbacks_total counter");
     for (reason, n) in r.fallbacks.lock().expect("fallbacks").iter() {
         let _ = writeln!(o, "soci_fallbacks_total{{reason=\"{reason}\"}} {n}");

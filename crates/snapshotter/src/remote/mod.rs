@@ -20,10 +20,12 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::holder::{Held, HolderClient};
+use soci_fs::metrics::op as UpOp;
 
 mod attempt;
 mod full_pull;
 mod health;
+mod observe;
 mod parallel;
 
 pub use parallel::PullStats;
@@ -273,7 +275,13 @@ impl Remote {
                     index_digest,
                     ..Default::default()
                 };
+                let started = std::time::Instant::now();
                 let img = discover(&self.client, &r, &opts).await?;
+                self.observe(
+                    UpOp::SOCI_INDEX_FETCH,
+                    img.index_desc.digest.as_str(),
+                    started,
+                );
                 if let Some(m) = manifest {
                     if img.manifest_desc.digest.as_str() != m {
                         return Err(NoSoci::DigestMismatch(format!(
@@ -406,10 +414,12 @@ impl Remote {
         layer: &Descriptor,
     ) -> Result<PreparedLayer, String> {
         attempt::run(&self.prepared, &ztoc.digest, async {
+            let started = std::time::Instant::now();
             let z = img
                 .fetch_ztoc(&self.client, ztoc, layer)
                 .await
                 .map_err(|e| e.to_string())?;
+            self.observe(UpOp::ZTOC_FETCH, layer.digest.as_str(), started);
             let spans = z
                 .spans()
                 .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
@@ -425,8 +435,8 @@ impl Remote {
         .await
     }
 
-    /// Mounts a layer lazily at `fs_dir` for snapshot `id`.
-    pub async fn mount_lazy(
+    /// Mounts a layer lazily at `fs_dir` for snapshot `id` (see `observe.rs`).
+    async fn mount_lazy_uncounted(
         &self,
         id: u64,
         fs_dir: &Path,
@@ -583,6 +593,7 @@ impl Remote {
 
     /// Unmounts the lazy layer of snapshot `id` (if any) and drops its span cache.
     pub fn release(&self, id: u64) {
+        self.metrics.upstream.unmounted(&id.to_string());
         self.forget_health(id);
         self.unhold(id);
         if let Some(m) = self.mounts.lock().expect("mounts").remove(&id) {
