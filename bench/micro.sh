@@ -17,7 +17,7 @@ REG=127.0.0.1:$(free_port)
 start_registry "$REG"
 build_sample_image "$W/layout"
 skopeo copy -q --dest-tls-verify=false "oci:$W/layout:demo" "docker://$REG/demo:v1"
-"$BIN/soci" convert --plain-http "$REG/demo:v1" "$REG/demo:soci" >/dev/null
+"$BIN/soci" convert --plain-http "docker://$REG/demo:v1" "docker://$REG/demo:soci" >/dev/null
 start_soci_containerd run "$REG"
 CTD=$W/run/ctd.sock
 rss() { awk '/VmRSS/ {print $2}' "/proc/$(pgrep -f "soci-snapshotter-grpc --root $W/run/soci" | head -1)/status"; }
@@ -70,7 +70,7 @@ for i in $(seq 19); do
   umoci insert --image "$W/l20:m" "$W/d$i" "/data/$i" >/dev/null; rm -rf "$W/d$i"
 done
 skopeo copy -q --dest-tls-verify=false "oci:$W/l20:m" "docker://$REG/many:v1"
-"$BIN/soci" convert --plain-http --min-layer-size 0 "$REG/many:v1" "$REG/many:soci" >/dev/null
+"$BIN/soci" convert --plain-http --min-layer-size 0 "docker://$REG/many:v1" "docker://$REG/many:soci" >/dev/null
 "$BIN/soci" -a "$CTD" image rpull --plain-http "$REG/many:soci" >/dev/null
 ctr -a "$CTD" run --rm --snapshotter soci "$REG/many:soci" m /bin/true
 mounts=$(grep -c ' fuse.soci ' /proc/self/mountinfo)

@@ -96,7 +96,7 @@ cat "$W/files-lib" "$W/files-share" | awk 'NR % 4 == 1' > "$W/l5/etc/bench-files
 umoci insert --image "$L:b" "$W/l5" / >/dev/null
 rm -rf "$W/l1" "$W/l4" "$W/l5"
 skopeo copy -q --dest-tls-verify=false "oci:$L:b" "docker://$NEAR/bench:v1"
-"$BIN/soci" convert --plain-http "$NEAR/bench:v1" "$NEAR/bench:soci" >/dev/null
+"$BIN/soci" convert --plain-http "docker://$NEAR/bench:v1" "docker://$NEAR/bench:soci" >/dev/null
 blobs=$(skopeo inspect --tls-verify=false --raw "docker://$NEAR/bench:v1" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(sum(l["size"] for l in m["layers"]), len(m["layers"]))')
 size=${blobs% *}; nlayers=${blobs#* }
 if [ -x "$STARGZ" ] && [ -n "$CTR_REMOTE" ]; then

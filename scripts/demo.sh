@@ -29,8 +29,8 @@ skopeo copy -q --dest-tls-verify=false "oci:$W/layout:demo" "docker://$REG/demo:
 size=$(du -cb "$W/layout"/blobs/sha256/* | tail -1 | cut -f1)
 echo "image: $((size >> 20)) MiB in the registry"
 
-echo "== soci convert $REG/demo:v1 $REG/demo:soci"
-"$BIN/soci" convert --plain-http "$REG/demo:v1" "$REG/demo:soci" >/dev/null
+echo "== soci convert docker://$REG/demo:v1 docker://$REG/demo:soci"
+"$BIN/soci" convert --plain-http "docker://$REG/demo:v1" "docker://$REG/demo:soci" >/dev/null
 
 before=$(served)
 start=$(date +%s.%N)

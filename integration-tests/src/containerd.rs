@@ -20,6 +20,16 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd; `extra` is appended to its config (e.g. `[proxy_plugins]`).
     pub fn start(extra: &str) -> Containerd {
+        Containerd::start_inner(extra, false)
+    }
+
+    /// Starts containerd with its CRI plugin enabled; `extra` holds the CRI configuration
+    /// (see [`crate::cri::start_containerd`]).
+    pub fn start_with_cri(extra: &str) -> Containerd {
+        Containerd::start_inner(extra, true)
+    }
+
+    fn start_inner(extra: &str, cri: bool) -> Containerd {
         for (cmd, pkg) in [
             ("containerd", "containerd"),
             ("ctr", "containerd"),
@@ -35,9 +45,14 @@ impl Containerd {
         let dir = tmp.path().to_path_buf();
         let socket = dir.join("containerd.sock");
         let cfg = format!(
-            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{s}.ttrpc\"\n[debug]\n  address = \"{d}/debug.sock\"\n{extra}\n",
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n{disabled}[grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{s}.ttrpc\"\n[debug]\n  address = \"{d}/debug.sock\"\n{extra}\n",
             d = dir.display(),
-            s = socket.display()
+            s = socket.display(),
+            disabled = if cri {
+                ""
+            } else {
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
+            },
         );
         fs::write(dir.join("config.toml"), cfg).unwrap();
         let child = Command::new("containerd")

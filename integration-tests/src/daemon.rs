@@ -21,6 +21,8 @@ pub struct SociDaemon {
     pub log: PathBuf,
     /// Listening socket held by the test, as systemd would (socket activation).
     activation: Option<std::os::unix::net::UnixListener>,
+    /// Environment changes for every run (`None`: variable removed).
+    env: Vec<(String, Option<String>)>,
 }
 
 impl SociDaemon {
@@ -36,6 +38,29 @@ impl SociDaemon {
             config: cfg,
             log: dir.join("daemon.log"),
             activation: None,
+            env: Vec::new(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Like [`Self::start`], with environment changes for every run of the daemon
+    /// (`(name, None)` removes the variable), e.g. its `HOME`.
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, Option<&str>)]) -> SociDaemon {
+        fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("config.toml");
+        fs::write(&cfg, config).unwrap();
+        let mut d = SociDaemon {
+            child: None,
+            root: dir.join("root"),
+            socket: dir.join("soci.sock"),
+            config: cfg,
+            log: dir.join("daemon.log"),
+            activation: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                .collect(),
         };
         d.spawn();
         d
@@ -57,6 +82,7 @@ impl SociDaemon {
             config: cfg,
             log: dir.join("daemon.log"),
             activation: Some(listener),
+            env: Vec::new(),
         };
         d.spawn();
         d
@@ -98,6 +124,12 @@ impl SociDaemon {
                 c
             }
         };
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
         let child = cmd
             .arg("--root")
             .arg(&self.root)

@@ -38,6 +38,9 @@ pub enum Fault {
     ShortContentLength,
     /// Accept the request and never answer.
     StallHeaders,
+    /// Answer 403 with no `WWW-Authenticate` challenge, as ECR answers an expired token; only
+    /// span fetches that carry an `Authorization` header count (others pass through).
+    ForbiddenIfAuthorized,
 }
 
 /// Blob GETs seen by the proxy.
@@ -194,7 +197,13 @@ async fn serve(
                 g.whole.push(path);
             }
         }
-        let fault = if span_fetch { take_fault(&state) } else { None };
+        let authorized = text.to_ascii_lowercase().contains("\r\nauthorization:");
+        let forbid_mode = state.lock().unwrap().fault == Some(Fault::ForbiddenIfAuthorized);
+        let fault = if span_fetch && (authorized || !forbid_mode) {
+            take_fault(&state)
+        } else {
+            None
+        };
         if fault.is_some() {
             applied.fetch_add(1, Ordering::SeqCst);
         }
@@ -212,6 +221,12 @@ async fn serve(
             Some(Fault::StallHeaders) => {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 return;
+            }
+            Some(Fault::ForbiddenIfAuthorized) => {
+                let _ = c
+                    .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\ndenied")
+                    .await;
+                continue;
             }
             Some(Fault::IgnoreRange) => {
                 text = format!("{}\r\n", set_header(&text[..text.len() - 2], "Range", None));

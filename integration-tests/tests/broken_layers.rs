@@ -44,8 +44,8 @@ fn setup(name: &str) -> Setup {
         "--plain-http",
         "--min-layer-size",
         "1000000",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
     let gate = Gate::start(&reg.addr);

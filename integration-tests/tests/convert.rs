@@ -126,8 +126,8 @@ fn convert_binds_soci_index_and_image_still_runs() {
     let out = soci_ok(&[
         "convert",
         "--plain-http",
-        &format!("{a}/app:v1"),
-        &format!("{a}/app:soci"),
+        &format!("docker://{a}/app:v1"),
+        &format!("docker://{a}/app:soci"),
     ]);
     let index_digest = out.trim().to_string();
 
@@ -261,8 +261,8 @@ fn convert_binds_soci_index_and_image_still_runs() {
     let again = soci_ok(&[
         "convert",
         "--plain-http",
-        &format!("{a}/app:soci"),
-        &format!("{a}/app:soci2"),
+        &format!("docker://{a}/app:soci"),
+        &format!("docker://{a}/app:soci2"),
     ]);
     assert_eq!(again.trim(), index_digest);
     assert_eq!(
@@ -315,8 +315,8 @@ fn multi_arch_zstd_and_oci_layouts() {
         "convert",
         "--plain-http",
         "--all-platforms",
-        &format!("{a}/multi:v1"),
-        &format!("{a}/multi:all"),
+        &format!("docker://{a}/multi:v1"),
+        &format!("docker://{a}/multi:all"),
     ]);
     let idx = skopeo_raw(&format!("{a}/multi:all"), None);
     let entries = idx["manifests"].as_array().unwrap();
@@ -346,8 +346,8 @@ fn multi_arch_zstd_and_oci_layouts() {
         "--plain-http",
         "--platform",
         "linux/arm64",
-        &format!("{a}/multi:v1"),
-        &format!("{a}/multi:arm"),
+        &format!("docker://{a}/multi:v1"),
+        &format!("docker://{a}/multi:arm"),
     ]);
     let idx = skopeo_raw(&format!("{a}/multi:arm"), None);
     let soci_entries: Vec<_> = idx["manifests"]
@@ -381,8 +381,8 @@ fn multi_arch_zstd_and_oci_layouts() {
     let o = soci(&[
         "convert",
         "--plain-http",
-        &format!("{a}/zstd:v1"),
-        &format!("{a}/zstd:soci"),
+        &format!("docker://{a}/zstd:v1"),
+        &format!("docker://{a}/zstd:soci"),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
@@ -412,8 +412,8 @@ fn multi_arch_zstd_and_oci_layouts() {
         "--plain-http",
         "--platform",
         "linux/amd64",
-        &format!("{a}/multi:v1"),
-        &format!("{a}/other:soci"),
+        &format!("docker://{a}/multi:v1"),
+        &format!("docker://{a}/other:soci"),
     ]);
     run(Command::new("skopeo").args([
         "copy",
@@ -445,7 +445,7 @@ fn multi_arch_zstd_and_oci_layouts() {
         "--plain-http",
         "--all-platforms",
         &format!("oci:{}:v1", w.dir.display()),
-        &format!("{a}/fromlayout:soci"),
+        &format!("docker://{a}/fromlayout:soci"),
     ]);
     let idx = skopeo_raw(&format!("{a}/fromlayout:soci"), None);
     assert_eq!(idx["manifests"].as_array().unwrap().len(), 4, "{idx}");

@@ -43,8 +43,8 @@ fn reads_in_flight_at_kill_9_are_answered_by_the_next_daemon() {
         "1000000",
         "--span-size",
         "1048576",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
 

@@ -42,8 +42,8 @@ fn image(reg: &Registry, dir: &std::path::Path, name: &str) -> String {
         "1000000",
         "--span-size",
         "262144",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
     repo

@@ -167,8 +167,8 @@ fn converted_image(reg: &Registry, dir: &Path, name: &str) -> (String, String) {
         "--plain-http",
         "--min-layer-size",
         "1000000",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
     let expected = format!("{msg}{}\n", &sha256_hex(&big)[..16]);

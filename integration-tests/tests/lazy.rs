@@ -70,8 +70,8 @@ fn converted_image_runs_lazily_and_fetches_little() {
     run(Command::new(bin("soci")).args([
         "convert",
         "--plain-http",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
 
@@ -152,8 +152,8 @@ fn background_fetch_fills_layers_then_registry_is_not_needed() {
         "1000000",
         "--span-size",
         "1048576",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
     let info = run(Command::new(bin("soci")).args([
@@ -298,8 +298,8 @@ fn running_container_keeps_reading_across_restart_and_crash() {
         "--plain-http",
         "--min-layer-size",
         "1000000",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
     // The holder gives up on a daemon that does not come back within 4 s.
@@ -449,8 +449,8 @@ fn startup_with_registry_down_marks_lazy_layers_broken_and_serves() {
         "--plain-http",
         "--min-layer-size",
         "1000000",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
     let cfg = format!("{}[blob]\nfetching_timeout_sec = 2\n", daemon_config(&reg));

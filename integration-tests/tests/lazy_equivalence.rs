@@ -139,8 +139,8 @@ fn lazy_rootfs_equals_overlayfs_rootfs() {
         "1",
         "--span-size",
         "65536",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
 

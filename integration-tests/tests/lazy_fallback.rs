@@ -106,8 +106,8 @@ fn unconverted_v1_only_and_zstd_images_run_by_full_pull() {
         "--plain-http",
         "--min-layer-size",
         "1000000",
-        &format!("{v1}:v1"),
-        &format!("{v1}:v2"),
+        &format!("docker://{v1}:v1"),
+        &format!("docker://{v1}:v2"),
     ]))
     .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -198,8 +198,8 @@ fn unconverted_v1_only_and_zstd_images_run_by_full_pull() {
         "--plain-http",
         "--min-layer-size",
         "1000",
-        &format!("{zstd}:v1"),
-        &format!("{zstd}:soci"),
+        &format!("docker://{zstd}:v1"),
+        &format!("docker://{zstd}:soci"),
     ]))
     .unwrap();
     expect_full(
@@ -234,8 +234,8 @@ fn tampered_span_gives_eio_not_wrong_bytes() {
         "--plain-http",
         "--min-layer-size",
         "1000000",
-        &format!("{name}:v1"),
-        &format!("{name}:soci"),
+        &format!("docker://{name}:v1"),
+        &format!("docker://{name}:soci"),
     ]))
     .unwrap();
     let image = format!("{name}:soci");

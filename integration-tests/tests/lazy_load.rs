@@ -37,8 +37,8 @@ fn image(reg: &Registry, dir: &std::path::Path, name: &str, seed: u64) -> (Strin
         "1000000",
         "--span-size",
         "1048576",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
     let want = (0..3u64)

@@ -45,8 +45,8 @@ fn basic_auth_and_tampered_blobs() {
         .args([
             "convert",
             "--plain-http",
-            &format!("{a}/auth:v1"),
-            &format!("{a}/auth:soci"),
+            &format!("docker://{a}/auth:v1"),
+            &format!("docker://{a}/auth:soci"),
         ])
         .output()
         .unwrap();
@@ -70,8 +70,8 @@ fn basic_auth_and_tampered_blobs() {
         .args([
             "convert",
             "--plain-http",
-            &format!("{a}/auth:v1"),
-            &format!("{a}/auth:soci"),
+            &format!("docker://{a}/auth:v1"),
+            &format!("docker://{a}/auth:soci"),
         ])
         .output()
         .unwrap();
@@ -128,8 +128,8 @@ fn basic_auth_and_tampered_blobs() {
         .args([
             "convert",
             "--plain-http",
-            &format!("{a}/auth:v1"),
-            &format!("{a}/auth:again"),
+            &format!("docker://{a}/auth:v1"),
+            &format!("docker://{a}/auth:again"),
         ])
         .output()
         .unwrap();

@@ -67,8 +67,8 @@ fn faults_give_correct_bytes_or_eio_and_reads_recover() {
         "1000000",
         "--span-size",
         "262144",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
 

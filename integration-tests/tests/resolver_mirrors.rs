@@ -41,8 +41,8 @@ fn image_of_an_unreachable_registry_loads_lazily_through_a_config_mirror() {
         "--plain-http",
         "--min-layer-size",
         "0",
-        &format!("{repo}:v1"),
-        &format!("{repo}:soci"),
+        &format!("docker://{repo}:v1"),
+        &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
 

@@ -1,8 +1,15 @@
 //! `soci`: build and inspect SOCI artifacts.
 
+mod artifacts;
+mod convert_cmd;
+mod duration;
 mod image_cmd;
+mod local_cmd;
+mod push_cmd;
 mod rpull;
+mod version;
 mod ztoc_cmd;
+mod ztoc_local;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -12,23 +19,51 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use soci_registry::{Client, ClientOptions, HostsConfig};
 
-/// Build and inspect SOCI (Seekable OCI) artifacts.
+/// Build, inspect and push SOCI (Seekable OCI) artifacts; a drop-in for upstream
+/// soci-snapshotter's `soci` command.
 #[derive(Parser)]
-#[command(name = "soci", version, about)]
+#[command(name = "soci", about, disable_version_flag = true)]
 struct Cli {
-    /// containerd socket address.
+    #[command(flatten)]
+    global: Globals,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Upstream's global flags (same names, defaults and environment variables).
+#[derive(Args, Clone, Debug)]
+pub struct Globals {
+    /// Address for containerd's GRPC server.
     #[arg(
         short = 'a',
         long,
         global = true,
+        env = "CONTAINERD_ADDRESS",
         default_value = "/run/containerd/containerd.sock"
     )]
-    address: String,
-    /// containerd namespace.
-    #[arg(short = 'n', long, global = true, default_value = "default")]
-    namespace: String,
-    #[command(subcommand)]
-    command: Command,
+    pub address: String,
+    /// Namespace to use with commands.
+    #[arg(
+        short = 'n',
+        long,
+        global = true,
+        env = "CONTAINERD_NAMESPACE",
+        default_value = "default"
+    )]
+    pub namespace: String,
+    /// Timeout for commands (Go duration: 30s, 5m, 1h30m; 0 = none).
+    #[arg(long, global = true, value_parser = duration::parse)]
+    pub timeout: Option<std::time::Duration>,
+    /// Enable debug output.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Content store for SOCI artifacts: `containerd` (containerd's content store, in the
+    /// namespace) or `soci` (`<root>/content`).
+    #[arg(long, global = true, default_value = "containerd", value_parser = ["containerd", "soci"])]
+    pub content_store: String,
+    /// Path to the root directory for this snapshotter (artifacts database, `soci` content store).
+    #[arg(long, global = true, default_value = "/var/lib/soci-snapshotter-grpc")]
+    pub root: PathBuf,
 }
 
 /// How to reach registries.
@@ -60,36 +95,64 @@ impl RegistryArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build and inspect zTOCs.
+    /// Manage zTOCs: list, info and get-file over the local store (upstream), plus build, and
+    /// info/get-file of files.
     #[command(subcommand)]
     Ztoc(ztoc_cmd::ZtocCommand),
-    /// Convert an image into a SOCI-enabled image (SOCI index v2 bound by an image index).
-    Convert(image_cmd::ConvertArgs),
-    /// Inspect SOCI indexes in a registry.
+    /// Convert an image into a SOCI-enabled image (SOCI index manifest v2 bound by an image
+    /// index). SRC and DST are images in containerd's store, as upstream; `docker://REF`
+    /// selects a registry and `oci:DIR[:TAG]` an OCI layout instead.
+    Convert(convert_cmd::ConvertArgs),
+    /// Create a SOCI index manifest v1 for an image in containerd's store.
+    Create(artifacts::CreateArgs),
+    /// Push the SOCI index manifest v1 and zTOCs of an image to its registry.
+    Push(push_cmd::PushArgs),
+    /// Rebuild the artifacts database from the content store.
+    #[command(name = "rebuild-db", alias = "rebuild_db")]
+    RebuildDb,
+    /// Manage SOCI indexes (local store; or, given an image reference, in a registry).
     #[command(subcommand)]
-    Index(image_cmd::IndexCommand),
+    Index(local_cmd::IndexCommand),
     /// Pull images through containerd with the soci snapshotter; show how they were pulled.
     #[command(subcommand)]
     Image(rpull::ImageCommand),
+    /// Not supported: upstream's prefetch artifacts.
+    #[command(hide = true)]
+    Prefetch {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // Upstream (urfave/cli) answers `--version`/`-v` before any subcommand; nerdctl parses it.
+    if args.len() == 2 && (args[1] == "--version" || args[1] == "-v") {
+        println!("{}", version::line());
+        return;
+    }
     let cli = Cli::parse();
+    let default_level = if cli.global.debug { "debug" } else { "warn" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SOCI_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
         .init();
+    let g = cli.global.clone();
     let result: Result<()> = match cli.command {
-        Command::Ztoc(c) => ztoc_cmd::run(c),
-        Command::Convert(a) => runtime().and_then(|rt| rt.block_on(image_cmd::convert(a))),
-        Command::Index(c) => runtime().and_then(|rt| rt.block_on(image_cmd::index(c))),
-        Command::Image(c) => {
-            runtime().and_then(|rt| rt.block_on(rpull::run(c, &cli.address, &cli.namespace)))
-        }
+        Command::Ztoc(c) => run_async(&g, ztoc_cmd::run(c, &g)),
+        Command::Convert(a) => run_async(&g, convert_cmd::convert(a, &g)),
+        Command::Create(a) => run_async(&g, artifacts::create(a, &g)),
+        Command::Push(a) => run_async(&g, push_cmd::push(a, &g)),
+        Command::RebuildDb => run_async(&g, artifacts::rebuild_db(&g)),
+        Command::Index(c) => run_async(&g, local_cmd::index(c, &g)),
+        Command::Image(c) => run_async(&g, rpull::run(c, &g.address, &g.namespace)),
+        Command::Prefetch { .. } => Err(anyhow::anyhow!(
+            "`soci prefetch` (upstream's prefetch artifacts) is not supported by soci-rs"
+        )),
     };
     if let Err(e) = result {
         // A closed stdout (e.g. piped into `head`) is not a failure.
@@ -101,6 +164,19 @@ fn main() {
         }
         eprintln!("soci: error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Runs a command on a runtime, bounded by `--timeout` when given.
+fn run_async(g: &Globals, fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let rt = runtime()?;
+    match g.timeout.filter(|t| !t.is_zero()) {
+        Some(t) => rt.block_on(async {
+            tokio::time::timeout(t, fut)
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out after {t:?} (--timeout)"))?
+        }),
+        None => rt.block_on(fut),
     }
 }
 

@@ -9,13 +9,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
-    PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
     content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
     CreateImageRequest, CreateRequest, DeleteRequest, GetImageRequest, Image, ReadContentRequest,
     UpdateImageRequest, WriteAction, WriteContentRequest,
 };
+use containerd_client::services::v1::{diff_client::DiffClient, ApplyRequest, InfoRequest};
 use containerd_client::types::Descriptor as CtdDescriptor;
 use sha2::{Digest as _, Sha256};
 use soci_registry::oci::{is_index, is_manifest};
@@ -29,6 +30,12 @@ use crate::RegistryArgs;
 const LABEL_MODE: &str = "containerd.io/snapshot/soci.mode";
 const LABEL_REASON: &str = "containerd.io/snapshot/soci.fallback-reason";
 const LABEL_BROKEN: &str = "containerd.io/snapshot/broken";
+/// Prefix of `LABEL_REASON` on a layer the snapshotter handed back to containerd.
+const HANDED_BACK: &str = "handed_back:";
+/// Layer bytes per Content.Write message.
+const WRITE_CHUNK: usize = 1 << 20;
+/// Bound on fetching one handed-back layer from the registry.
+const LAYER_FETCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -267,6 +274,7 @@ async fn rpull(
     ctd.lease = Some(lease_id.clone());
     let result = pull_with_lease(
         &ctd,
+        &client,
         reference,
         snapshotter,
         &r,
@@ -295,6 +303,7 @@ async fn rpull(
 #[allow(clippy::too_many_arguments)]
 async fn pull_with_lease(
     ctd: &Ctd,
+    client: &soci_registry::Client,
     reference: &str,
     snapshotter: &str,
     r: &Reference,
@@ -324,6 +333,14 @@ async fn pull_with_lease(
         "containerd.io/gc.ref.content.config".to_string(),
         manifest.config.digest.to_string(),
     )]);
+    // As containerd's own pull: the manifest keeps its layers' blobs (those handed back to
+    // containerd are written to its content store).
+    for (i, l) in manifest.layers.iter().enumerate() {
+        mlabels.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            l.digest.to_string(),
+        );
+    }
     mlabels.insert(
         format!("containerd.io/gc.ref.snapshot.{snapshotter}"),
         top.to_string(),
@@ -352,7 +369,9 @@ async fn pull_with_lease(
         mtarget
     };
 
-    // Layers: the snapshotter provides each one and answers AlreadyExists.
+    // Layers: the snapshotter provides each one and answers AlreadyExists, or hands it back
+    // (answers with mounts): then it is pulled and applied here, as containerd's unpacker does.
+    let diff_ids = diff_ids(config)?;
     let mut snaps = SnapshotsClient::new(ctd.channel.clone());
     let layer_list: Vec<String> = manifest
         .layers
@@ -400,14 +419,29 @@ async fn pull_with_lease(
         };
         match snaps.prepare(ctd.req(req)).await {
             Err(e) if e.code() == Code::AlreadyExists => {}
-            Ok(_) => {
-                let _ = snaps
-                    .remove(ctd.req(RemoveSnapshotRequest {
-                        snapshotter: snapshotter.into(),
-                        key,
-                    }))
-                    .await;
-                bail!("snapshotter {snapshotter:?} did not provide layer {} remotely: is it soci-snapshotter-grpc?", layer.digest);
+            Ok(resp) => {
+                let mounts = resp.into_inner().mounts;
+                let handed = HandedBack {
+                    client,
+                    repo: &r.repository,
+                    layer,
+                    diff_id: &diff_ids[i],
+                    snapshotter,
+                    key: &key,
+                    chain,
+                };
+                if let Err(e) = handed.pull_and_apply(ctd, mounts).await {
+                    let _ = snaps
+                        .remove(ctd.req(RemoveSnapshotRequest {
+                            snapshotter: snapshotter.into(),
+                            key,
+                        }))
+                        .await;
+                    return Err(e.context(format!(
+                        "layer {} of {reference} (handed back by snapshotter {snapshotter:?})",
+                        layer.digest
+                    )));
+                }
             }
             Err(e) => bail!("layer {} of {reference}: {}", layer.digest, e.message()),
         }
@@ -443,6 +477,181 @@ async fn pull_with_lease(
         Err(e) => bail!("creating image {reference}: {e}"),
     }
     Ok(())
+}
+
+/// A layer the snapshotter handed back (answered Prepare with mounts): pulled and applied
+/// here the way containerd's unpacker does it.
+struct HandedBack<'a> {
+    client: &'a soci_registry::Client,
+    repo: &'a soci_registry::Repository,
+    layer: &'a soci_registry::Descriptor,
+    diff_id: &'a str,
+    snapshotter: &'a str,
+    key: &'a str,
+    chain: &'a str,
+}
+
+impl HandedBack<'_> {
+    /// Ensures the layer blob is in containerd's content store, applies it onto `mounts` with
+    /// containerd's Diff service (checking the result against the config's diff id) and
+    /// commits the active snapshot under the chain id.
+    async fn pull_and_apply(
+        &self,
+        ctd: &Ctd,
+        mounts: Vec<containerd_client::types::Mount>,
+    ) -> Result<()> {
+        self.ensure_content(ctd).await?;
+        let mut diff = DiffClient::new(ctd.channel.clone());
+        let desc = CtdDescriptor {
+            media_type: self.layer.media_type.clone(),
+            digest: self.layer.digest.to_string(),
+            size: self.layer.size as i64,
+            annotations: HashMap::new(),
+        };
+        let applied = diff
+            .apply(ctd.req(ApplyRequest {
+                diff: Some(desc),
+                mounts,
+                payloads: HashMap::new(),
+                sync_fs: false,
+            }))
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "applying layer with containerd's diff service: {}",
+                    e.message()
+                )
+            })?
+            .into_inner()
+            .applied
+            .unwrap_or_default();
+        if applied.digest != self.diff_id {
+            bail!(
+                "applied layer has diff id {}, the image config says {}",
+                applied.digest,
+                self.diff_id
+            );
+        }
+        let mut snaps = SnapshotsClient::new(ctd.channel.clone());
+        match snaps
+            .commit(ctd.req(CommitSnapshotRequest {
+                snapshotter: self.snapshotter.into(),
+                name: self.chain.into(),
+                key: self.key.into(),
+                labels: HashMap::new(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Another pull committed the same layer meanwhile.
+            Err(e) if e.code() == Code::AlreadyExists => {
+                let _ = snaps
+                    .remove(ctd.req(RemoveSnapshotRequest {
+                        snapshotter: self.snapshotter.into(),
+                        key: self.key.into(),
+                    }))
+                    .await;
+                Ok(())
+            }
+            Err(e) => bail!("committing snapshot {}: {}", self.chain, e.message()),
+        }
+    }
+
+    /// Writes the layer blob into containerd's content store (streamed from the registry with
+    /// this command's own credentials; containerd checks the digest) unless it is there.
+    async fn ensure_content(&self, ctd: &Ctd) -> Result<()> {
+        let digest = self.layer.digest.to_string();
+        let mut content = ContentClient::new(ctd.channel.clone());
+        if content
+            .info(ctd.req(InfoRequest {
+                digest: digest.clone(),
+            }))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let mut labels = HashMap::from([(
+            "containerd.io/uncompressed".to_string(),
+            self.diff_id.to_string(),
+        )]);
+        labels.insert(
+            format!("containerd.io/distribution.source.{}", self.repo.registry),
+            self.repo.name.clone(),
+        );
+        let total = self.layer.size as i64;
+        let msg = |action: WriteAction, offset: i64, data: Vec<u8>| WriteContentRequest {
+            action: action as i32,
+            r#ref: format!("soci-rpull-layer-{digest}"),
+            total,
+            expected: digest.clone(),
+            offset,
+            data,
+            labels: if action == WriteAction::Commit {
+                labels.clone()
+            } else {
+                HashMap::new()
+            },
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
+        let produce = async {
+            let deadline = tokio::time::Instant::now() + LAYER_FETCH_DEADLINE;
+            let mut blob = self
+                .client
+                .open_blob(self.repo, self.layer, Some(deadline))
+                .await?;
+            let (mut offset, mut buf) = (0i64, Vec::with_capacity(WRITE_CHUNK));
+            while let Some(chunk) = blob.chunk().await? {
+                buf.extend_from_slice(&chunk);
+                if buf.len() >= WRITE_CHUNK {
+                    let n = buf.len() as i64;
+                    let data = std::mem::replace(&mut buf, Vec::with_capacity(WRITE_CHUNK));
+                    if tx
+                        .send(msg(WriteAction::Write, offset, data))
+                        .await
+                        .is_err()
+                    {
+                        bail!("containerd ended the write of {digest}");
+                    }
+                    offset += n;
+                }
+            }
+            let n = buf.len() as i64;
+            if tx
+                .send(msg(WriteAction::Commit, offset, buf))
+                .await
+                .is_err()
+            {
+                bail!("containerd ended the write of {digest}");
+            }
+            if offset + n != total {
+                bail!(
+                    "layer {digest}: {} bytes, descriptor says {total}",
+                    offset + n
+                );
+            }
+            Ok(())
+        };
+        let consume = async {
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            let mut s = match content.write(ctd.req(stream)).await {
+                Ok(r) => r.into_inner(),
+                Err(e) if e.code() == Code::AlreadyExists => return Ok(()),
+                Err(e) => bail!("writing {digest} to containerd: {}", e.message()),
+            };
+            loop {
+                match s.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(()),
+                    Err(e) if e.code() == Code::AlreadyExists => return Ok(()),
+                    Err(e) => bail!("writing {digest} to containerd: {}", e.message()),
+                }
+            }
+        };
+        let (produced, consumed) = tokio::join!(produce, consume);
+        consumed?;
+        produced.with_context(|| format!("fetching layer {digest} from the registry"))
+    }
 }
 
 fn rfc3339_in(secs: u64) -> String {
@@ -483,7 +692,7 @@ async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Re
     let config = ctd.read_blob(manifest.config.digest.as_str()).await?;
     let chains = chain_ids(&diff_ids(&config)?);
     let mut snaps = SnapshotsClient::new(ctd.channel.clone());
-    let (mut lazy, mut broken, mut reasons) = (0, 0, Vec::new());
+    let (mut lazy, mut broken, mut handed, mut reasons) = (0, 0, 0, Vec::new());
     for (layer, chain) in manifest.layers.iter().zip(&chains) {
         let info = snaps
             .stat(ctd.req(StatSnapshotRequest {
@@ -515,6 +724,14 @@ async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Re
             );
             continue;
         }
+        if let Some(cause) = why.strip_prefix(HANDED_BACK) {
+            handed += 1;
+            println!(
+                "layer {} {:>10} bytes  handed back to containerd ({cause})",
+                layer.digest, layer.size
+            );
+            continue;
+        }
         if m == "lazy" {
             lazy += 1;
         } else if !why.is_empty() && !reasons.contains(&why) {
@@ -529,6 +746,13 @@ async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Re
             } else {
                 format!(" ({why})")
             }
+        );
+    }
+    if handed > 0 {
+        println!(
+            "handed back: {handed} of {} layers pulled by containerd itself (the snapshotter \
+             could not provide them)",
+            manifest.layers.len()
         );
     }
     if broken > 0 {

@@ -1,4 +1,5 @@
-//! `soci ztoc build|info|get-file`.
+//! `soci ztoc list|info|get-file` (upstream: by digest over the local store) and our file
+//! modes (`build`, `info FILE`, `get-file --layer LAYER FILE PATH`).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -7,14 +8,17 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde_json::json;
+use soci_registry::Digest;
 use soci_ztoc::{build, BuildOptions, CompressionAlgorithm, Ztoc, DEFAULT_SPAN_SIZE};
+
+use crate::Globals;
 
 /// Largest zTOC file accepted (zTOCs of very large layers are tens of MiB).
 const MAX_ZTOC_BYTES: u64 = 1 << 30;
 
 #[derive(Subcommand)]
 pub enum ZtocCommand {
-    /// Build the zTOC of a layer blob (gzip or uncompressed tar).
+    /// Build the zTOC of a layer blob (gzip or uncompressed tar) into a file.
     Build {
         /// Layer blob.
         layer: PathBuf,
@@ -25,21 +29,36 @@ pub enum ZtocCommand {
         #[arg(long, default_value_t = DEFAULT_SPAN_SIZE)]
         span_size: u64,
     },
-    /// Show a zTOC's header, span table and entries.
+    /// List the zTOCs of the local store.
+    #[command(alias = "ls")]
+    List {
+        /// Only this zTOC.
+        #[arg(long)]
+        ztoc_digest: Option<String>,
+        /// Only zTOCs of this image (name in containerd).
+        #[arg(long)]
+        image_ref: Option<String>,
+        /// Only display the digests.
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
+    /// Detailed info about a zTOC: by digest from the local store (upstream's JSON), or a
+    /// zTOC file (header, spans, entries).
     Info {
-        /// zTOC file.
-        ztoc: PathBuf,
-        /// Print JSON.
+        /// zTOC digest (local store) or zTOC file.
+        ztoc: String,
+        /// File mode: print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Extract one file from a local layer blob through its zTOC (random access).
+    /// Extract one file through a zTOC: by digest (the layer is read from containerd's content
+    /// store, as upstream), or with --layer from a local layer blob and a zTOC file.
     GetFile {
-        /// Layer blob the zTOC was built from.
+        /// File mode: the layer blob the zTOC file was built from.
         #[arg(long)]
-        layer: PathBuf,
-        /// zTOC file.
-        ztoc: PathBuf,
+        layer: Option<PathBuf>,
+        /// zTOC digest, or with --layer a zTOC file.
+        ztoc: String,
         /// Path inside the layer.
         path: String,
         /// Write here instead of stdout.
@@ -48,7 +67,7 @@ pub enum ZtocCommand {
     },
 }
 
-pub fn run(cmd: ZtocCommand) -> Result<()> {
+pub async fn run(cmd: ZtocCommand, g: &Globals) -> Result<()> {
     match cmd {
         ZtocCommand::Build {
             layer,
@@ -76,25 +95,50 @@ pub fn run(cmd: ZtocCommand) -> Result<()> {
             );
             Ok(())
         }
-        ZtocCommand::Info { ztoc, json } => {
-            let z = load(&ztoc)?;
-            print_info(&z, json)
-        }
+        ZtocCommand::List {
+            ztoc_digest,
+            image_ref,
+            quiet,
+        } => crate::ztoc_local::list(g, ztoc_digest, image_ref, quiet).await,
+        ZtocCommand::Info { ztoc, json } => match Digest::parse(&ztoc) {
+            Some(d) => crate::ztoc_local::info(g, &d).await,
+            None => {
+                let path = PathBuf::from(&ztoc);
+                if !path.exists() {
+                    bail!("{ztoc:?} is neither a zTOC digest (sha256:...) nor a zTOC file");
+                }
+                let z = load(&path)?;
+                print_info(&z, json)
+            }
+        },
         ZtocCommand::GetFile {
             layer,
             ztoc,
             path,
             output,
         } => {
-            let z = load(&ztoc)?;
-            let spans = z
-                .spans()
-                .with_context(|| format!("zTOC {}", ztoc.display()))?;
-            let mut src =
-                File::open(&layer).with_context(|| format!("opening layer {}", layer.display()))?;
+            let (z, mut src, what): (Ztoc, File, String) = match layer {
+                Some(layer) => {
+                    let zp = PathBuf::from(&ztoc);
+                    let z = load(&zp)?;
+                    let src = File::open(&layer)
+                        .with_context(|| format!("opening layer {}", layer.display()))?;
+                    (z, src, zp.display().to_string())
+                }
+                None => {
+                    let d = Digest::parse(&ztoc).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{ztoc:?} is not a zTOC digest: `soci ztoc get-file DIGEST FILE` reads the local store; \
+                             for a zTOC file pass the layer blob with --layer"
+                        )
+                    })?;
+                    crate::ztoc_local::open_for_get_file(g, &d).await?
+                }
+            };
+            let spans = z.spans().with_context(|| format!("zTOC {what}"))?;
             let data = z
                 .read_file(&spans, &mut src, path.as_bytes())
-                .with_context(|| format!("extracting {path} with zTOC {}", ztoc.display()))?;
+                .with_context(|| format!("extracting {path} with zTOC {what}"))?;
             match output {
                 Some(o) => {
                     std::fs::write(&o, &data).with_context(|| format!("writing {}", o.display()))?
@@ -106,7 +150,7 @@ pub fn run(cmd: ZtocCommand) -> Result<()> {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Ztoc> {
+fn load(path: &std::path::Path) -> Result<Ztoc> {
     let len = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
         .len();

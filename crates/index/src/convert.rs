@@ -38,6 +38,10 @@ pub struct ConvertOptions {
     pub platforms: PlatformSelection,
     /// Build tool identifier written in zTOCs and indexes.
     pub build_tool_identifier: String,
+    /// zTOCs built before, by layer digest; reused unless `force` (upstream's `--force`).
+    pub existing_ztocs: BTreeMap<Digest, Descriptor>,
+    /// Rebuild zTOCs even when `existing_ztocs` has one.
+    pub force: bool,
 }
 
 impl Default for ConvertOptions {
@@ -47,6 +51,8 @@ impl Default for ConvertOptions {
             min_layer_size: DEFAULT_MIN_LAYER_SIZE,
             platforms: PlatformSelection::Host,
             build_tool_identifier: soci_ztoc::DEFAULT_BUILD_TOOL_IDENTIFIER.into(),
+            existing_ztocs: BTreeMap::new(),
+            force: false,
         }
     }
 }
@@ -287,72 +293,10 @@ async fn convert_manifest(
     manifest.annotations.remove(ANNOTATION_INDEX_DIGEST);
     dst.copy_blob_from(src, &manifest.config, tmp).await?;
 
-    let mut ztocs = Vec::new();
-    let mut skipped = Vec::new();
     for layer in &manifest.layers {
         dst.copy_blob_from(src, layer, tmp).await?;
-        let algorithm = match layer_compression(&layer.media_type) {
-            LayerCompression::Gzip => CompressionAlgorithm::Gzip,
-            LayerCompression::Uncompressed => CompressionAlgorithm::Uncompressed,
-            LayerCompression::Zstd => {
-                warn!(layer = %layer.digest, "zstd layer: no zTOC (images with zstd layers are pulled in full)");
-                skipped.push((layer.digest.clone(), "zstd layer".into()));
-                continue;
-            }
-            LayerCompression::Unknown => {
-                skipped.push((
-                    layer.digest.clone(),
-                    format!("unsupported media type {}", layer.media_type),
-                ));
-                continue;
-            }
-        };
-        if layer.size < opts.min_layer_size {
-            skipped.push((
-                layer.digest.clone(),
-                format!("size {} below minimum {}", layer.size, opts.min_layer_size),
-            ));
-            continue;
-        }
-        let file = tempfile::NamedTempFile::new_in(tmp)
-            .map_err(|e| ConvertError::Image(format!("temp file: {e}")))?;
-        src.get_blob_to_file(layer, file.path()).await?;
-        let build_opts = BuildOptions {
-            span_size: opts.span_size,
-            build_tool_identifier: opts.build_tool_identifier.clone(),
-            algorithm: Some(algorithm),
-        };
-        let path = file.path().to_path_buf();
-        let z = tokio::task::spawn_blocking(move || {
-            let f = std::fs::File::open(&path)?;
-            soci_ztoc::build(f, &build_opts)
-        })
-        .await
-        .map_err(|e| ConvertError::Image(format!("zTOC build task: {e}")))?
-        .map_err(|source| ConvertError::Ztoc {
-            layer: layer.digest.clone(),
-            source,
-        })?;
-        let zbytes = z.to_bytes();
-        let zdigest = Digest::of(&zbytes);
-        progress(&format!(
-            "  layer {} ({} bytes): zTOC {} with {} entries, {} spans",
-            layer.digest,
-            layer.size,
-            zdigest,
-            z.entries.len(),
-            z.span_count()
-        ));
-        let zdesc = ztoc_descriptor(
-            zdigest.clone(),
-            zbytes.len() as u64,
-            layer,
-            opts.span_size,
-            z.has_xattrs(),
-        );
-        dst.put_blob(&zdigest, Bytes::from(zbytes)).await?;
-        ztocs.push(zdesc);
     }
+    let (ztocs, skipped) = index_layers(src, dst, &manifest.layers, opts, progress, tmp).await?;
 
     let n_ztocs = ztocs.len();
     let mut soci_entry = None;
@@ -399,4 +343,94 @@ async fn convert_manifest(
         skipped,
     };
     Ok((new_entry, soci_entry, report))
+}
+
+/// Builds the zTOC of each eligible layer of `layers` (read from `src`) and stores it in `dst`.
+/// Returns the zTOC descriptors (image layer order) and the skipped layers with the reason.
+pub async fn index_layers(
+    src: &ImageStore,
+    dst: &ImageStore,
+    layers: &[Descriptor],
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(&str) + Sync),
+    tmp: &Path,
+) -> Result<(Vec<Descriptor>, Vec<(Digest, String)>), ConvertError> {
+    let mut ztocs = Vec::new();
+    let mut skipped = Vec::new();
+    for layer in layers {
+        let algorithm = match layer_compression(&layer.media_type) {
+            LayerCompression::Gzip => CompressionAlgorithm::Gzip,
+            LayerCompression::Uncompressed => CompressionAlgorithm::Uncompressed,
+            LayerCompression::Zstd => {
+                warn!(layer = %layer.digest, "zstd layer: no zTOC (images with zstd layers are pulled in full)");
+                skipped.push((layer.digest.clone(), "zstd layer".into()));
+                continue;
+            }
+            LayerCompression::Unknown => {
+                skipped.push((
+                    layer.digest.clone(),
+                    format!("unsupported media type {}", layer.media_type),
+                ));
+                continue;
+            }
+        };
+        if layer.size < opts.min_layer_size {
+            skipped.push((
+                layer.digest.clone(),
+                format!("size {} below minimum {}", layer.size, opts.min_layer_size),
+            ));
+            continue;
+        }
+        if !opts.force {
+            if let Some(z) = opts.existing_ztocs.get(&layer.digest) {
+                if dst.has_blob(&z.digest).await? {
+                    progress(&format!(
+                        "  layer {}: reusing zTOC {} (--force rebuilds)",
+                        layer.digest, z.digest
+                    ));
+                    ztocs.push(z.clone());
+                    continue;
+                }
+            }
+        }
+        let file = tempfile::NamedTempFile::new_in(tmp)
+            .map_err(|e| ConvertError::Image(format!("temp file: {e}")))?;
+        src.get_blob_to_file(layer, file.path()).await?;
+        let build_opts = BuildOptions {
+            span_size: opts.span_size,
+            build_tool_identifier: opts.build_tool_identifier.clone(),
+            algorithm: Some(algorithm),
+        };
+        let path = file.path().to_path_buf();
+        let z = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path)?;
+            soci_ztoc::build(f, &build_opts)
+        })
+        .await
+        .map_err(|e| ConvertError::Image(format!("zTOC build task: {e}")))?
+        .map_err(|source| ConvertError::Ztoc {
+            layer: layer.digest.clone(),
+            source,
+        })?;
+        let zbytes = z.to_bytes();
+        let zdigest = Digest::of(&zbytes);
+        progress(&format!(
+            "  layer {} ({} bytes): zTOC {} with {} entries, {} spans",
+            layer.digest,
+            layer.size,
+            zdigest,
+            z.entries.len(),
+            z.span_count()
+        ));
+        let zdesc = ztoc_descriptor(
+            zdigest.clone(),
+            zbytes.len() as u64,
+            layer,
+            opts.span_size,
+            z.has_xattrs(),
+        );
+        dst.put_blob(&zdigest, Bytes::from(zbytes)).await?;
+        ztocs.push(zdesc);
+    }
+    Ok((ztocs, skipped))
 }

@@ -4,14 +4,18 @@
 //! Facts follow upstream soci-snapshotter so upstream tools read our artifacts and we read
 //! theirs: media types, annotations, the `{}` config blob, and Go's JSON layout.
 
+pub mod containerd;
 mod convert;
 mod discover;
+mod local;
 mod soci;
 mod store;
 
 pub use convert::{
-    convert, ConvertError, ConvertOptions, ConvertReport, PlatformReport, PlatformSelection,
+    convert, index_layers, ConvertError, ConvertOptions, ConvertReport, PlatformReport,
+    PlatformSelection,
 };
 pub use discover::{discover, DiscoverOptions, NoSoci, SociImage};
+pub use local::{now_secs, ArtifactEntry, ArtifactKind, ArtifactsDb, LocalError};
 pub use soci::*;
-pub use store::{ImageLocation, ImageStore, StoreError};
+pub use store::{ImageLocation, ImageStore, StoreError, LAYOUT_PREFIX, REGISTRY_PREFIX};

@@ -1,4 +1,5 @@
-//! Where images live: a registry repository or an OCI image layout directory.
+//! Where images live: containerd's image and content store, a registry repository, or an OCI
+//! image layout directory. One enum so conversion code is written once for every pair.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -6,6 +7,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use soci_registry::oci::{to_go_json, MEDIA_TYPE_OCI_INDEX};
 use soci_registry::{Client, Descriptor, Digest, ImageIndex, Reference, RegistryError, Repository};
+
+use crate::containerd::{gc_labels, Containerd};
 
 /// Failure reading or writing an image store.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +27,9 @@ pub enum StoreError {
     /// Invalid location string.
     #[error("{0}")]
     Location(String),
+    /// containerd failure.
+    #[error(transparent)]
+    Containerd(#[from] crate::containerd::CtdError),
 }
 
 /// An image location given by a user: `oci:DIR[:TAG]` or a registry reference.
@@ -38,7 +44,17 @@ pub enum ImageLocation {
     },
     /// Registry reference.
     Registry(Reference),
+    /// An image name in containerd's image store.
+    Containerd {
+        /// Image name (a tagged reference, as containerd stores it).
+        name: String,
+    },
 }
+
+/// Prefix that selects a registry in `soci convert` (skopeo's spelling).
+pub const REGISTRY_PREFIX: &str = "docker://";
+/// Prefix that selects an OCI image layout directory.
+pub const LAYOUT_PREFIX: &str = "oci:";
 
 impl ImageLocation {
     /// Parses `oci:DIR[:TAG]` or a registry reference.
@@ -63,11 +79,31 @@ impl ImageLocation {
             .map_err(StoreError::Location)
     }
 
+    /// Parses the `soci convert` spelling, which follows upstream: a plain name is an image in
+    /// containerd's store; `docker://REF` is a registry; `oci:DIR[:TAG]` is an OCI layout.
+    pub fn parse_explicit(s: &str) -> Result<ImageLocation, StoreError> {
+        if let Some(r) = s.strip_prefix(REGISTRY_PREFIX) {
+            return Reference::parse(r)
+                .map(ImageLocation::Registry)
+                .map_err(StoreError::Location);
+        }
+        if s.starts_with(LAYOUT_PREFIX) {
+            return ImageLocation::parse(s);
+        }
+        if s.is_empty() || s.contains("://") {
+            return Err(StoreError::Location(format!(
+                "invalid image {s:?}: use an image name in containerd, docker://REF or oci:DIR[:TAG]"
+            )));
+        }
+        Ok(ImageLocation::Containerd { name: s.into() })
+    }
+
     /// The tag or digest to resolve.
     pub fn object(&self) -> String {
         match self {
             ImageLocation::Layout { tag, .. } => tag.clone(),
             ImageLocation::Registry(r) => r.object(),
+            ImageLocation::Containerd { name } => name.clone(),
         }
     }
 }
@@ -87,6 +123,8 @@ pub enum ImageStore {
         /// Directory.
         dir: PathBuf,
     },
+    /// containerd's content and image store (one namespace).
+    Containerd(Arc<Containerd>),
 }
 
 fn layout_err(dir: &Path, message: impl Into<String>) -> StoreError {
@@ -97,15 +135,22 @@ fn layout_err(dir: &Path, message: impl Into<String>) -> StoreError {
 }
 
 impl ImageStore {
-    /// The store of a location.
-    pub fn open(loc: &ImageLocation, client: Arc<Client>) -> ImageStore {
-        match loc {
+    /// The store of a location (`ctd` serves [`ImageLocation::Containerd`]).
+    pub fn open(
+        loc: &ImageLocation,
+        client: Arc<Client>,
+        ctd: Option<Arc<Containerd>>,
+    ) -> Result<ImageStore, StoreError> {
+        Ok(match loc {
             ImageLocation::Layout { dir, .. } => ImageStore::Layout { dir: dir.clone() },
             ImageLocation::Registry(r) => ImageStore::Registry {
                 client,
                 repo: r.repository.clone(),
             },
-        }
+            ImageLocation::Containerd { .. } => ImageStore::Containerd(ctd.ok_or_else(|| {
+                StoreError::Location("no containerd connection for a containerd image".into())
+            })?),
+        })
     }
 
     /// Whether two stores are the same place.
@@ -113,6 +158,9 @@ impl ImageStore {
         match (self, other) {
             (ImageStore::Registry { repo: a, .. }, ImageStore::Registry { repo: b, .. }) => a == b,
             (ImageStore::Layout { dir: a }, ImageStore::Layout { dir: b }) => a == b,
+            (ImageStore::Containerd(a), ImageStore::Containerd(b)) => {
+                a.namespace() == b.namespace()
+            }
             _ => false,
         }
     }
@@ -166,6 +214,23 @@ impl ImageStore {
                     bytes,
                 ))
             }
+            ImageStore::Containerd(c) => {
+                if let Some(d) = Digest::parse(object) {
+                    let bytes = c.read(&d).await?;
+                    return Ok((probe_descriptor(&bytes, d), bytes));
+                }
+                let desc = c.image_target(object).await?.ok_or_else(|| {
+                    StoreError::Location(format!(
+                        "image {object:?} not found in containerd namespace {:?}",
+                        c.namespace()
+                    ))
+                })?;
+                let bytes = c.read(&desc.digest).await?;
+                Ok((
+                    Descriptor::new(desc.media_type, desc.digest, bytes.len() as u64),
+                    bytes,
+                ))
+            }
         }
     }
 
@@ -191,6 +256,7 @@ impl ImageStore {
         match self {
             ImageStore::Registry { client, repo } => Ok(client.get_blob(repo, desc).await?),
             ImageStore::Layout { .. } => self.read_layout_blob(&desc.digest).await,
+            ImageStore::Containerd(c) => Ok(c.read(&desc.digest).await?),
         }
     }
 
@@ -222,6 +288,7 @@ impl ImageStore {
                 }
                 Ok(())
             }
+            ImageStore::Containerd(c) => Ok(c.read_to_file(&desc.digest, path).await?),
         }
     }
 
@@ -230,6 +297,7 @@ impl ImageStore {
         match self {
             ImageStore::Registry { client, repo } => Ok(client.blob_size(repo, d).await?.is_some()),
             ImageStore::Layout { dir } => Ok(Self::blob_path(dir, d).exists()),
+            ImageStore::Containerd(c) => Ok(c.info(d).await?.is_some()),
         }
     }
 
@@ -237,6 +305,7 @@ impl ImageStore {
     pub async fn put_blob(&self, d: &Digest, data: Bytes) -> Result<(), StoreError> {
         match self {
             ImageStore::Registry { client, repo } => Ok(client.push_blob(repo, d, data).await?),
+            ImageStore::Containerd(c) => Ok(c.write(d, data, Default::default()).await?),
             ImageStore::Layout { dir } => {
                 let p = Self::blob_path(dir, d);
                 let parent = p.parent().expect("blob path has a parent").to_path_buf();
@@ -295,6 +364,29 @@ impl ImageStore {
                     .map_err(|e| layout_err(dir, e.to_string()))?;
                 Ok(())
             }
+            ImageStore::Containerd(c) => {
+                let data = tokio::fs::read(tmp.path())
+                    .await
+                    .map_err(|e| layout_err(tmp_dir, e.to_string()))?;
+                Ok(c.write(&desc.digest, Bytes::from(data), Default::default())
+                    .await?)
+            }
+        }
+    }
+
+    /// Deletes a blob (containerd and OCI layout stores; absent is fine).
+    pub async fn delete_blob(&self, d: &Digest) -> Result<(), StoreError> {
+        match self {
+            ImageStore::Containerd(c) => Ok(c.delete(d).await?),
+            ImageStore::Layout { dir } => match std::fs::remove_file(Self::blob_path(dir, d)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(layout_err(dir, format!("deleting {d}: {e}"))),
+            },
+            ImageStore::Registry { repo, .. } => Err(StoreError::Location(format!(
+                "deleting {d} from registry {}/{} is not supported",
+                repo.registry, repo.name
+            ))),
         }
     }
 
@@ -312,6 +404,16 @@ impl ImageStore {
                     .map(str::to_string)
                     .unwrap_or_else(|| digest.to_string());
                 Ok(client.put_manifest(repo, &object, media_type, body).await?)
+            }
+            ImageStore::Containerd(c) => {
+                let size = body.len() as u64;
+                let labels = gc_labels(&body);
+                c.write(&digest, body, labels).await?;
+                if let Some(name) = tag {
+                    let target = Descriptor::new(media_type, digest.clone(), size);
+                    c.put_image(name, &target, Default::default()).await?;
+                }
+                Ok(digest)
             }
             ImageStore::Layout { dir } => {
                 let size = body.len() as u64;

@@ -11,16 +11,77 @@ use crate::error::{RegistryError, Result};
 /// Username and secret for one registry. `Debug` never prints the secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
-    /// User name (empty with an identity token).
+    /// User name (empty with an identity token or a registry token).
     pub username: String,
-    /// Password or identity token.
+    /// Password, identity token or registry token (see `kind`).
     pub secret: String,
+    /// What `secret` is.
+    pub kind: SecretKind,
+}
+
+/// What a [`Credentials`] secret is, which decides how it is presented to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretKind {
+    /// A password (or an identity token used as one): basic auth, also towards the token
+    /// endpoint of a bearer challenge.
+    Password,
+    /// A bearer token for the registry itself (docker's `registrytoken`, CRI's
+    /// `registry_token`): sent as `Authorization: Bearer` without asking a token endpoint.
+    RegistryToken,
+}
+
+impl Credentials {
+    /// Username and password (or identity token with an empty username).
+    pub fn password(username: impl Into<String>, secret: impl Into<String>) -> Credentials {
+        Credentials {
+            username: username.into(),
+            secret: secret.into(),
+            kind: SecretKind::Password,
+        }
+    }
+
+    /// A registry bearer token.
+    pub fn registry_token(token: impl Into<String>) -> Credentials {
+        Credentials {
+            username: String::new(),
+            secret: token.into(),
+            kind: SecretKind::RegistryToken,
+        }
+    }
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({:?}, <redacted>)", self.username)
+        write!(
+            f,
+            "Credentials({:?}, {:?}, <redacted>)",
+            self.username, self.kind
+        )
     }
+}
+
+/// Where the docker config file is: `$DOCKER_CONFIG/config.json`, else
+/// `$HOME/.docker/config.json`, else (HOME unset or empty, as for a systemd unit without
+/// `User=`) the home directory of the process's user from the passwd database, as docker's
+/// own lookup does. `None` when no home directory is known.
+pub fn docker_config_path() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("DOCKER_CONFIG").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join("config.json"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .or_else(passwd_home)?;
+    Some(home.join(".docker/config.json"))
+}
+
+/// The home directory of the effective user in the passwd database (getpwuid).
+fn passwd_home() -> Option<PathBuf> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::effective())
+        .ok()
+        .flatten()
+        .map(|u| u.dir)
+        .filter(|d| !d.as_os_str().is_empty())
 }
 
 #[derive(Deserialize, Default)]
@@ -43,6 +104,8 @@ struct AuthEntry {
     password: Option<String>,
     #[serde(default, rename = "identitytoken")]
     identity_token: Option<String>,
+    #[serde(default, rename = "registrytoken")]
+    registry_token: Option<String>,
 }
 
 /// Credentials from a docker `config.json`.
@@ -52,16 +115,12 @@ pub struct DockerConfig {
 }
 
 impl DockerConfig {
-    /// Loads `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`; missing file = empty.
+    /// Loads the file at [`docker_config_path`]; missing file = empty.
     pub fn load_default() -> Result<Self> {
-        let path = match std::env::var_os("DOCKER_CONFIG") {
-            Some(d) => PathBuf::from(d).join("config.json"),
-            None => match std::env::var_os("HOME") {
-                Some(h) => PathBuf::from(h).join(".docker/config.json"),
-                None => return Ok(DockerConfig::default()),
-            },
-        };
-        Self::load(&path)
+        match docker_config_path() {
+            Some(p) => Self::load(&p),
+            None => Ok(DockerConfig::default()),
+        }
     }
 
     /// Loads a specific file; missing file = empty.
@@ -114,36 +173,31 @@ impl DockerConfig {
 }
 
 fn entry_credentials(e: &AuthEntry, registry: &str) -> Result<Option<Credentials>> {
-    if let Some(t) = &e.identity_token {
-        return Ok(Some(Credentials {
-            username: String::new(),
-            secret: t.clone(),
-        }));
+    if let Some(t) = e.registry_token.as_ref().filter(|t| !t.is_empty()) {
+        return Ok(Some(Credentials::registry_token(t.clone())));
     }
-    if let Some(a) = &e.auth {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(a.trim())
-            .map_err(|_| {
-                RegistryError::Config(format!("docker config: invalid auth for {registry}"))
-            })?;
-        let s = String::from_utf8(raw).map_err(|_| {
-            RegistryError::Config(format!("docker config: invalid auth for {registry}"))
-        })?;
-        let (u, p) = s.split_once(':').ok_or_else(|| {
-            RegistryError::Config(format!("docker config: invalid auth for {registry}"))
-        })?;
-        return Ok(Some(Credentials {
-            username: u.into(),
-            secret: p.into(),
-        }));
+    if let Some(t) = &e.identity_token {
+        return Ok(Some(Credentials::password("", t.clone())));
+    }
+    if let Some(a) = e.auth.as_ref().filter(|a| !a.trim().is_empty()) {
+        return decode_auth(a, &format!("docker config: auth for {registry}")).map(Some);
     }
     match (&e.username, &e.password) {
-        (Some(u), Some(p)) => Ok(Some(Credentials {
-            username: u.clone(),
-            secret: p.clone(),
-        })),
+        (Some(u), Some(p)) => Ok(Some(Credentials::password(u.clone(), p.clone()))),
         _ => Ok(None),
     }
+}
+
+/// Decodes a base64 `user:password` (docker's and CRI's `auth` field). `what` names where it
+/// came from in the error, which never contains the value.
+pub fn decode_auth(auth: &str, what: &str) -> Result<Credentials> {
+    let invalid = || RegistryError::Config(format!("{what}: invalid base64 user:password"));
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(auth.trim())
+        .map_err(|_| invalid())?;
+    let s = String::from_utf8(raw).map_err(|_| invalid())?;
+    let (u, p) = s.split_once(':').ok_or_else(invalid)?;
+    Ok(Credentials::password(u, p.trim_end_matches('\0')))
 }
 
 /// Runs `docker-credential-<helper> get` with the server URL on stdin.
@@ -189,10 +243,7 @@ fn run_helper(helper: &str, server: &str) -> Result<Option<Credentials>> {
     } else {
         h.username
     };
-    Ok(Some(Credentials {
-        username,
-        secret: h.secret,
-    }))
+    Ok(Some(Credentials::password(username, h.secret)))
 }
 
 /// A parsed `WWW-Authenticate` challenge.
@@ -294,5 +345,61 @@ mod tests {
             .credentials("x")
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn docker_config_path_falls_back_to_the_passwd_home_without_home() {
+        // The only test in this crate touching these variables; restored below.
+        let (dc, home) = (std::env::var_os("DOCKER_CONFIG"), std::env::var_os("HOME"));
+        std::env::remove_var("DOCKER_CONFIG");
+        std::env::set_var("HOME", "/tmp/soci-home-test");
+        let with_home = docker_config_path();
+        std::env::remove_var("HOME");
+        let without_home = docker_config_path();
+        std::env::set_var("HOME", "");
+        let empty_home = docker_config_path();
+        std::env::set_var("DOCKER_CONFIG", "/tmp/soci-dc-test");
+        let with_dc = docker_config_path();
+        match home {
+            Some(h) => std::env::set_var("HOME", h),
+            None => std::env::remove_var("HOME"),
+        }
+        match dc {
+            Some(d) => std::env::set_var("DOCKER_CONFIG", d),
+            None => std::env::remove_var("DOCKER_CONFIG"),
+        }
+        assert_eq!(
+            with_home,
+            Some(PathBuf::from("/tmp/soci-home-test/.docker/config.json"))
+        );
+        let pw = nix::unistd::User::from_uid(nix::unistd::Uid::effective())
+            .unwrap()
+            .unwrap()
+            .dir;
+        assert_eq!(without_home, Some(pw.join(".docker/config.json")));
+        assert_eq!(empty_home, without_home);
+        assert_eq!(
+            with_dc,
+            Some(PathBuf::from("/tmp/soci-dc-test/config.json"))
+        );
+    }
+
+    #[test]
+    fn registry_token_and_padded_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        std::fs::write(
+            &p,
+            r#"{"auths":{"a":{"registrytoken":"rt"},"b":{"auth":"dTpwAA=="}}}"#,
+        )
+        .unwrap();
+        let c = DockerConfig::load(&p).unwrap();
+        let a = c.credentials("a").unwrap().unwrap();
+        assert_eq!(
+            (a.kind, a.secret.as_str()),
+            (SecretKind::RegistryToken, "rt")
+        );
+        assert!(!format!("{a:?}").contains("rt\""));
+        assert_eq!(c.credentials("b").unwrap().unwrap().secret, "p");
     }
 }

@@ -14,10 +14,11 @@ use reqwest::header::{
 use reqwest::{RequestBuilder, Response, StatusCode};
 use tracing::{debug, warn};
 
-use crate::auth::{parse_challenge, DockerConfig};
+use crate::auth::{parse_challenge, DockerConfig, SecretKind};
 use crate::digest::Digest;
 use crate::error::{RegistryError, Result};
 use crate::hosts::{Endpoint, HostsConfig};
+use crate::keychain::Keychain;
 use crate::oci::Descriptor;
 use crate::oci::{ImageIndex, MANIFEST_ACCEPT, MEDIA_TYPE_OCI_INDEX};
 use crate::reference::Repository;
@@ -66,9 +67,9 @@ pub struct Client {
     http: reqwest::Client,
     http_insecure: reqwest::Client,
     opts: ClientOptions,
-    creds: DockerConfig,
-    /// Authorization header values by endpoint and scope.
-    auth_cache: Mutex<HashMap<String, String>>,
+    creds: Keychain,
+    /// Authorization header values by endpoint and scope, with the token's expiry if known.
+    auth_cache: Mutex<HashMap<String, CachedAuth>>,
     /// Registries (by host name) seen answering a range request with the whole blob (200):
     /// callers fetch their blobs whole, once, instead of once per range.
     no_ranges: Mutex<HashSet<String>>,
@@ -78,6 +79,14 @@ pub struct Client {
 const MAX_ERROR_BODY_BYTES: u64 = 4 << 10;
 /// Largest token-endpoint answer accepted.
 const MAX_TOKEN_BYTES: u64 = 1 << 20;
+
+/// An `Authorization` header value and when it stops being sent (a bearer token's
+/// `expires_in`, less a margin), so that an expired token is replaced before a request rather
+/// than after the registry refuses it.
+struct CachedAuth {
+    header: String,
+    expires: Option<Instant>,
+}
 
 enum Attempt {
     Done(Response),
@@ -125,13 +134,19 @@ pub(crate) fn remaining(deadline: Option<Instant>) -> Option<Duration> {
 }
 
 impl Client {
-    /// A client with credentials from the default docker config file.
+    /// A client with credentials from the default docker config file (read again when it
+    /// changes; see [`Keychain::docker_default`]).
     pub fn new(opts: ClientOptions) -> Result<Client> {
-        Self::with_credentials(opts, DockerConfig::load_default()?)
+        Self::with_keychain(opts, Keychain::docker_default())
     }
 
-    /// A client with the given credentials.
+    /// A client with the given, fixed credentials.
     pub fn with_credentials(opts: ClientOptions, creds: DockerConfig) -> Result<Client> {
+        Self::with_keychain(opts, Keychain::new().with(std::sync::Arc::new(creds)))
+    }
+
+    /// A client asking `creds` for credentials at every authentication.
+    pub fn with_keychain(opts: ClientOptions, creds: Keychain) -> Result<Client> {
         let build = |insecure: bool| {
             reqwest::Client::builder()
                 .connect_timeout(opts.connect_timeout)
@@ -228,6 +243,7 @@ impl Client {
     ) -> Result<Response> {
         let key = format!("{} {}", ep.base, scope(repo, push));
         let mut authed_once = false;
+        let mut refreshed_after_403 = false;
         let mut attempt = 0u32;
         let late = |attempts: u32, why: &str| RegistryError::Transport {
             what: what.into(),
@@ -243,12 +259,7 @@ impl Client {
                 }
                 req = req.timeout(left.min(self.opts.request_timeout));
             }
-            let cached = self
-                .auth_cache
-                .lock()
-                .expect("auth cache")
-                .get(&key)
-                .cloned();
+            let cached = self.cached_auth(&key);
             if let Some(h) = &cached {
                 req = req.header(AUTHORIZATION, h);
             }
@@ -265,6 +276,24 @@ impl Client {
                     authed_once = true;
                     self.authenticate(ep, repo, push, what, resp.headers(), &key)
                         .await?;
+                    continue;
+                }
+                // An expired token answered with 403 and no challenge (ECR does this): forget
+                // the token and ask again without it, which brings the 401 challenge and one
+                // fresh authentication.
+                Ok(resp)
+                    if resp.status() == StatusCode::FORBIDDEN
+                        && cached.is_some()
+                        && !authed_once
+                        && !refreshed_after_403
+                        && !resp.headers().contains_key(WWW_AUTHENTICATE) =>
+                {
+                    debug!(what, registry = %repo.registry, "403 with a cached token: authenticating again");
+                    refreshed_after_403 = true;
+                    self.auth_cache
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
                     continue;
                 }
                 Ok(resp)
@@ -328,8 +357,16 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_challenge)
             .ok_or_else(|| unauthorized("no usable WWW-Authenticate challenge"))?;
-        let creds = self.creds.credentials(&repo.registry)?;
+        let creds = self.creds.credentials(&repo.registry, &repo.name)?;
+        let mut expires = None;
         let header = match challenge.scheme.as_str() {
+            _ if creds
+                .as_ref()
+                .is_some_and(|c| c.kind == SecretKind::RegistryToken) =>
+            {
+                let c = creds.as_ref().map(|c| c.secret.as_str()).unwrap_or("");
+                format!("Bearer {c}")
+            }
             "basic" => {
                 let c = creds.ok_or_else(|| unauthorized("no credentials configured"))?;
                 let raw = format!("{}:{}", c.username, c.secret);
@@ -370,12 +407,18 @@ impl Client {
                 struct Token {
                     token: Option<String>,
                     access_token: Option<String>,
+                    expires_in: Option<u64>,
                 }
                 let body = Self::read_capped(resp, &format!("token for {what}"), MAX_TOKEN_BYTES)
                     .await
                     .map_err(|e| unauthorized(&format!("invalid token response: {e}")))?;
                 let t: Token = serde_json::from_slice(&body)
                     .map_err(|_| unauthorized("invalid token response"))?;
+                if let Some(secs) = t.expires_in.filter(|s| *s > 0) {
+                    // Renew a little early: a request started just before expiry still works.
+                    let life = secs.saturating_sub((secs / 10).min(30)).max(1);
+                    expires = Some(Instant::now() + Duration::from_secs(life));
+                }
                 let t = t
                     .token
                     .or(t.access_token)
@@ -386,9 +429,20 @@ impl Client {
         };
         self.auth_cache
             .lock()
-            .expect("auth cache")
-            .insert(key.to_string(), header);
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), CachedAuth { header, expires });
         Ok(())
+    }
+
+    /// The cached header for `key`, unless its token has expired (then it is dropped).
+    fn cached_auth(&self, key: &str) -> Option<String> {
+        let mut cache = self.auth_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = cache.get(key)?;
+        if entry.expires.is_some_and(|t| Instant::now() >= t) {
+            cache.remove(key);
+            return None;
+        }
+        Some(entry.header.clone())
     }
 
     pub(crate) fn url(ep: &Endpoint, repo: &Repository, tail: &str) -> String {
@@ -598,3 +652,7 @@ impl Client {
         Ok(Some(idx))
     }
 }
+
+#[cfg(test)]
+#[path = "auth_tests.rs"]
+mod auth_tests;

@@ -27,7 +27,7 @@ pub enum RegistryError {
         body: String,
     },
     /// Authentication was required and failed or no credentials were found.
-    #[error("{what}: authentication to {registry} failed ({detail}); configure credentials in the docker config file (DOCKER_CONFIG or ~/.docker/config.json)")]
+    #[error("{what}: authentication to {registry} failed ({detail}); credentials come from the docker config file (DOCKER_CONFIG or ~/.docker/config.json) or, with the CRI keychain, the kubelet's PullImage")]
     Unauthorized {
         /// What was being fetched or pushed.
         what: String,

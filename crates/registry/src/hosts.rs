@@ -1,7 +1,10 @@
 //! Registry endpoints: containerd's `certs.d/<host>/hosts.toml` (mirrors, plain HTTP,
 //! `skip_verify`) and plain-HTTP hosts given on the command line.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{RegistryError, Result};
 
@@ -33,7 +36,7 @@ pub struct HostsConfig {
     pub plain_http_hosts: Vec<String>,
     /// Pull mirrors by registry host (upstream's `[[resolver.host."HOST".mirrors]]`), tried
     /// before `hosts.toml` mirrors and the registry itself.
-    pub mirrors: std::collections::BTreeMap<String, Vec<Mirror>>,
+    pub mirrors: BTreeMap<String, Vec<Mirror>>,
 }
 
 /// A pull mirror from the daemon config: `host[:port][/path]`, over HTTPS unless `insecure`
@@ -68,13 +71,7 @@ impl HostsConfig {
             .collect();
         let mut server = default_server.clone();
         if let Some(dir) = &self.hosts_dir {
-            let file = [registry, "_default"]
-                .iter()
-                .map(|h| dir.join(h.replace(':', "_")).join("hosts.toml"))
-                .chain(std::iter::once(dir.join(registry).join("hosts.toml")))
-                .find(|p| p.exists());
-            if let Some(file) = file {
-                let (s, hosts) = parse_hosts_toml(&file)?;
+            if let Some((s, hosts)) = cached_hosts_toml(dir, registry)? {
                 if let Some(s) = s {
                     server = s;
                 }
@@ -136,6 +133,75 @@ pub fn is_localhost(registry: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// How long a looked-up `hosts.toml` is used before the file is checked again. Endpoints are
+/// resolved for every range request, so the lookup must not touch the disk each time (a
+/// blocking stat + parse on an async worker); an edited file still takes effect within this.
+const HOSTS_RECHECK: Duration = Duration::from_secs(1);
+
+/// Parsed `hosts.toml`: the `server` and the `[host]` endpoints.
+type Parsed = (Option<String>, Vec<Endpoint>);
+
+/// One registry's lookup in one hosts directory.
+struct Cached {
+    checked: Instant,
+    /// The file found, with the (mtime, len) it had when parsed.
+    file: Option<(PathBuf, Option<SystemTime>, u64)>,
+    parsed: Option<Parsed>,
+}
+
+/// Process-wide cache of `hosts.toml` lookups by (hosts dir, registry). Bounded: cleared
+/// when it outgrows [`MAX_CACHED_HOSTS`] (registry names come from image references).
+static HOSTS_CACHE: Mutex<BTreeMap<(PathBuf, String), Cached>> = Mutex::new(BTreeMap::new());
+const MAX_CACHED_HOSTS: usize = 1024;
+
+/// The `hosts.toml` for `registry` under `dir` (`host_port`, `_default`, then `host:port`
+/// directories, as containerd), parsed at most once per change of the file.
+fn cached_hosts_toml(dir: &Path, registry: &str) -> Result<Option<Parsed>> {
+    let key = (dir.to_path_buf(), registry.to_string());
+    let now = Instant::now();
+    {
+        let cache = HOSTS_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&key) {
+            if now.duration_since(c.checked) < HOSTS_RECHECK {
+                return Ok(c.parsed.clone());
+            }
+        }
+    }
+    let found = [registry, "_default"]
+        .iter()
+        .map(|h| dir.join(h.replace(':', "_")).join("hosts.toml"))
+        .chain(std::iter::once(dir.join(registry).join("hosts.toml")))
+        .find_map(|p| {
+            let m = std::fs::metadata(&p).ok()?;
+            Some((p, m.modified().ok(), m.len()))
+        });
+    let mut cache = HOSTS_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = cache.get_mut(&key) {
+        if c.file == found {
+            c.checked = now;
+            return Ok(c.parsed.clone());
+        }
+    }
+    drop(cache);
+    let parsed = match &found {
+        Some((p, _, _)) => Some(parse_hosts_toml(p)?),
+        None => None,
+    };
+    let mut cache = HOSTS_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= MAX_CACHED_HOSTS {
+        cache.clear();
+    }
+    cache.insert(
+        key,
+        Cached {
+            checked: now,
+            file: found,
+            parsed: parsed.clone(),
+        },
+    );
+    Ok(parsed)
 }
 
 fn parse_hosts_toml(path: &Path) -> Result<(Option<String>, Vec<Endpoint>)> {
@@ -324,5 +390,33 @@ mod tests {
             ]
         );
         assert_eq!(h.endpoints("other.example").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn hosts_toml_is_parsed_once_and_reloaded_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("reload.example");
+        std::fs::create_dir_all(&d).unwrap();
+        let write = |mirror: &str| {
+            std::fs::write(
+                d.join("hosts.toml"),
+                format!("[host.\"https://{mirror}\"]\n  capabilities = [\"pull\"]\n"),
+            )
+            .unwrap()
+        };
+        write("one.example");
+        let h = HostsConfig {
+            hosts_dir: Some(dir.path().into()),
+            ..Default::default()
+        };
+        let first = |h: &HostsConfig| h.endpoints("reload.example").unwrap()[0].base.clone();
+        assert_eq!(first(&h), "https://one.example");
+        // Within the recheck interval the disk is not consulted: a removed file still counts.
+        std::fs::remove_file(d.join("hosts.toml")).unwrap();
+        assert_eq!(first(&h), "https://one.example");
+        // After it, an edited file is read again.
+        write("second.example");
+        std::thread::sleep(HOSTS_RECHECK + Duration::from_millis(100));
+        assert_eq!(first(&h), "https://second.example");
     }
 }

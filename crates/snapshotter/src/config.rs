@@ -50,6 +50,8 @@ pub struct Config {
     pub background_fetch: BackgroundFetchConfig,
     /// Which SOCI index versions are used.
     pub pull_modes: PullModes,
+    /// Credentials from the kubelet (CRI image service proxy).
+    pub cri_keychain: CriKeychainConfig,
 }
 
 /// `[resolver]`.
@@ -212,6 +214,33 @@ impl Default for Toggle {
     }
 }
 
+/// `[cri_keychain]` (upstream's keys and defaults): serve the CRI v1 ImageService on the
+/// daemon's socket, forward it to containerd, and use the credentials of each PullImage for
+/// that image's lazy layers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct CriKeychainConfig {
+    /// Serve the ImageService proxy and keep PullImage credentials. Default false.
+    pub enable_keychain: bool,
+    /// containerd's CRI socket, where the proxy forwards. Default
+    /// `/run/containerd/containerd.sock`.
+    pub image_service_path: PathBuf,
+    /// soci-rs only: how long credentials from a PullImage are kept (also across daemon
+    /// restarts, in `<root>/cri-credentials.json`), unless the image is pulled again (fresh
+    /// credentials), removed, or its last snapshot removed. Default 43200 (12 h).
+    pub credentials_ttl_sec: u64,
+}
+
+impl Default for CriKeychainConfig {
+    fn default() -> Self {
+        CriKeychainConfig {
+            enable_keychain: false,
+            image_service_path: "/run/containerd/containerd.sock".into(),
+            credentials_ttl_sec: 12 * 3600,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -227,6 +256,7 @@ impl Default for Config {
             fuse: FuseConfig::default(),
             background_fetch: BackgroundFetchConfig::default(),
             pull_modes: PullModes::default(),
+            cri_keychain: CriKeychainConfig::default(),
         }
     }
 }
@@ -371,7 +401,6 @@ mod tests {
             "debug",
             "fuse.entry_timeout",
             "background_fetch.max_queue_size",
-            "cri_keychain",
             "resolver.auth_client_ttl_sec",
         ] {
             let want = format!("config key `{key}` is not supported by soci-rs and is ignored");
@@ -396,8 +425,14 @@ mod tests {
                 .any(|n| n.contains("experimental_parallel_pull_as_fallback")),
             "explicit false differs from upstream: {notes:#?}"
         );
+        assert!(!c.cri_keychain.enable_keychain);
+        assert_eq!(
+            c.cri_keychain.image_service_path,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
         for known in [
             "pull_modes.parallel_pull_unpack.max_concurrent_downloads",
+            "cri_keychain",
             "metrics_address",
             "fuse.attr_timeout",
             "blob.fetching_timeout_sec",

@@ -2,6 +2,7 @@
 //! over a crash-safe metadata store and overlayfs directories.
 
 pub mod config;
+pub mod cri;
 pub mod error;
 pub mod holder;
 pub mod metrics;

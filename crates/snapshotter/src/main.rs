@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use soci_snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
+use soci_snapshotter::cri::ImageProxy;
+use soci_snapshotter::proto::runtime::v1::image_service_server::ImageServiceServer;
 use soci_snapshotter::proto::snapshots::snapshots_server::SnapshotsServer;
 use soci_snapshotter::remote::Remote;
 use soci_snapshotter::{Service, Snapshotter};
@@ -259,12 +261,21 @@ async fn serve(
     };
     info!(address = %address.display(), root = %root.display(), "soci-snapshotter-grpc serving");
 
+    // `[cri_keychain]`: the kubelet's ImageService, on this same socket (as upstream).
+    let image_proxy = remote.cri_credentials.clone().map(|store| {
+        info!(backend = %cfg.cri_keychain.image_service_path.display(), "serving the CRI image service (cri_keychain)");
+        ImageServiceServer::new(ImageProxy::new(
+            cfg.cri_keychain.image_service_path.clone(),
+            store,
+        ))
+    });
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(SnapshotsServer::new(Service::new(snapshotter.clone())))
+            .add_optional_service(image_proxy)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
                 async {

@@ -71,6 +71,7 @@ pub fn render(s: &Snapshotter) -> String {
     for (reason, n) in r.fallbacks.lock().expect("fallbacks").iter() {
         let _ = writeln!(o, "soci_fallbacks_total{{reason=\"{reason}\"}} {n}");
     }
+    render_handed_back(&mut o, r);
     let _ = writeln!(o, "# HELP soci_span_cache_bytes Decompressed spans cached, by place.\n# TYPE soci_span_cache_bytes gauge");
     let _ = writeln!(
         o,
@@ -182,6 +183,24 @@ fn render_full_pulls(o: &mut String, st: &crate::remote::PullStats) {
         ),
     ] {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+}
+
+/// Layers the daemon could not provide and handed back to containerd, by reason.
+fn render_handed_back(o: &mut String, r: &crate::remote::Remote) {
+    let _ = writeln!(o, "# HELP soci_layers_handed_back_total Layers handed back to containerd to pull itself (the daemon could not provide them), by reason.\n# TYPE soci_layers_handed_back_total counter");
+    let mut by_reason: std::collections::BTreeMap<&str, u64> = crate::service::HAND_BACK_REASONS
+        .iter()
+        .map(|c| (*c, 0))
+        .collect();
+    for (reason, n) in r.handed_back.lock().expect("handed_back").iter() {
+        *by_reason.entry(reason).or_default() += n;
+    }
+    for (reason, n) in by_reason {
+        let _ = writeln!(
+            o,
+            "soci_layers_handed_back_total{{reason=\"{reason}\"}} {n}"
+        );
     }
 }
 

@@ -20,5 +20,13 @@ pub mod containerd {
     }
 }
 
+/// `runtime.v1`: the CRI v1 API (the ImageService proxy of the CRI keychain uses it).
+pub mod runtime {
+    /// `runtime.v1`.
+    pub mod v1 {
+        tonic::include_proto!("runtime.v1");
+    }
+}
+
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types;

@@ -16,6 +16,18 @@ use crate::remote::{self, LayerPlan, Remote};
 use crate::store::{Kind, MetaStore, Snapshot, Usage};
 
 mod availability;
+mod handback;
+
+use handback::Cause;
+pub use handback::HANDED_BACK;
+
+/// Reason labels of `soci_layers_handed_back_total`.
+pub const HAND_BACK_REASONS: [&str; 4] = [
+    Cause::ALL[0].label(),
+    Cause::ALL[1].label(),
+    Cause::ALL[2].label(),
+    Cause::ALL[3].label(),
+];
 
 /// Shared state of the snapshotter.
 pub struct Snapshotter {
@@ -103,7 +115,15 @@ impl Snapshotter {
             )));
         }
         let usage = disk_usage(&self.layout.fs(s.id))?;
-        self.store.commit(key, name, labels(l), usage)?;
+        let mut l = labels(l);
+        // A handed-back layer keeps saying so once containerd has committed it.
+        if let Some(r) = s.labels.get(remote::LABEL_REASON) {
+            if r.starts_with(HANDED_BACK) {
+                l.entry(remote::LABEL_REASON.to_string())
+                    .or_insert_with(|| r.clone());
+            }
+        }
+        self.store.commit(key, name, l, usage)?;
         debug!(key, name, "committed snapshot");
         Ok(())
     }
@@ -112,6 +132,17 @@ impl Snapshotter {
         let s = self.store.remove(key)?;
         if let Some(r) = &self.remote {
             r.release(s.id);
+            if let Some(img) = s.labels.get(remote::LABEL_IMAGE_REF) {
+                let l = remote::LABEL_IMAGE_REF;
+                if !self
+                    .store
+                    .list()?
+                    .iter()
+                    .any(|(_, o)| o.labels.get(l) == Some(img))
+                {
+                    r.image_unused(img);
+                }
+            }
         }
         if let Err(e) = std::fs::remove_dir_all(self.layout.dir(s.id)) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -287,15 +318,18 @@ type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, St
 
 impl Service {
     /// Prepare with remote-snapshot labels: provide the layer here (lazily over FUSE, or
-    /// downloaded and unpacked), commit it as the target and return the status to answer:
-    /// AlreadyExists on success, so containerd skips the download.
+    /// downloaded and unpacked) and commit it as the target: then the answer is an
+    /// AlreadyExists status, so containerd skips the download. If the daemon cannot provide
+    /// it, the layer is handed back ([`handback`]): the answer is an ordinary active
+    /// snapshot's mounts and containerd pulls the layer itself. Only failures containerd
+    /// cannot recover from either are errors.
     async fn prepare_remote(
         &self,
         remote: Arc<Remote>,
         key: String,
         parent: String,
         l: HashMap<String, String>,
-    ) -> Status {
+    ) -> Result<Vec<crate::proto::types::Mount>, Status> {
         let labels = labels(l);
         let target = labels
             .get(remote::LABEL_TARGET)
@@ -310,10 +344,8 @@ impl Service {
                     remote.discard_download(l);
                 }
                 // An existing lazy layer counts only while it is served (or restored now).
-                if let Err(e) = self.inner.ensure_chain_served(&target).await {
-                    return e;
-                }
-                return exists();
+                self.inner.ensure_chain_served(&target).await?;
+                return Err(exists());
             }
         }
         // Every wait on registries below ends by this deadline.
@@ -322,20 +354,27 @@ impl Service {
         let late = || format!("not ready within the Prepare deadline of {budget:?}");
         let plan = match tokio::time::timeout_at(deadline, remote.plan(&labels)).await {
             Ok(Ok(p)) => p,
-            Ok(Err(e)) => return Status::unavailable(format!("layer for {target}: {e}")),
-            Err(_) => return Status::unavailable(format!("layer for {target}: {}", late())),
+            Ok(Err(e)) => {
+                let cause = Cause::classify(&e, Cause::Registry);
+                let detail = format!("layer for {target}: {e}");
+                return self
+                    .hand_back(&remote, key, parent, labels, cause, None, &detail)
+                    .await;
+            }
+            Err(_) => {
+                let detail = format!("layer for {target}: {}", late());
+                return self
+                    .hand_back(&remote, key, parent, labels, Cause::Deadline, None, &detail)
+                    .await;
+            }
         };
         let (k, p, l) = (key.clone(), parent.clone(), labels.clone());
-        let created = self
+        let snap = self
             .blocking(move |s| {
                 let parent = (!p.is_empty()).then_some(p.as_str());
                 s.create_record(&k, parent, Kind::Active, l)
             })
-            .await;
-        let snap = match created {
-            Ok(s) => s,
-            Err(e) => return e,
-        };
+            .await?;
         let fs_dir = self.inner.layout.fs(snap.id);
         let mut extra = BTreeMap::new();
         let provide = async {
@@ -372,14 +411,17 @@ impl Service {
                 }
             }
         };
-        let result = tokio::time::timeout_at(deadline, provide)
-            .await
-            .unwrap_or_else(|_| Err(late()));
+        let result = match tokio::time::timeout_at(deadline, provide).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err((Cause::classify(&e, Cause::FullPull), e)),
+            Err(_) => Err((Cause::Deadline, late())),
+        };
         let lazy = extra.get(remote::LABEL_MODE).map(String::as_str) == Some("lazy");
-        let mut committed_labels = labels;
+        let after = extra.get(remote::LABEL_REASON).cloned();
+        let mut committed_labels = labels.clone();
         committed_labels.extend(extra);
         let (k, t) = (key.clone(), target.clone());
-        let commit = match result {
+        let commit = match &result {
             Ok(()) => {
                 self.blocking(move |s| {
                     let usage = if lazy {
@@ -391,21 +433,38 @@ impl Service {
                 })
                 .await
             }
-            Err(e) => Err(Status::unavailable(format!("layer for {target}: {e}"))),
+            Err(_) => Ok(()),
         };
-        if let Err(e) = commit {
-            // Undo: nothing half-made stays behind.
+        if result.is_err() || commit.is_err() {
+            // Undo: nothing half-made stays behind (lazy mount, record, unpacked files).
             remote.release(snap.id);
             let k = key.clone();
             let _ = self.blocking(move |s| s.remove(&k)).await;
-            return if e.code() == tonic::Code::AlreadyExists {
-                exists()
-            } else {
-                e
-            };
         }
-        info!(target = %target, lazy, "remote snapshot ready");
-        exists()
+        match (result, commit) {
+            (Ok(()), Ok(())) => {
+                info!(target = %target, lazy, "remote snapshot ready");
+                Err(exists())
+            }
+            (Ok(()), Err(e)) if e.code() == tonic::Code::AlreadyExists => Err(exists()),
+            (Ok(()), Err(e)) => Err(e),
+            (Err((_, e)), _) if handback::is_fatal(&e) => Err(Status::resource_exhausted(format!(
+                "layer for {target}: {e}"
+            ))),
+            (Err((cause, e)), _) => {
+                let detail = format!("layer for {target}: {e}");
+                self.hand_back(
+                    &remote,
+                    key,
+                    parent,
+                    labels,
+                    cause,
+                    after.as_deref(),
+                    &detail,
+                )
+                .await
+            }
+        }
     }
 }
 
@@ -422,7 +481,10 @@ impl Snapshots for Service {
                 && l.contains_key(remote::LABEL_IMAGE_REF)
                 && l.contains_key(remote::LABEL_LAYER_DIGEST)
             {
-                return Err(self.prepare_remote(remote, r.key, r.parent, r.labels).await);
+                let mounts = self
+                    .prepare_remote(remote, r.key, r.parent, r.labels)
+                    .await?;
+                return Ok(Response::new(pb::PrepareSnapshotResponse { mounts }));
             }
         }
         self.inner.ensure_chain_served(&r.parent).await?;

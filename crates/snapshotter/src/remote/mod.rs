@@ -138,6 +138,8 @@ type LayerList = attempt::Cell<Result<Arc<ImageLayers>, String>>;
 
 /// State of remote layers.
 pub struct Remote {
+    /// Credentials from the kubelet's PullImage requests (`[cri_keychain]` enabled).
+    pub cri_credentials: Option<Arc<crate::cri::CredentialStore>>,
     client: Arc<Client>,
     cfg: Config,
     cache_root: PathBuf,
@@ -166,6 +168,8 @@ pub struct Remote {
     pub metrics: Arc<FsMetrics>,
     /// Fallbacks by reason label.
     pub fallbacks: Mutex<BTreeMap<&'static str, u64>>,
+    /// Layers handed back to containerd to pull itself, by cause label.
+    pub handed_back: Mutex<BTreeMap<&'static str, u64>>,
     /// Layers served lazily / unpacked.
     pub layers_lazy: std::sync::atomic::AtomicU64,
     /// Layers downloaded and unpacked.
@@ -202,7 +206,8 @@ impl Remote {
             request_timeout: Duration::from_secs(cfg.blob.fetching_timeout_sec.max(1) * 10),
             ..Default::default()
         };
-        let client = Client::new(opts).map_err(|e| e.to_string())?;
+        let (keychain, cri_credentials) = crate::cri::keychain(root, cfg);
+        let client = Client::with_keychain(opts, keychain).map_err(|e| e.to_string())?;
         let cache_root = root.join("cache");
         let tmp_root = root.join("tmp");
         // Downloads of a previous run are of no use: start clean.
@@ -211,6 +216,7 @@ impl Remote {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
         Ok(Remote {
+            cri_credentials,
             client: Arc::new(client),
             cfg: cfg.clone(),
             cache_root,
@@ -231,6 +237,7 @@ impl Remote {
             )),
             metrics: Arc::new(FsMetrics::default()),
             fallbacks: Mutex::new(BTreeMap::new()),
+            handed_back: Mutex::new(BTreeMap::new()),
             layers_lazy: Default::default(),
             layers_full: Default::default(),
             health: Default::default(),
@@ -404,6 +411,21 @@ impl Remote {
                 .entry(reason.label())
                 .or_default() += 1;
         }
+    }
+
+    /// Counts a layer of `image_ref` handed back to containerd for `cause`; true the first
+    /// time for this image and cause (the one time it is logged).
+    pub fn note_hand_back(&self, image_ref: &str, cause: &'static str) -> bool {
+        *self
+            .handed_back
+            .lock()
+            .expect("handed_back")
+            .entry(cause)
+            .or_default() += 1;
+        self.logged
+            .lock()
+            .expect("logged")
+            .insert(format!("{image_ref} handed_back:{cause}"))
     }
 
     /// Fetches, verifies and parses a layer's zTOC and builds its tree, once per zTOC.
@@ -588,6 +610,13 @@ impl Remote {
             if let Err(e) = c.del(id) {
                 warn!(id, error = %e, "fd holder did not release a mount");
             }
+        }
+    }
+
+    /// The last snapshot prepared for `image` is gone: its CRI credentials are not needed.
+    pub fn image_unused(&self, image: &str) {
+        if let Some(c) = &self.cri_credentials {
+            c.forget(image);
         }
     }
 
