@@ -136,8 +136,8 @@ fn parallel_mode_pulls_every_layer_in_parallel_chunks_and_runs() {
         "--plain-http",
         "--min-layer-size",
         "1000",
-        &format!("{}/pullmode-par:v1", reg.addr),
-        &format!("{}/pullmode-par:soci", reg.addr),
+        &format!("docker://{}/pullmode-par:v1", reg.addr),
+        &format!("docker://{}/pullmode-par:soci", reg.addr),
     ]))
     .unwrap();
     let proxy = FaultProxy::start(&reg.addr);

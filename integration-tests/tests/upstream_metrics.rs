@@ -53,8 +53,8 @@ fn push(reg: &Registry, dir: &std::path::Path, name: &str, tag: &str, seed: u64)
         "1000",
         "--span-size",
         "262144",
-        &format!("{}/{name}:{tag}", reg.addr),
-        &format!("{}/{name}:{tag}-soci", reg.addr),
+        &format!("docker://{}/{name}:{tag}", reg.addr),
+        &format!("docker://{}/{name}:{tag}-soci", reg.addr),
     ]))
     .unwrap();
 }
