@@ -41,9 +41,17 @@ pub async fn registry_index(c: RegistryIndex) -> Result<()> {
                 }
                 None => Platform::host(),
             };
-            let img = discover(&client, &r, &DiscoverOptions { platform, allow_v1 })
-                .await
-                .with_context(|| format!("image {reference}"))?;
+            let img = discover(
+                &client,
+                &r,
+                &DiscoverOptions {
+                    platform,
+                    allow_v1,
+                    index_digest: None,
+                },
+            )
+            .await
+            .with_context(|| format!("image {reference}"))?;
             let mut layers = Vec::new();
             for (layer, ztoc) in img.layer_ztocs() {
                 let summary = match &ztoc {

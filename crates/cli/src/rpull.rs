@@ -46,6 +46,9 @@ pub enum ImageCommand {
         /// Snapshotter name in containerd.
         #[arg(long, default_value = "soci")]
         snapshotter: String,
+        /// Use this SOCI index (its manifest digest) instead of discovery (as nerdctl's flag).
+        #[arg(long)]
+        soci_index_digest: Option<String>,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -201,8 +204,12 @@ pub async fn run(cmd: ImageCommand, address: &str, ns: &str) -> Result<()> {
         ImageCommand::Rpull {
             reference,
             snapshotter,
+            soci_index_digest,
             registry,
-        } => rpull(address, ns, &reference, &snapshotter, &registry).await,
+        } => {
+            let index = soci_index_digest.as_deref();
+            rpull(address, ns, &reference, &snapshotter, index, &registry).await
+        }
         ImageCommand::Mode {
             reference,
             snapshotter,
@@ -215,6 +222,7 @@ async fn rpull(
     ns: &str,
     reference: &str,
     snapshotter: &str,
+    index_digest: Option<&str>,
     registry: &RegistryArgs,
 ) -> Result<()> {
     let client = registry.client()?;
@@ -278,6 +286,7 @@ async fn rpull(
         &config,
         &chains,
         &top,
+        index_digest,
     )
     .await;
     ctd.lease = None;
@@ -306,6 +315,7 @@ async fn pull_with_lease(
     config: &[u8],
     chains: &[String],
     top: &str,
+    index_digest: Option<&str>,
 ) -> Result<()> {
     // Content: config (keeps the snapshot chain alive), manifest, index.
     let gc_snap = HashMap::from([(
@@ -370,7 +380,7 @@ async fn pull_with_lease(
         .collect();
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     for (i, (layer, chain)) in manifest.layers.iter().zip(chains).enumerate() {
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             ("containerd.io/snapshot.ref".to_string(), chain.clone()),
             (
                 "containerd.io/snapshot/cri.image-ref".to_string(),
@@ -389,6 +399,12 @@ async fn pull_with_lease(
                 layer_list[i..].join(","),
             ),
         ]);
+        if let Some(d) = index_digest {
+            labels.insert(
+                "containerd.io/snapshot/remote/soci.index.digest".to_string(),
+                d.to_string(),
+            );
+        }
         let key = format!("extract-{stamp}-{i} {chain}");
         let parent = if i == 0 {
             String::new()

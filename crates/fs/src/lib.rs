@@ -8,6 +8,7 @@
 mod cache;
 mod fuse;
 pub mod kernel;
+pub mod metrics;
 mod mount;
 mod spans;
 mod tree;

@@ -80,6 +80,8 @@ pub struct FsMetrics {
     pub read_latency: [AtomicU64; 9],
     /// Sum of FUSE read latencies in microseconds.
     pub read_latency_sum_us: AtomicU64,
+    /// Upstream soci-snapshotter's per-layer families.
+    pub upstream: crate::metrics::UpstreamMetrics,
 }
 
 /// Upper bounds (ms) of the read latency histogram buckets.
@@ -278,8 +280,15 @@ impl SpanManager {
     }
 
     /// Reads uncompressed bytes `range` of the layer: all of them within `fetch_timeout`,
-    /// or EIO (never fewer bytes).
+    /// or EIO (never fewer bytes). Counted as a synchronous (FUSE) read in upstream's metrics.
     pub async fn read(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
+        let started = Instant::now();
+        let r = self.read_uncounted(range).await;
+        crate::metrics::count_read(&self.metrics.upstream, &self.layer, started, &r);
+        r
+    }
+
+    async fn read_uncounted(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
         let deadline = Instant::now() + self.cfg.fetch_timeout;
         self.last_demand_ms
             .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -412,6 +421,7 @@ impl SpanManager {
         };
         let mut attempt = 0;
         loop {
+            let get = crate::metrics::RegistryGet::start(&self.metrics.upstream, &self.layer, prio);
             // Transport retries happen inside the reader, within the same deadline.
             let data = match tokio::time::timeout_at(
                 deadline,
@@ -437,6 +447,7 @@ impl SpanManager {
                     )));
                 }
             };
+            drop(get);
             if data.len() as u64 != range.end - range.start {
                 return Err(eio(format!(
                     "layer {}: spans {run:?}: got {} of {} bytes",
@@ -474,6 +485,9 @@ impl SpanManager {
             Priority::Background => &self.metrics.background_bytes,
         };
         counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .upstream
+            .add_fetched(&self.layer, data.len() as u64);
         let spans = self.spans.clone();
         let verify = !self.cfg.disable_verification;
         let run2 = run.clone();
@@ -520,6 +534,7 @@ impl SpanManager {
             self.negative.clear(id);
             // Counted once the span is servable, so the metric never runs ahead of the cache.
             self.metrics.spans_verified.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::count_span(&self.metrics.upstream, &self.layer, prio);
         }
         if let Some((id, e, bad_bytes)) = failure {
             if bad_bytes {

@@ -82,6 +82,11 @@ pub struct DiscoverOptions {
     pub platform: Platform,
     /// Use v1 indexes found through the referrers API.
     pub allow_v1: bool,
+    /// Use this SOCI index (v1 or v2) instead of discovering one (upstream's
+    /// `containerd.io/snapshot/remote/soci.index.digest` label, nerdctl's
+    /// `--soci-index-digest`). It must still belong to the image: a subject, if it has one,
+    /// is the manifest, and every zTOC is for a layer of the manifest.
+    pub index_digest: Option<Digest>,
 }
 
 impl Default for DiscoverOptions {
@@ -89,6 +94,7 @@ impl Default for DiscoverOptions {
         DiscoverOptions {
             platform: Platform::host(),
             allow_v1: false,
+            index_digest: None,
         }
     }
 }
@@ -254,7 +260,83 @@ pub async fn discover(
     }
 
     let bound = manifest.annotations.get(ANNOTATION_INDEX_DIGEST).cloned();
-    let (index_digest, version) = match bound {
+    let (index_digest, version) = match (&opts.index_digest, bound) {
+        (Some(d), _) => (d.clone(), None),
+        (None, bound) => discover_index(
+            client,
+            reference,
+            &manifest_desc,
+            image_index.as_ref(),
+            bound,
+            opts,
+        )
+        .await
+        .map(|(d, v)| (d, Some(v)))?,
+    };
+
+    let index_result = match (hinted, prefetched_index) {
+        (Some(h), Some(r)) if h == index_digest => r,
+        _ => client.get_manifest(repo, index_digest.as_str()).await,
+    };
+    let (index_desc, index_bytes) = index_result.map_err(|e| match e {
+        RegistryError::NotFound { .. } => NoSoci::NoIndex(format!(
+            "SOCI index {index_digest} named by {} is missing",
+            manifest_desc.digest
+        )),
+        RegistryError::DigestMismatch { .. } => NoSoci::DigestMismatch(e.to_string()),
+        e => NoSoci::Registry(e.to_string()),
+    })?;
+    let index = SociIndex::parse(&index_bytes)
+        .map_err(|e| NoSoci::CorruptIndex(index_digest.to_string(), e))?;
+    if version.is_some_and(|v| index.version != v) {
+        return Err(NoSoci::CorruptIndex(
+            index_digest.to_string(),
+            format!("expected a {:?} index", version.unwrap_or(index.version)),
+        ));
+    }
+    let must_name_manifest = index.version == SociVersion::V1 || index.subject.is_some();
+    if must_name_manifest
+        && index.subject.as_ref().map(|s| &s.digest) != Some(&manifest_desc.digest)
+    {
+        return Err(NoSoci::DigestMismatch(format!(
+            "SOCI index {index_digest} has another subject than {}",
+            manifest_desc.digest
+        )));
+    }
+    for z in &index.ztocs {
+        let layer = z
+            .annotations
+            .get(crate::soci::ANNOTATION_LAYER_DIGEST)
+            .map(String::as_str)
+            .unwrap_or("");
+        if !manifest.layers.iter().any(|l| l.digest.as_str() == layer) {
+            return Err(NoSoci::CorruptIndex(
+                index_digest.to_string(),
+                format!("zTOC {} is for layer {layer}, not in the image", z.digest),
+            ));
+        }
+    }
+    Ok(SociImage {
+        reference: reference.clone(),
+        manifest_desc,
+        manifest,
+        index_desc,
+        index,
+    })
+}
+
+/// The SOCI index an image names: v2 through its manifest annotation (`bound`), checked
+/// against the image-index entry, else v1 through the referrers API.
+async fn discover_index(
+    client: &Client,
+    reference: &Reference,
+    manifest_desc: &Descriptor,
+    image_index: Option<&ImageIndex>,
+    bound: Option<String>,
+    opts: &DiscoverOptions,
+) -> Result<(Digest, SociVersion), NoSoci> {
+    let repo = &reference.repository;
+    Ok(match bound {
         Some(d) => {
             let d = Digest::parse(&d).ok_or_else(|| {
                 NoSoci::CorruptIndex(
@@ -291,53 +373,5 @@ pub async fn discover(
                 }
             }
         }
-    };
-
-    let index_result = match (hinted, prefetched_index) {
-        (Some(h), Some(r)) if h == index_digest => r,
-        _ => client.get_manifest(repo, index_digest.as_str()).await,
-    };
-    let (index_desc, index_bytes) = index_result.map_err(|e| match e {
-        RegistryError::NotFound { .. } => NoSoci::NoIndex(format!(
-            "SOCI index {index_digest} named by {} is missing",
-            manifest_desc.digest
-        )),
-        RegistryError::DigestMismatch { .. } => NoSoci::DigestMismatch(e.to_string()),
-        e => NoSoci::Registry(e.to_string()),
-    })?;
-    let index = SociIndex::parse(&index_bytes)
-        .map_err(|e| NoSoci::CorruptIndex(index_digest.to_string(), e))?;
-    if index.version != version {
-        return Err(NoSoci::CorruptIndex(
-            index_digest.to_string(),
-            format!("expected a {version:?} index"),
-        ));
-    }
-    if version == SociVersion::V1
-        && index.subject.as_ref().map(|s| &s.digest) != Some(&manifest_desc.digest)
-    {
-        return Err(NoSoci::DigestMismatch(format!(
-            "v1 index {index_digest} has another subject"
-        )));
-    }
-    for z in &index.ztocs {
-        let layer = z
-            .annotations
-            .get(crate::soci::ANNOTATION_LAYER_DIGEST)
-            .map(String::as_str)
-            .unwrap_or("");
-        if !manifest.layers.iter().any(|l| l.digest.as_str() == layer) {
-            return Err(NoSoci::CorruptIndex(
-                index_digest.to_string(),
-                format!("zTOC {} is for layer {layer}, not in the image", z.digest),
-            ));
-        }
-    }
-    Ok(SociImage {
-        reference: reference.clone(),
-        manifest_desc,
-        manifest,
-        index_desc,
-        index,
     })
 }

@@ -379,3 +379,65 @@ async fn whole_blob_stream_is_capped_by_its_descriptor() {
     let exact = Descriptor::new("x", d, 10_000);
     assert_eq!(c.get_blob(&repo, &exact).await.unwrap().len(), 10_000);
 }
+
+#[tokio::test]
+async fn chunked_download_is_parallel_in_order_and_verified() {
+    let (addr, count) = server(Arc::new(|_, r| match r {
+        Some(r) => good_206(Some(r)),
+        None => reply("200 OK", &[], &blob()),
+    }))
+    .await;
+    let (c, repo, d) = client(&addr);
+    let c = Arc::new(c);
+    let desc = Descriptor::new("x", d.clone(), 10_000);
+    let limit = Arc::new(tokio::sync::Semaphore::new(2));
+    let opts = crate::ChunkedDownload {
+        chunk_size: 1000,
+        window: 3,
+        limits: vec![limit.clone()],
+    };
+    let mut out = Vec::new();
+    let st = c
+        .get_blob_chunked_to(&repo, &desc, &opts, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(out, blob());
+    assert_eq!(st.range_requests, 10);
+    assert!(!st.whole && st.peak_buffered <= 3, "{st:?}");
+    assert_eq!(count.load(Ordering::SeqCst), 10);
+    assert_eq!(limit.available_permits(), 2, "permits returned");
+    // A wrong digest is an error, never silently accepted.
+    let bad = Descriptor::new("x", Digest::of(b"other"), 10_000);
+    let mut out = Vec::new();
+    assert!(matches!(
+        c.get_blob_chunked_to(&repo, &bad, &opts, &mut out).await,
+        Err(RegistryError::DigestMismatch { .. })
+    ));
+}
+
+#[tokio::test]
+async fn chunked_download_from_a_registry_ignoring_ranges_streams_the_rest_whole() {
+    let (addr, count) = server(Arc::new(|_, _| reply("200 OK", &[], &blob()))).await;
+    let (c, repo, d) = client(&addr);
+    let c = Arc::new(c);
+    let desc = Descriptor::new("x", d, 10_000);
+    let opts = crate::ChunkedDownload {
+        chunk_size: 1000,
+        window: 4,
+        limits: vec![],
+    };
+    let mut out = Vec::new();
+    let st = c
+        .get_blob_chunked_to(&repo, &desc, &opts, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(out, blob());
+    assert!(st.whole, "{st:?}");
+    assert!(!c.supports_ranges(&addr));
+    // At most the first window of range requests, then one whole-blob request.
+    assert!(
+        count.load(Ordering::SeqCst) <= 5,
+        "{}",
+        count.load(Ordering::SeqCst)
+    );
+}

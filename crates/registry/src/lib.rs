@@ -6,6 +6,7 @@
 
 pub mod auth;
 mod blobs;
+mod chunked;
 mod client;
 pub mod digest;
 mod error;
@@ -16,6 +17,7 @@ mod push;
 pub mod reference;
 
 pub use blobs::{BlobStream, MAX_BLOB_IN_MEMORY};
+pub use chunked::{ChunkedDownload, ChunkedStats};
 pub use client::{Client, ClientOptions};
 pub use digest::Digest;
 pub use error::{RegistryError, Result};

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod parallel;
+pub use parallel::{parse_size, ParallelPullUnpack};
+
 /// Default config file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/soci-snapshotter-grpc/config.toml";
 /// Default state directory.
@@ -213,29 +216,6 @@ pub struct PullModes {
     pub parallel_pull_unpack: ParallelPullUnpack,
 }
 
-/// `[pull_modes.parallel_pull_unpack]` (upstream's names).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
-pub struct ParallelPullUnpack {
-    /// Upstream: lazy loading off, every image downloaded and unpacked up front. Not
-    /// implemented by soci-rs (warned about at start when true). Default false.
-    pub enable: bool,
-    /// For layers pulled in full when an image has no usable SOCI index: download and unpack
-    /// the coming layers of the image in parallel, each unpacked as its bytes arrive, ahead of
-    /// their Prepare (false: each layer downloaded ahead, unpacked at its Prepare). Default
-    /// true in soci-rs (upstream: false), since it is what makes fallback pulls fast.
-    pub experimental_parallel_pull_as_fallback: bool,
-}
-
-impl Default for ParallelPullUnpack {
-    fn default() -> Self {
-        ParallelPullUnpack {
-            enable: false,
-            experimental_parallel_pull_as_fallback: true,
-        }
-    }
-}
-
 impl Default for PullModes {
     fn default() -> Self {
         PullModes {
@@ -332,12 +312,26 @@ impl Config {
             ))
         })
         .map_err(|e| e.to_string())?;
-        if cfg.pull_modes.parallel_pull_unpack.enable {
+        let p = &cfg.pull_modes.parallel_pull_unpack;
+        p.chunk_size().map_err(|e| {
+            format!("pull_modes.parallel_pull_unpack.concurrent_download_chunk_size: {e}")
+        })?;
+        let daemon_parallel = p.enable || p.experimental_parallel_pull_as_fallback;
+        if daemon_parallel && p.discard_unpacked_layers == Some(false) {
             notes.push(
-                "config key `pull_modes.parallel_pull_unpack.enable = true`: upstream's parallel \
-                 pull mode (lazy loading off) is not implemented by soci-rs; images with a SOCI \
-                 index still load lazily (layers pulled in full use \
-                 `experimental_parallel_pull_as_fallback`)"
+                "config key `pull_modes.parallel_pull_unpack.discard_unpacked_layers = false`: \
+                 soci-rs never keeps pulled layer blobs (nor writes them to containerd's content \
+                 store): `ctr image export`/`push` of images pulled by the snapshotter cannot \
+                 find their layer blobs"
+                    .to_string(),
+            );
+        }
+        if !p.enable && !p.experimental_parallel_pull_as_fallback {
+            notes.push(
+                "config key `pull_modes.parallel_pull_unpack.experimental_parallel_pull_as_fallback \
+                 = false`: upstream hands images without a SOCI index to containerd; soci-rs \
+                 still pulls their layers itself, one layer at a time at its Prepare, and their \
+                 blobs are not in containerd's content store"
                     .to_string(),
             );
         }
@@ -435,18 +429,37 @@ mod tests {
             "debug",
             "fuse.entry_timeout",
             "background_fetch.max_queue_size",
-            "pull_modes.parallel_pull_unpack.max_concurrent_downloads",
             "resolver.auth_client_ttl_sec",
         ] {
             let want = format!("config key `{key}` is not supported by soci-rs and is ignored");
             assert!(notes.contains(&want), "no note for {key}: {notes:#?}");
         }
+        let p = &c.pull_modes.parallel_pull_unpack;
+        assert_eq!(
+            (
+                p.max_concurrent_downloads,
+                p.max_concurrent_downloads_per_image
+            ),
+            (-1, 3)
+        );
+        assert_eq!(
+            (p.max_concurrent_unpacks, p.max_concurrent_unpacks_per_image),
+            (-1, 1)
+        );
+        assert_eq!(p.chunk_size(), Ok(0));
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("experimental_parallel_pull_as_fallback")),
+            "explicit false differs from upstream: {notes:#?}"
+        );
         assert!(!c.cri_keychain.enable_keychain);
         assert_eq!(
             c.cri_keychain.image_service_path,
             PathBuf::from("/run/containerd/containerd.sock")
         );
         for known in [
+            "pull_modes.parallel_pull_unpack.max_concurrent_downloads",
             "cri_keychain",
             "metrics_address",
             "fuse.attr_timeout",
@@ -466,8 +479,18 @@ mod tests {
         let (c, notes) =
             Config::parse("[pull_modes.parallel_pull_unpack]\nenable = true\n").unwrap();
         assert!(c.pull_modes.parallel_pull_unpack.enable);
-        assert_eq!(notes.len(), 1);
-        assert!(notes[0].contains("not implemented"), "{notes:?}");
+        assert!(notes.is_empty(), "parallel mode is implemented: {notes:?}");
+        let (_, notes) = Config::parse(
+            "[pull_modes.parallel_pull_unpack]\nenable = true\ndiscard_unpacked_layers = false\n\
+             [pull_modes.parallel_pull_unpack.decompress_streams.gzip]\npath = \"/usr/bin/unpigz\"\n",
+        )
+        .unwrap();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("decompress_streams"), "{notes:?}");
+        assert!(notes[1].contains("content store"), "{notes:?}");
+        let bad =
+            "[pull_modes.parallel_pull_unpack]\nconcurrent_download_chunk_size = \"8 parsecs\"\n";
+        assert!(Config::parse(bad).is_err());
         let (c, _) = Config::parse("metrics_address = \"127.0.0.1:9\"\n").unwrap();
         assert_eq!(c.metrics_addr(), Some("127.0.0.1:9"));
         let (back, notes) = Config::parse(&c.to_toml()).unwrap();

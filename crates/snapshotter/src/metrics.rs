@@ -65,6 +65,9 @@ pub fn render(s: &Snapshotter) -> String {
     );
     render_broken(&mut o, r);
     render_prefetch(&mut o, &r.prefetch);
+    render_full_pulls(&mut o, r.pull_stats());
+    // Upstream soci-snapshotter's families, same names, types and labels.
+    m.upstream.render(&mut o);
     let _ = writeln!(o, "# HELP soci_fallbacks_total Images pulled in full, by reason.\n# TYPE soci_fallbacks_total counter");
     for (reason, n) in r.fallbacks.lock().expect("fallbacks").iter() {
         let _ = writeln!(o, "soci_fallbacks_total{{reason=\"{reason}\"}} {n}");
@@ -136,6 +139,51 @@ fn render_broken(o: &mut String, r: &crate::remote::Remote) {
             b.cause,
             label_value(&b.reason.chars().take(200).collect::<String>())
         );
+    }
+}
+
+/// What full pulls (parallel pull mode and fallbacks) did.
+fn render_full_pulls(o: &mut String, st: &crate::remote::PullStats) {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, kind, help, v) in [
+        (
+            "soci_full_pull_range_requests_total",
+            "counter",
+            "Range requests made for layer blobs pulled in full (chunked parallel download).",
+            load(&st.range_requests),
+        ),
+        (
+            "soci_full_pull_whole_downloads_total",
+            "counter",
+            "Layers pulled in full with one whole-blob request.",
+            load(&st.whole_downloads),
+        ),
+        (
+            "soci_full_pull_spooled_layers_total",
+            "counter",
+            "Layers downloaded to a temp file while waiting for an unpack slot.",
+            load(&st.spooled),
+        ),
+        (
+            "soci_full_pull_peak_chunks_buffered",
+            "gauge",
+            "Most chunks of one layer held in memory at once.",
+            st.peak_chunks_buffered.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "soci_full_pull_unpacking_layers",
+            "gauge",
+            "Layers being unpacked now.",
+            st.unpacking.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "soci_full_pull_peak_unpacking_layers",
+            "gauge",
+            "Most layers unpacked at once.",
+            st.peak_unpacking.load(Ordering::Relaxed) as u64,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
 }
 

@@ -405,7 +405,7 @@ impl Service {
                     extra.insert(remote::LABEL_MODE.to_string(), "full".to_string());
                     let why = reason
                         .map(|r| r.label().to_string())
-                        .unwrap_or_else(|| "layer_without_ztoc".to_string());
+                        .unwrap_or_else(|| remote.full_reason().to_string());
                     extra.insert(remote::LABEL_REASON.to_string(), why);
                     remote.unpack_full(&fs_dir, &repo, &layer).await
                 }

@@ -56,6 +56,10 @@ impl SpanManager {
                 return;
             };
             if let Err(e) = self.ensure(id..id + 1, Priority::Background).await {
+                self.metrics.upstream.inc(
+                    crate::metrics::op::BACKGROUND_SPAN_FETCH_FAILURE_COUNT,
+                    &self.layer,
+                );
                 warn!(layer = %self.layer, span = id, error = %e, "background fetch failed; stopping it");
                 return;
             }

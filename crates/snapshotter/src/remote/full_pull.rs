@@ -1,8 +1,11 @@
-//! Full pulls done by the snapshotter: layers without a zTOC, and images without a usable SOCI
-//! index. The coming layers of an image are pulled in parallel (bounded) ahead of their
-//! Prepare: with `parallel_pull_unpack` each is unpacked into a staging directory as its bytes
-//! arrive and the Prepare only renames it into place once the whole blob's digest matched;
-//! otherwise each is downloaded to a temp file and the Prepare unpacks it.
+//! Full pulls done by the snapshotter: every layer in parallel pull mode, and (lazy loading on)
+//! layers without a zTOC and images without a usable SOCI index. Each layer is fetched with
+//! chunked parallel range requests (`concurrent_download_chunk_size`) within the download
+//! limits and unpacked into a staging directory: streamed straight into the unpacker when an
+//! unpack slot is free, else spooled to a temp file until one is (see `parallel.rs`). The
+//! Prepare only renames the staging directory into place, and only once the whole blob's
+//! size and digest matched. With `experimental_parallel_pull_as_fallback` (or parallel mode)
+//! the coming layers of an image are pulled ahead of their Prepare.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -14,9 +17,8 @@ use tokio::io::AsyncReadExt;
 use soci_registry::oci::layer_compression;
 use soci_registry::{Descriptor, Digest, Reference, Repository};
 
-use super::{
-    attempt, ImageLayers, Remote, DOWNLOADS_PER_IMAGE, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
-};
+use super::parallel::ImageLimits;
+use super::{attempt, ImageLayers, Remote, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
 
 impl Remote {
     /// The layer list of an image, looked up once per image.
@@ -29,7 +31,7 @@ impl Remote {
             let layers = fetch.await?;
             Ok(Arc::new(ImageLayers {
                 layers,
-                slots: Arc::new(tokio::sync::Semaphore::new(DOWNLOADS_PER_IMAGE)),
+                limits: Arc::new(self.limits.image()),
             }))
         })
         .await
@@ -41,9 +43,14 @@ impl Remote {
         repo: &Repository,
         labels: &BTreeMap<String, String>,
         layers: &[Descriptor],
-        slots: &Arc<tokio::sync::Semaphore>,
+        limits: &Arc<ImageLimits>,
         wanted: impl Fn(&Digest) -> bool,
     ) {
+        let p = &self.cfg.pull_modes.parallel_pull_unpack;
+        if !p.enable && !p.experimental_parallel_pull_as_fallback {
+            // Upstream's sequential fallback: each layer is pulled at its own Prepare.
+            return;
+        }
         let upcoming: Vec<&str> = labels
             .get("containerd.io/snapshot/cri.image-layers")
             .map(|s| s.split(',').collect())
@@ -64,13 +71,10 @@ impl Remote {
                 }
                 map.entry(l.digest.clone()).or_default().clone()
             };
-            let (me, repo, layer, slots) = (self.clone(), repo.clone(), l.clone(), slots.clone());
+            let (me, repo, layer, limits) = (self.clone(), repo.clone(), l.clone(), limits.clone());
             tokio::spawn(async move {
                 let r = cell
-                    .get_or_init(|| async {
-                        let _permit = slots.acquire_owned().await.map_err(|e| e.to_string())?;
-                        me.download(&repo, &layer).await
-                    })
+                    .get_or_init(|| me.download(&repo, &layer, &limits))
                     .await;
                 if r.is_err() {
                     // Only a Prepare already waiting sees this failure; a later one downloads
@@ -80,46 +84,70 @@ impl Remote {
             });
         }
     }
-    /// Pulls a layer ahead of its Prepare: unpacked while it downloads (`parallel_pull_unpack`)
-    /// or downloaded to a temp file. Either way the blob's digest has matched on success.
+    /// Pulls and unpacks a layer into a staging directory (see the module docs); on success
+    /// the blob's size and digest have matched.
     pub(super) async fn download(
         &self,
         repo: &Repository,
         layer: &Descriptor,
+        img: &ImageLimits,
     ) -> Result<Arc<Fetched>, String> {
-        if self
-            .cfg
-            .pull_modes
-            .parallel_pull_unpack
-            .experimental_parallel_pull_as_fallback
-        {
-            return self.download_unpacking(repo, layer).await.map(Arc::new);
+        let closed = |e: tokio::sync::AcquireError| e.to_string();
+        let downloading = img.layers.clone().acquire_owned().await.map_err(closed)?;
+        let opts = self.limits.chunked(img);
+        let staged = Staged::new(&self.tmp_root)
+            .map_err(|e| format!("staging directory for layer {}: {e}", layer.digest))?;
+        if let Some(_unpacking) = self.limits.try_unpack(img) {
+            self.stream_unpack(repo, layer, &opts, &staged.0).await?;
+            return Ok(Arc::new(Fetched::Unpacked(staged)));
         }
+        // No unpack slot now: download to a temp file (removed on drop) meanwhile.
+        self.limits
+            .stats
+            .spooled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = tempfile::NamedTempFile::new_in(&self.tmp_root)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("temp file for layer {}: {e}", layer.digest))?
             .into_temp_path();
         let mut f = tokio::fs::File::create(&tmp)
             .await
-            .map_err(|e| e.to_string())?;
-        self.client
-            .get_blob_to(repo, layer, &mut f)
+            .map_err(|e| format!("temp file for layer {}: {e}", layer.digest))?;
+        let stats = self
+            .client
+            .get_blob_chunked_to(repo, layer, &opts, &mut f)
             .await
             .map_err(|e| e.to_string())?;
-        Ok(Arc::new(Fetched::File(tmp)))
+        self.limits.record(&stats);
+        drop((f, downloading));
+        let _unpacking = self.limits.unpack(img).await?;
+        let (path, dir, compression) = (
+            tmp.to_path_buf(),
+            staged.0.clone(),
+            layer_compression(&layer.media_type),
+        );
+        tokio::task::spawn_blocking(move || {
+            let file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
+            crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("unpacking layer {}: {e}", layer.digest))?;
+        Ok(Arc::new(Fetched::Unpacked(staged)))
     }
 
-    /// Streams a layer blob into the unpacker: bytes are hashed as they arrive and unpacked
-    /// into a staging directory on a blocking thread; the result is used only if the digest
-    /// of the whole blob matched.
-    async fn download_unpacking(
+    /// Streams a layer blob into the unpacker: chunks arrive in order, are hashed, and are
+    /// unpacked into `dir` on a blocking thread; the caller uses `dir` only on success (the
+    /// digest of the whole blob matched).
+    async fn stream_unpack(
         &self,
         repo: &Repository,
         layer: &Descriptor,
-    ) -> Result<Fetched, String> {
-        let staged = Staged::new(&self.tmp_root).map_err(|e| e.to_string())?;
+        opts: &soci_registry::ChunkedDownload,
+        dir: &Path,
+    ) -> Result<(), String> {
         let (mut tx, rx) = tokio::io::duplex(1 << 20);
         let compression = layer_compression(&layer.media_type);
-        let (dir, rt) = (staged.0.clone(), tokio::runtime::Handle::current());
+        let (dir, rt) = (dir.to_path_buf(), tokio::runtime::Handle::current());
         let unpacker = tokio::task::spawn_blocking(move || {
             let mut raw = BlockingRead { rt, r: rx };
             let n = crate::unpack::unpack(crate::unpack::decoder(&mut raw, compression)?, &dir)?;
@@ -127,13 +155,60 @@ impl Remote {
             std::io::copy(&mut raw, &mut std::io::sink())?;
             Ok::<u64, std::io::Error>(n)
         });
-        let fetched = self.client.get_blob_to(repo, layer, &mut tx).await;
+        let fetched = self
+            .client
+            .get_blob_chunked_to(repo, layer, opts, &mut tx)
+            .await;
         drop(tx);
         let unpacked = unpacker.await.map_err(|e| e.to_string())?;
-        fetched.map_err(|e| e.to_string())?;
+        let stats = fetched.map_err(|e| e.to_string())?;
+        self.limits.record(&stats);
         unpacked.map_err(|e| format!("unpacking layer {}: {e}", layer.digest))?;
-        Ok(Fetched::Unpacked(staged))
+        Ok(())
     }
+
+    /// Plans a full pull of a layer of an image not served lazily (parallel pull mode, or no
+    /// usable SOCI index: `reason`) and starts pulling the coming layers of the image.
+    pub(super) async fn plan_full(
+        self: &Arc<Self>,
+        r: &Reference,
+        labels: &BTreeMap<String, String>,
+        layer_digest: &Digest,
+        reason: Option<soci_index::NoSoci>,
+    ) -> Result<super::LayerPlan, String> {
+        let key = format!(
+            "{r}@{}",
+            labels
+                .get(LABEL_MANIFEST_DIGEST)
+                .map(String::as_str)
+                .unwrap_or("")
+        );
+        let list = self.layer_list(&key, self.fetch_layers(r, labels)).await?;
+        let layer = list
+            .layers
+            .iter()
+            .find(|l| &l.digest == layer_digest)
+            .cloned()
+            .ok_or_else(|| format!("layer {layer_digest} is not in image {r}"))?;
+        self.start_downloads(&r.repository, labels, &list.layers, &list.limits, |_| true);
+        Ok(super::LayerPlan::Full(r.repository.clone(), layer, reason))
+    }
+
+    /// Why a layer planned [`super::LayerPlan::Full`] without a discovery failure is pulled
+    /// in full (the `soci.fallback-reason` label).
+    pub fn full_reason(&self) -> &'static str {
+        if self.cfg.pull_modes.parallel_pull_unpack.enable {
+            "parallel_pull_unpack"
+        } else {
+            "layer_without_ztoc"
+        }
+    }
+
+    /// What full pulls did (for metrics).
+    pub fn pull_stats(&self) -> &super::PullStats {
+        &self.limits.stats
+    }
+
     /// Forgets a download not needed (the layer already exists).
     pub fn discard_download(&self, layer: &str) {
         if let Some(d) = Digest::parse(layer) {
@@ -186,35 +261,20 @@ impl Remote {
         repo: &Repository,
         layer: &Descriptor,
     ) -> Result<(), String> {
-        let compression = layer_compression(&layer.media_type);
-        // Started ahead by `start_downloads`, or fetched now.
+        // Started ahead by `start_downloads`, or fetched now (within the global limits only).
         let cell = attempt::cell(&self.downloads, &layer.digest);
         let file = cell
-            .get_or_init(|| self.download(repo, layer))
+            .get_or_init(|| async { self.download(repo, layer, &self.limits.image()).await })
             .await
             .clone();
         // Used up (or failed): the next Prepare of this layer starts afresh.
         attempt::forget(&self.downloads, &layer.digest, &cell);
         let digest = layer.digest.clone();
         let dir = fs_dir.to_path_buf();
-        match &*file? {
-            Fetched::Unpacked(staged) => {
-                // The snapshot's empty fs directory is replaced by the unpacked tree.
-                std::fs::rename(&staged.0, &dir)
-                    .map_err(|e| format!("moving unpacked layer {digest} into place: {e}"))?;
-            }
-            Fetched::File(tmp) => {
-                let path = tmp.to_path_buf();
-                tokio::task::spawn_blocking(move || {
-                    let file =
-                        std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
-                    crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir)
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("unpacking layer {digest}: {e}"))?;
-            }
-        }
+        let Fetched::Unpacked(staged) = &*file?;
+        // The snapshot's empty fs directory is replaced by the unpacked tree.
+        std::fs::rename(&staged.0, &dir)
+            .map_err(|e| format!("moving unpacked layer {digest} into place: {e}"))?;
         self.layers_full
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -223,9 +283,7 @@ impl Remote {
 
 /// A layer pulled ahead of its Prepare.
 pub(crate) enum Fetched {
-    /// The blob, in a temp file (removed on drop).
-    File(tempfile::TempPath),
-    /// Already unpacked into this staging directory.
+    /// Unpacked into this staging directory.
     Unpacked(Staged),
 }
 

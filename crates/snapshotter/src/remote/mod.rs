@@ -20,11 +20,16 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::holder::{Held, HolderClient};
+use soci_fs::metrics::op as UpOp;
 
 mod attempt;
 mod full_pull;
 mod health;
+mod observe;
+mod parallel;
 mod prefetch;
+
+pub use parallel::PullStats;
 
 pub use health::{BrokenLayer, PROBE_TIMEOUT};
 pub use prefetch::PrefetchState;
@@ -45,6 +50,8 @@ pub const LABEL_MODE: &str = "containerd.io/snapshot/soci.mode";
 pub const LABEL_REASON: &str = "containerd.io/snapshot/soci.fallback-reason";
 /// zTOC digest of a lazy layer.
 pub const LABEL_ZTOC: &str = "containerd.io/snapshot/soci.ztoc-digest";
+/// Upstream's (nerdctl `--soci-index-digest`): use this SOCI index instead of discovery.
+pub const LABEL_SOCI_INDEX_DIGEST: &str = "containerd.io/snapshot/remote/soci.index.digest";
 /// Marks a layer that could not be restored.
 pub const LABEL_BROKEN: &str = "containerd.io/snapshot/broken";
 
@@ -123,17 +130,13 @@ type Prepared = attempt::Cell<Result<PreparedLayer, String>>;
 /// unpacked into a staging directory.
 type Download = attempt::Cell<Result<Arc<full_pull::Fetched>, String>>;
 
-/// The layers of an image (for full pulls) and the downloads it may run at once.
+/// The layers of an image (for full pulls) and its download and unpack limits.
 struct ImageLayers {
     layers: Vec<Descriptor>,
-    slots: Arc<tokio::sync::Semaphore>,
+    limits: Arc<parallel::ImageLimits>,
 }
 
 type LayerList = attempt::Cell<Result<Arc<ImageLayers>, String>>;
-
-/// Downloads of one image that may run at once (upstream's
-/// `max_concurrent_downloads_per_image` default).
-const DOWNLOADS_PER_IMAGE: usize = 3;
 
 /// State of remote layers.
 pub struct Remote {
@@ -177,6 +180,8 @@ pub struct Remote {
     health: health::Health,
     /// Prefetch counters and bound.
     pub prefetch: prefetch::PrefetchState,
+    /// Full-pull limits (`[pull_modes.parallel_pull_unpack]`) and counters.
+    limits: parallel::PullLimits,
 }
 
 /// How one layer will be provided.
@@ -241,6 +246,7 @@ impl Remote {
             layers_full: Default::default(),
             health: Default::default(),
             prefetch: prefetch::PrefetchState::new(&cfg.prefetch),
+            limits: parallel::PullLimits::new(&cfg.pull_modes.parallel_pull_unpack),
         })
     }
 
@@ -249,12 +255,28 @@ impl Remote {
         self: &Arc<Self>,
         image_ref: &str,
         manifest: Option<&str>,
+        index_digest: Option<&str>,
     ) -> Result<Arc<SociImage>, NoSoci> {
-        let key = format!("{image_ref}@{}", manifest.unwrap_or(""));
+        let key = format!(
+            "{image_ref}@{} {}",
+            manifest.unwrap_or(""),
+            index_digest.unwrap_or("")
+        );
         let cell = attempt::cell(&self.images, &key);
         let result = cell
             .get_or_init(|| async {
-                if !self.cfg.pull_modes.soci_v2.enable {
+                let index_digest = index_digest
+                    .map(|d| {
+                        Digest::parse(d).ok_or_else(|| {
+                            NoSoci::CorruptIndex(
+                                d.into(),
+                                format!("invalid {LABEL_SOCI_INDEX_DIGEST} label"),
+                            )
+                        })
+                    })
+                    .transpose()?;
+                // As upstream, an index named by the client is used even with v1/v2 off.
+                if index_digest.is_none() && !self.cfg.pull_modes.soci_v2.enable {
                     return Err(NoSoci::NoIndex(
                         "SOCI v2 is disabled in the configuration".into(),
                     ));
@@ -262,9 +284,16 @@ impl Remote {
                 let r = Reference::parse(image_ref).map_err(NoSoci::Registry)?;
                 let opts = DiscoverOptions {
                     allow_v1: self.cfg.pull_modes.soci_v1.enable,
+                    index_digest,
                     ..Default::default()
                 };
+                let started = std::time::Instant::now();
                 let img = discover(&self.client, &r, &opts).await?;
+                self.observe(
+                    UpOp::SOCI_INDEX_FETCH,
+                    img.index_desc.digest.as_str(),
+                    started,
+                );
                 if let Some(m) = manifest {
                     if img.manifest_desc.digest.as_str() != m {
                         return Err(NoSoci::DigestMismatch(format!(
@@ -318,10 +347,14 @@ impl Remote {
             .and_then(|d| Digest::parse(d))
             .ok_or("no valid layer digest label")?;
         let r = Reference::parse(image_ref)?;
+        if self.cfg.pull_modes.parallel_pull_unpack.enable {
+            return self.plan_full(&r, labels, &layer_digest, None).await;
+        }
         match self
             .image(
                 image_ref,
                 labels.get(LABEL_MANIFEST_DIGEST).map(String::as_str),
+                labels.get(LABEL_SOCI_INDEX_DIGEST).map(String::as_str),
             )
             .await
         {
@@ -344,16 +377,16 @@ impl Remote {
                             .cloned()
                             .collect();
                         let key = format!("{image_ref}@{}", img.manifest_desc.digest);
-                        let slots = self
+                        let limits = self
                             .layer_list(&key, async { Ok(unindexed) })
                             .await?
-                            .slots
+                            .limits
                             .clone();
                         self.start_downloads(
                             &r.repository,
                             labels,
                             &img.manifest.layers,
-                            &slots,
+                            &limits,
                             |d| img.index.ztoc_for(d).is_none(),
                         );
                         Ok(LayerPlan::Full(r.repository, layer, None))
@@ -362,22 +395,8 @@ impl Remote {
             }
             Err(reason) => {
                 self.note_fallback(image_ref, &reason);
-                let key = format!(
-                    "{image_ref}@{}",
-                    labels
-                        .get(LABEL_MANIFEST_DIGEST)
-                        .map(String::as_str)
-                        .unwrap_or("")
-                );
-                let list = self.layer_list(&key, self.fetch_layers(&r, labels)).await?;
-                let layer = list
-                    .layers
-                    .iter()
-                    .find(|l| l.digest == layer_digest)
-                    .cloned()
-                    .ok_or_else(|| format!("layer {layer_digest} is not in image {r}"))?;
-                self.start_downloads(&r.repository, labels, &list.layers, &list.slots, |_| true);
-                Ok(LayerPlan::Full(r.repository, layer, Some(reason)))
+                self.plan_full(&r, labels, &layer_digest, Some(reason))
+                    .await
             }
         }
     }
@@ -422,10 +441,12 @@ impl Remote {
         layer: &Descriptor,
     ) -> Result<PreparedLayer, String> {
         attempt::run(&self.prepared, &ztoc.digest, async {
+            let started = std::time::Instant::now();
             let z = img
                 .fetch_ztoc(&self.client, ztoc, layer)
                 .await
                 .map_err(|e| e.to_string())?;
+            self.observe(UpOp::ZTOC_FETCH, layer.digest.as_str(), started);
             let spans = z
                 .spans()
                 .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
@@ -441,8 +462,8 @@ impl Remote {
         .await
     }
 
-    /// Mounts a layer lazily at `fs_dir` for snapshot `id`.
-    pub async fn mount_lazy(
+    /// Mounts a layer lazily at `fs_dir` for snapshot `id` (see `observe.rs`).
+    async fn mount_lazy_uncounted(
         &self,
         id: u64,
         fs_dir: &Path,
@@ -607,6 +628,7 @@ impl Remote {
 
     /// Unmounts the lazy layer of snapshot `id` (if any) and drops its span cache.
     pub fn release(&self, id: u64) {
+        self.metrics.upstream.unmounted(&id.to_string());
         self.forget_health(id);
         self.unhold(id);
         if let Some(m) = self.mounts.lock().expect("mounts").remove(&id) {
