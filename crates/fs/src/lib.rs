@@ -12,10 +12,11 @@ mod mount;
 mod spans;
 mod tree;
 
+pub use fuse::LayerFs;
 pub use kernel::Session;
 pub use mount::{mount, resume, MountedLayer, Served};
 pub use spans::{
     BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, Priority, RangeReader, ReadFuture,
     SpanConfig, SpanManager, LATENCY_BUCKETS_MS, POISONED_SPAN_TTL,
 };
-pub use tree::{LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};
+pub use tree::{Children, LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};
