@@ -474,3 +474,7 @@ pub(crate) fn serve(fs: Arc<LayerFs>, ch: Arc<Channel>, stop: OwnedFd) {
 #[cfg(test)]
 #[path = "fuse_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "fuse_ops_tests.rs"]
+mod ops_tests;
