@@ -72,7 +72,11 @@ pub(crate) fn fixture(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (L
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(typ);
         h.set_size(body.len() as u64);
-        h.set_mode(if typ == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        h.set_mode(if typ == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
         if let Some(l) = link {
             h.set_link_name(l).unwrap();
         }
@@ -157,7 +161,11 @@ impl Env {
         assert!(r.len() <= 1, "at most one reply per request");
         let r = r.pop()?;
         let (h, payload) = fuse_out_header::read_from_prefix(&r).unwrap();
-        assert_eq!((h.len as usize, h.unique), (r.len(), 77), "header of {opcode}");
+        assert_eq!(
+            (h.len as usize, h.unique),
+            (r.len(), 77),
+            "header of {opcode}"
+        );
         Some((h.error, payload.to_vec()))
     }
 
@@ -198,26 +206,108 @@ fn xattr_in(size: u32, name: Option<&str>) -> Vec<u8> {
 #[test]
 fn errors_per_opcode() {
     let e = Env::new();
-    let (f, d, l) = (e.ino(ROOT_INO, "f"), e.ino(ROOT_INO, "d"), e.ino(ROOT_INO, "l"));
+    let (f, d, l) = (
+        e.ino(ROOT_INO, "f"),
+        e.ino(ROOT_INO, "d"),
+        e.ino(ROOT_INO, "l"),
+    );
     let open = fuse_open_in::default();
     let cases: &[(&str, u32, u64, Vec<u8>, i32)] = &[
-        ("lookup missing", op::LOOKUP, ROOT_INO, b"nope\0".to_vec(), libc::ENOENT),
-        ("lookup whited out", op::LOOKUP, ROOT_INO, b".wh.gone\0".to_vec(), libc::ENOENT),
-        ("lookup under a file", op::LOOKUP, f, b"x\0".to_vec(), libc::ENOTDIR),
-        ("getattr of no inode", op::GETATTR, 9999, vec![0; 16], libc::ENOENT),
-        ("getattr of inode 0", op::GETATTR, 0, vec![0; 16], libc::ENOENT),
+        (
+            "lookup missing",
+            op::LOOKUP,
+            ROOT_INO,
+            b"nope\0".to_vec(),
+            libc::ENOENT,
+        ),
+        (
+            "lookup whited out",
+            op::LOOKUP,
+            ROOT_INO,
+            b".wh.gone\0".to_vec(),
+            libc::ENOENT,
+        ),
+        (
+            "lookup under a file",
+            op::LOOKUP,
+            f,
+            b"x\0".to_vec(),
+            libc::ENOTDIR,
+        ),
+        (
+            "getattr of no inode",
+            op::GETATTR,
+            9999,
+            vec![0; 16],
+            libc::ENOENT,
+        ),
+        (
+            "getattr of inode 0",
+            op::GETATTR,
+            0,
+            vec![0; 16],
+            libc::ENOENT,
+        ),
         ("readlink of a file", op::READLINK, f, vec![], libc::EINVAL),
-        ("open a directory", op::OPEN, d, open.as_bytes().to_vec(), libc::EISDIR),
-        ("opendir a file", op::OPENDIR, f, open.as_bytes().to_vec(), libc::ENOTDIR),
-        ("readdir a file", op::READDIR, f, read_in(0, 4096), libc::ENOTDIR),
-        ("readdirplus a symlink", op::READDIRPLUS, l, read_in(0, 4096), libc::ENOTDIR),
-        ("read a directory", op::READ, d, read_in(0, 4096), libc::EISDIR),
-        ("read a symlink", op::READ, l, read_in(0, 4096), libc::EINVAL),
-        ("getxattr missing", op::GETXATTR, f, xattr_in(0, Some("user.x")), libc::ENODATA),
+        (
+            "open a directory",
+            op::OPEN,
+            d,
+            open.as_bytes().to_vec(),
+            libc::EISDIR,
+        ),
+        (
+            "opendir a file",
+            op::OPENDIR,
+            f,
+            open.as_bytes().to_vec(),
+            libc::ENOTDIR,
+        ),
+        (
+            "readdir a file",
+            op::READDIR,
+            f,
+            read_in(0, 4096),
+            libc::ENOTDIR,
+        ),
+        (
+            "readdirplus a symlink",
+            op::READDIRPLUS,
+            l,
+            read_in(0, 4096),
+            libc::ENOTDIR,
+        ),
+        (
+            "read a directory",
+            op::READ,
+            d,
+            read_in(0, 4096),
+            libc::EISDIR,
+        ),
+        (
+            "read a symlink",
+            op::READ,
+            l,
+            read_in(0, 4096),
+            libc::EINVAL,
+        ),
+        (
+            "getxattr missing",
+            op::GETXATTR,
+            f,
+            xattr_in(0, Some("user.x")),
+            libc::ENODATA,
+        ),
         ("unknown opcode", 4242, ROOT_INO, vec![], libc::ENOSYS),
         ("SETATTR (read-only fs)", 4, f, vec![0; 88], libc::ENOSYS),
         ("short read args", op::READ, f, vec![0; 8], libc::EIO),
-        ("lookup name without NUL", op::LOOKUP, ROOT_INO, b"f".to_vec(), libc::EIO),
+        (
+            "lookup name without NUL",
+            op::LOOKUP,
+            ROOT_INO,
+            b"f".to_vec(),
+            libc::EIO,
+        ),
     ];
     for (what, opcode, ino, args, errno) in cases {
         assert_eq!(e.errno(*opcode, *ino, args), *errno, "{what}");
@@ -230,7 +320,10 @@ fn metadata_replies() {
     let (f, l) = (e.ino(ROOT_INO, "f"), e.ino(ROOT_INO, "l"));
     let p = e.ok(op::LOOKUP, ROOT_INO, b"f\0");
     let entry = fuse_entry_out::read_from_bytes(&p).unwrap();
-    assert_eq!((entry.nodeid, entry.entry_valid, entry.attr_valid), (f, 1, 1));
+    assert_eq!(
+        (entry.nodeid, entry.entry_valid, entry.attr_valid),
+        (f, 1, 1)
+    );
     assert_eq!(entry.attr.size, e.data.len() as u64);
     assert_eq!(entry.attr.mode, libc::S_IFREG | 0o644);
     assert_eq!(entry.attr.blksize, 4096);
@@ -242,7 +335,10 @@ fn metadata_replies() {
 
     let p = e.ok(op::OPEN, f, fuse_open_in::default().as_bytes());
     let o = fuse_open_out::read_from_bytes(&p).unwrap();
-    assert_eq!((o.open_flags, o.backing_id), (crate::kernel::FOPEN_KEEP_CACHE, 0));
+    assert_eq!(
+        (o.open_flags, o.backing_id),
+        (crate::kernel::FOPEN_KEEP_CACHE, 0)
+    );
 
     let p = e.ok(op::STATFS, ROOT_INO, &[]);
     let s = fuse_statfs_out::read_from_bytes(&p).unwrap();
@@ -260,9 +356,18 @@ fn read_ranges() {
     let e = Env::new();
     let f = e.ino(ROOT_INO, "f");
     assert_eq!(e.ok(op::READ, f, &read_in(0, 4096)), &e.data[..4096]);
-    assert_eq!(e.ok(op::READ, f, &read_in(70_000, 131_072)), &e.data[70_000..]);
-    assert!(e.ok(op::READ, f, &read_in(100_000, 4096)).is_empty(), "at EOF");
-    assert!(e.ok(op::READ, f, &read_in(u64::MAX, 4096)).is_empty(), "past EOF");
+    assert_eq!(
+        e.ok(op::READ, f, &read_in(70_000, 131_072)),
+        &e.data[70_000..]
+    );
+    assert!(
+        e.ok(op::READ, f, &read_in(100_000, 4096)).is_empty(),
+        "at EOF"
+    );
+    assert!(
+        e.ok(op::READ, f, &read_in(u64::MAX, 4096)).is_empty(),
+        "past EOF"
+    );
     assert!(e.ok(op::READ, f, &read_in(0, 0)).is_empty(), "size 0");
 }
 
@@ -280,8 +385,14 @@ fn xattr_size_probe_and_erange() {
     let probe = e.ok(op::LISTXATTR, o, &xattr_in(0, None));
     let need = fuse_getxattr_out::read_from_bytes(&probe).unwrap().size;
     assert_eq!(need as usize, list.len());
-    assert_eq!(e.errno(op::LISTXATTR, o, &xattr_in(need - 1, None)), libc::ERANGE);
-    assert_eq!(e.ok(op::LISTXATTR, o, &xattr_in(need, None)), list.as_bytes());
+    assert_eq!(
+        e.errno(op::LISTXATTR, o, &xattr_in(need - 1, None)),
+        libc::ERANGE
+    );
+    assert_eq!(
+        e.ok(op::LISTXATTR, o, &xattr_in(need, None)),
+        list.as_bytes()
+    );
     // No xattrs: the probe says 0 and an empty list fits any buffer.
     let f = e.ino(ROOT_INO, "f");
     let probe = e.ok(op::LISTXATTR, f, &xattr_in(0, None));
@@ -303,7 +414,10 @@ fn parse_dir(p: &[u8], plus: bool) -> Vec<(String, u64, u64, u32)> {
         let (d, r) = fuse_dirent::read_from_prefix(rest).unwrap();
         let name = String::from_utf8(r[..d.namelen as usize].to_vec()).unwrap();
         let size = fuse_dirent_size(d.namelen as usize) - size_of::<fuse_dirent>();
-        assert!(r[d.namelen as usize..size].iter().all(|&b| b == 0), "zero padding");
+        assert!(
+            r[d.namelen as usize..size].iter().all(|&b| b == 0),
+            "zero padding"
+        );
         out.push((name, d.off, d.ino, d.r#type));
         rest = &r[size..];
     }
@@ -349,9 +463,20 @@ fn readdir_pages_resume_at_their_offsets() {
 fn forgets_and_interrupts_get_no_reply() {
     let e = Env::new();
     let f = e.ino(ROOT_INO, "f");
-    assert_eq!(e.call(op::FORGET, f, fuse_forget_in { nlookup: 1 }.as_bytes()), None);
-    let mut batch = fuse_batch_forget_in { count: 1, dummy: 0 }.as_bytes().to_vec();
-    batch.extend_from_slice(fuse_forget_one { nodeid: f, nlookup: 2 }.as_bytes());
+    assert_eq!(
+        e.call(op::FORGET, f, fuse_forget_in { nlookup: 1 }.as_bytes()),
+        None
+    );
+    let mut batch = fuse_batch_forget_in { count: 1, dummy: 0 }
+        .as_bytes()
+        .to_vec();
+    batch.extend_from_slice(
+        fuse_forget_one {
+            nodeid: f,
+            nlookup: 2,
+        }
+        .as_bytes(),
+    );
     assert_eq!(e.call(op::BATCH_FORGET, 0, &batch), None);
     assert_eq!(e.call(op::INTERRUPT, 0, &5u64.to_ne_bytes()), None);
     // Not even when malformed.
@@ -382,12 +507,27 @@ fn init_negotiation_through_the_dispatcher() {
     let out = fuse_init_out::read_from_bytes(&p).unwrap();
     assert_eq!((out.major, out.minor), (7, 40));
     assert_eq!(out.flags, super::INIT_WANTS.flags | init::INIT_EXT);
-    assert_eq!((out.max_write, out.max_pages, out.max_readahead), (MAX_WRITE, 256, 65536));
+    assert_eq!(
+        (out.max_write, out.max_pages, out.max_readahead),
+        (MAX_WRITE, 256, 65536)
+    );
     assert_eq!((out.flags2, out.max_stack_depth, out.time_gran), (0, 0, 1));
-    assert_eq!(e.fs.session.get(), Session { minor: 40, resend: true });
+    assert_eq!(
+        e.fs.session.get(),
+        Session {
+            minor: 40,
+            resend: true
+        }
+    );
     // A 7.31 kernel with the 16-byte struct and only ASYNC_READ.
     let p = e.ok(op::INIT, 0, &arg(31, init::ASYNC_READ, 0).as_bytes()[..16]);
     let out = fuse_init_out::read_from_bytes(&p).unwrap();
     assert_eq!((out.minor, out.flags), (31, init::ASYNC_READ));
-    assert_eq!(e.fs.session.get(), Session { minor: 31, resend: false });
+    assert_eq!(
+        e.fs.session.get(),
+        Session {
+            minor: 31,
+            resend: false
+        }
+    );
 }
