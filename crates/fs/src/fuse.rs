@@ -1,16 +1,15 @@
-//! The FUSE face of a layer: our own small server of the kernel protocol (see [`crate::kernel`]).
+//! The FUSE face of a layer: our own small server of the kernel protocol (see
+//! [`crate::kernel`] for the wire format and why no FUSE library is used).
 //!
-//! We speak the protocol ourselves rather than through a FUSE library because a session must
-//! be able to *resume*: a later daemon process takes over an already initialised `/dev/fuse`
-//! connection (kept open by the fd holder across the restart) and goes on answering requests
-//! without an INIT handshake, so running containers keep reading their files.
-//!
-//! One thread per mount reads requests; metadata is answered from memory on that thread, reads
-//! are handed to tokio tasks so the loop never waits on the network. Mounting, resuming and
+//! [`LayerFs::dispatch`] decodes one request and calls the handler of its opcode; handlers
+//! answer from the in-memory tree, or hand a READ to a tokio task that answers later, so the
+//! reader thread never waits on the network. Every answer goes through a [`ReplySink`]: the
+//! `/dev/fuse` [`Channel`] in production, a buffer in the tests. Mounting, resuming and
 //! stopping a session are in [`crate::mount`].
 
+use std::io::IoSlice;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,18 +17,27 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use tokio::runtime::Handle;
 use tracing::{debug, error, warn};
+use zerocopy::IntoBytes;
 
-use crate::kernel::{self, op, Attr, Reply, Request};
+use crate::kernel::abi::{
+    fuse_attr, fuse_attr_out, fuse_dirent, fuse_entry_out, fuse_getxattr_out, fuse_init_in,
+    fuse_kstatfs, fuse_open_out, fuse_read_in, fuse_statfs_out,
+};
+use crate::kernel::{self, op, out_header, DirBuf, Operation, Reply, ReplySink, Request, Session};
+use crate::mount::Served;
 use crate::spans::{FsMetrics, SpanManager};
 use crate::tree::{LayerTree, Node, NodeKind};
+
+mod state;
+pub(crate) use state::{InFlight, SessionState};
 
 /// Largest read we let the kernel ask for (with `FUSE_MAX_PAGES`).
 const MAX_PAGES: u16 = 256;
 /// `max_write` we announce; the request buffer must hold it plus headers.
-const MAX_WRITE: u32 = 128 * 1024;
+pub const MAX_WRITE: u32 = 128 * 1024;
 const BUF_SIZE: usize = MAX_WRITE as usize + 4096;
 /// What we ask of the kernel at INIT.
-const INIT_WANTS: kernel::InitWants = kernel::InitWants {
+pub const INIT_WANTS: kernel::InitWants = kernel::InitWants {
     flags: kernel::init::ASYNC_READ
         | kernel::init::DO_READDIRPLUS
         | kernel::init::READDIRPLUS_AUTO
@@ -47,13 +55,8 @@ pub(crate) struct Channel {
     pub(crate) fd: OwnedFd,
 }
 
-impl Channel {
-    fn send(&self, reply: &[u8]) {
-        self.send_parts(&[std::io::IoSlice::new(reply)]);
-    }
-
-    /// Writes one reply made of several parts (the kernel takes a reply in one write).
-    fn send_parts(&self, parts: &[std::io::IoSlice<'_>]) {
+impl ReplySink for Channel {
+    fn send(&self, parts: &[IoSlice<'_>]) {
         match nix::sys::uio::writev(&self.fd, parts) {
             Ok(_) => {}
             // The request was interrupted, or the filesystem is gone: nobody waits any more.
@@ -63,19 +66,32 @@ impl Channel {
     }
 }
 
+/// Sends one finished reply.
+fn send(sink: &dyn ReplySink, reply: &[u8]) {
+    sink.send(&[IoSlice::new(reply)]);
+}
+
+/// What a handler did with its request.
+enum Answer {
+    /// This reply, to be sent now.
+    Now(Vec<u8>),
+    /// A task answers later (READ), or the kernel expects no answer (FORGET, INTERRUPT).
+    Nothing,
+}
+
+type Handled = Result<Answer, i32>;
+
 /// A layer filesystem: answers FUSE requests from the tree and the span manager.
-pub(crate) struct LayerFs {
+pub struct LayerFs {
     pub(crate) tree: Arc<LayerTree>,
     pub(crate) spans: Arc<SpanManager>,
-    pub(crate) rt: Handle,
-    pub(crate) ttl: Duration,
-    pub(crate) metrics: Arc<FsMetrics>,
-    /// Negotiated protocol minor version (0 until INIT).
-    pub(crate) minor: AtomicU32,
-    /// Whether the kernel can resend requests taken but not answered (set at INIT).
-    pub(crate) resend: AtomicBool,
+    rt: Handle,
+    ttl: Duration,
+    metrics: Arc<FsMetrics>,
+    /// Negotiated protocol state, and a wait for the INIT that sets it.
+    pub(crate) session: SessionState,
     /// Reads handed to tokio and not answered yet.
-    pub(crate) inflight: Arc<AtomicUsize>,
+    pub(crate) inflight: Arc<InFlight>,
     /// Requests received with the resend bit.
     pub(crate) resent: AtomicUsize,
 }
@@ -92,48 +108,68 @@ fn mode(n: &Node) -> u32 {
     t | u32::from(n.perm)
 }
 
-fn attr(ino: u64, n: &Node) -> Attr {
-    Attr {
+fn attr(ino: u64, n: &Node) -> fuse_attr {
+    let (s, ns) = n.mtime;
+    fuse_attr {
         ino,
         size: n.size,
         blocks: n.size.div_ceil(512),
-        time: n.mtime,
+        atime: s as u64,
+        mtime: s as u64,
+        ctime: s as u64,
+        atimensec: ns,
+        mtimensec: ns,
+        ctimensec: ns,
         mode: mode(n),
         nlink: n.nlink,
         uid: n.uid,
         gid: n.gid,
         rdev: n.rdev,
+        blksize: 4096,
+        flags: 0,
     }
 }
 
-/// Answer to a GETXATTR/LISTXATTR of `data` for a caller buffer of `size`.
-fn xattr_reply(unique: u64, data: &[u8], size: u32) -> Vec<u8> {
+/// Answer to a GETXATTR/LISTXATTR of `data` for a caller buffer of `size`: the needed size
+/// for a probe (`size` 0), `ERANGE` if it does not fit, else the bytes.
+fn xattr_reply(unique: u64, data: &[u8], size: u32) -> Handled {
     if size == 0 {
-        let mut r = Reply::ok(unique);
-        r.u32(data.len() as u32).u32(0);
-        r.finish()
+        let out = fuse_getxattr_out {
+            size: data.len() as u32,
+            padding: 0,
+        };
+        Ok(Answer::Now(Reply::with(unique, &out).finish()))
     } else if data.len() > size as usize {
-        Reply::error(unique, libc::ERANGE)
+        Err(libc::ERANGE)
     } else {
         let mut r = Reply::ok(unique);
         r.bytes(data);
-        r.finish()
+        Ok(Answer::Now(r.finish()))
     }
 }
 
 impl LayerFs {
-    /// Handles one request; replies through `ch` now or from a read task.
-    fn dispatch(&self, buf: &[u8], ch: &Arc<Channel>) {
+    /// A filesystem serving `served` on a connection in state `session` (default: waiting
+    /// for INIT).
+    pub fn new(served: Served, session: Session) -> LayerFs {
+        LayerFs {
+            tree: served.tree,
+            spans: served.spans,
+            rt: served.rt,
+            ttl: served.ttl,
+            metrics: served.metrics,
+            session: SessionState::new(session),
+            inflight: Arc::new(InFlight::default()),
+            resent: AtomicUsize::new(0),
+        }
+    }
+
+    /// Handles one request as read from `/dev/fuse`; replies through `sink` now, or from a
+    /// read task later. Requests that expect no reply get none.
+    pub fn dispatch(&self, buf: &[u8], sink: &Arc<dyn ReplySink>) {
         let req = match Request::parse(buf) {
             Ok(r) => r,
-            Err(_) => {
-                error!(len = buf.len(), "malformed FUSE request: EIO");
-                // Answer it if its id can be read, so its caller does not wait forever.
-                if let Some(unique) = buf.get(8..16).and_then(|b| b.try_into().ok()) {
-                    ch.send(&Reply::error(u64::from_le_bytes(unique), libc::EIO));
-                }
-                return;
-            }
+            Err(_) => return self.malformed(buf, &**sink),
         };
         let unique = req.header.unique;
         if req.header.is_resend() {
@@ -144,126 +180,89 @@ impl LayerFs {
                 "answering a request the kernel sent again (an earlier daemon took it)"
             );
         }
-        let reply = match self.answer(&req, ch) {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(errno) => Reply::error(unique, errno),
-        };
-        ch.send(&reply);
+        let expects_reply = req.op.expects_reply();
+        match self.handle(&req, sink) {
+            Ok(Answer::Now(reply)) => send(&**sink, &reply),
+            Ok(Answer::Nothing) => {}
+            Err(errno) if expects_reply => send(&**sink, &Reply::error(unique, errno)),
+            Err(_) => {}
+        }
     }
 
-    /// The reply to `req`, `None` if there is none now (no reply expected, or a read task
-    /// answers later), or an errno.
-    fn answer(&self, req: &Request, ch: &Arc<Channel>) -> Result<Option<Vec<u8>>, i32> {
-        let h = req.header;
-        let bad = |_| libc::EINVAL;
-        let node = |ino: u64| self.tree.get(ino).ok_or(libc::ENOENT);
-        let mut r = Reply::ok(h.unique);
-        match h.opcode {
-            op::INIT => return self.init(req).map(Some),
-            op::LOOKUP => {
-                let name = req.name().map_err(bad)?;
-                let ino = self.tree.lookup(h.nodeid, name).ok_or(libc::ENOENT)?;
-                r.entry(&attr(ino, node(ino)?), self.ttl);
+    /// A request that cannot be decoded is answered EIO if its id can be read and its opcode
+    /// expects a reply, so its caller does not wait forever.
+    fn malformed(&self, buf: &[u8], sink: &dyn ReplySink) {
+        error!(len = buf.len(), "malformed FUSE request: EIO");
+        let word = |at: usize| buf.get(at..at + 4).and_then(|b| b.try_into().ok());
+        let opcode = word(4).map(u32::from_ne_bytes);
+        if matches!(
+            opcode,
+            Some(op::FORGET | op::BATCH_FORGET | op::INTERRUPT) | None
+        ) {
+            return;
+        }
+        if let Some(unique) = buf.get(8..16).and_then(|b| b.try_into().ok()) {
+            send(sink, &Reply::error(u64::from_ne_bytes(unique), libc::EIO));
+        }
+    }
+
+    /// One handler per opcode.
+    fn handle(&self, req: &Request, sink: &Arc<dyn ReplySink>) -> Handled {
+        let (unique, ino) = (req.header.unique, req.header.nodeid);
+        let done = |r: Reply| Ok(Answer::Now(r.finish()));
+        match &req.op {
+            Operation::Init { arg } => self.init(unique, arg),
+            Operation::Lookup { name } => self.lookup(unique, ino, name),
+            Operation::Getattr { .. } => self.getattr(unique, ino),
+            Operation::Readlink => self.readlink(unique, ino),
+            Operation::Open { .. } => self.open(unique, ino),
+            Operation::Opendir { .. } => self.opendir(unique, ino),
+            Operation::Read { arg } => self.read(unique, ino, arg, sink),
+            Operation::Readdir { arg } => self.readdir(unique, ino, arg, false),
+            Operation::Readdirplus { arg } => self.readdir(unique, ino, arg, true),
+            Operation::Getxattr { arg, name } => {
+                let v = self.node(ino)?.xattrs.get(*name).ok_or(libc::ENODATA)?;
+                xattr_reply(unique, v, arg.size)
             }
-            op::GETATTR => {
-                r.attr_out(&attr(h.nodeid, node(h.nodeid)?), self.ttl);
-            }
-            op::READLINK => {
-                let n = node(h.nodeid)?;
-                if n.kind != NodeKind::Symlink {
-                    return Err(libc::EINVAL);
-                }
-                r.bytes(&n.link);
-            }
-            op::OPEN => {
-                // Layer contents never change: let the kernel keep its page cache.
-                let flags = match node(h.nodeid)?.kind {
-                    NodeKind::File => kernel::FOPEN_KEEP_CACHE,
-                    NodeKind::Dir => return Err(libc::EISDIR),
-                    _ => 0,
-                };
-                r.u64(0).u32(flags).u32(0);
-            }
-            op::OPENDIR => {
-                if node(h.nodeid)?.kind != NodeKind::Dir {
-                    return Err(libc::ENOTDIR);
-                }
-                r.u64(0)
-                    .u32(kernel::FOPEN_KEEP_CACHE | kernel::FOPEN_CACHE_DIR)
-                    .u32(0);
-            }
-            op::READ => {
-                let (offset, size) = req.read_args().map_err(bad)?;
-                self.read(h.unique, h.nodeid, offset, size, ch)?;
-                return Ok(None);
-            }
-            op::READDIR | op::READDIRPLUS => {
-                let (offset, size) = req.read_args().map_err(bad)?;
-                let n = node(h.nodeid)?;
-                if n.kind != NodeKind::Dir {
-                    return Err(libc::ENOTDIR);
-                }
-                let max = size as usize;
-                let dots = [(h.nodeid, &b"."[..]), (n.parent, &b".."[..])];
-                let children = n.children.iter().map(|(name, &c)| (c, name.as_slice()));
-                for (i, (child, name)) in dots
-                    .into_iter()
-                    .chain(children)
-                    .enumerate()
-                    .skip(offset as usize)
-                {
-                    let Some(cn) = self.tree.get(child) else {
-                        continue;
-                    };
-                    let a = attr(child, cn);
-                    let off = (i + 1) as u64;
-                    let fits = if h.opcode == op::READDIRPLUS {
-                        r.direntplus(max, &a, off, name, self.ttl)
-                    } else {
-                        r.dirent(max, child, off, (a.mode & libc::S_IFMT) >> 12, name)
-                    };
-                    if !fits {
-                        break;
-                    }
-                }
-            }
-            op::GETXATTR => {
-                let (size, rest) = req.xattr_args().map_err(bad)?;
-                let name = kernel::cstr(rest).map_err(bad)?;
-                let v = node(h.nodeid)?.xattrs.get(name).ok_or(libc::ENODATA)?;
-                return Ok(Some(xattr_reply(h.unique, v, size)));
-            }
-            op::LISTXATTR => {
-                let (size, _) = req.xattr_args().map_err(bad)?;
+            Operation::Listxattr { arg } => {
                 let mut list = Vec::new();
-                for k in node(h.nodeid)?.xattrs.keys() {
+                for k in self.node(ino)?.xattrs.keys() {
                     list.extend_from_slice(k);
                     list.push(0);
                 }
-                return Ok(Some(xattr_reply(h.unique, &list, size)));
+                xattr_reply(unique, &list, arg.size)
             }
-            op::STATFS => {
-                let blocks = self.tree.total_file_bytes.div_ceil(4096);
-                r.u64(blocks)
-                    .u64(0)
-                    .u64(0)
-                    .u64(self.tree.len() as u64)
-                    .u64(0);
-                r.u32(4096).u32(255).u32(4096).u32(0);
-                r.bytes(&[0; 24]);
-            }
-            op::RELEASE | op::RELEASEDIR | op::FLUSH | op::DESTROY => {}
+            Operation::Statfs => self.statfs(unique),
+            Operation::Release { .. }
+            | Operation::Releasedir { .. }
+            | Operation::Flush { .. }
+            | Operation::Destroy => done(Reply::ok(unique)),
             // No reply expected; the tree is static, so lookup counts do not matter.
-            op::FORGET | op::BATCH_FORGET | op::INTERRUPT => return Ok(None),
-            _ => return Err(libc::ENOSYS),
+            Operation::Forget { .. }
+            | Operation::BatchForget { .. }
+            | Operation::Interrupt { .. } => Ok(Answer::Nothing),
+            Operation::Unknown { .. } => Err(libc::ENOSYS),
         }
-        Ok(Some(r.finish()))
     }
 
-    fn init(&self, req: &Request) -> Result<Vec<u8>, i32> {
-        let init = req.init_args().map_err(|_| libc::EINVAL)?;
-        let (out, session) = init.negotiate(&INIT_WANTS).map_err(|v| {
+    fn node(&self, ino: u64) -> Result<&Node, i32> {
+        self.tree.get(ino).ok_or(libc::ENOENT)
+    }
+
+    fn entry_out(&self, ino: u64, n: &Node) -> fuse_entry_out {
+        fuse_entry_out {
+            nodeid: ino,
+            generation: 0,
+            entry_valid: self.ttl.as_secs(),
+            attr_valid: self.ttl.as_secs(),
+            entry_valid_nsec: self.ttl.subsec_nanos(),
+            attr_valid_nsec: self.ttl.subsec_nanos(),
+            attr: attr(ino, n),
+        }
+    }
+
+    fn init(&self, unique: u64, arg: &fuse_init_in) -> Handled {
+        let (out, session) = kernel::negotiate(arg, &INIT_WANTS).map_err(|v| {
             error!(
                 major = v.major,
                 minor = v.minor,
@@ -271,40 +270,152 @@ impl LayerFs {
             );
             libc::EPROTO
         })?;
-        let mut r = Reply::ok(req.header.unique);
-        out.encode(&mut r);
-        self.resend.store(session.resend, Ordering::Release);
-        self.minor.store(session.minor, Ordering::Release);
         debug!(
-            kernel_minor = init.minor,
+            kernel_minor = arg.minor,
             minor = session.minor,
             resend = session.resend,
             flags = out.flags,
             "FUSE session initialised"
         );
-        Ok(r.finish())
+        let reply = Reply::with(unique, &out).finish();
+        // Recorded before the reply goes out: whoever waits for INIT sees the session.
+        self.session.set(session);
+        Ok(Answer::Now(reply))
+    }
+
+    fn lookup(&self, unique: u64, parent: u64, name: &[u8]) -> Handled {
+        let p = self.node(parent)?;
+        if p.kind != NodeKind::Dir {
+            return Err(libc::ENOTDIR);
+        }
+        let ino = p.children.get(name).ok_or(libc::ENOENT)?;
+        let out = self.entry_out(ino, self.node(ino)?);
+        Ok(Answer::Now(Reply::with(unique, &out).finish()))
+    }
+
+    fn getattr(&self, unique: u64, ino: u64) -> Handled {
+        let out = fuse_attr_out {
+            attr_valid: self.ttl.as_secs(),
+            attr_valid_nsec: self.ttl.subsec_nanos(),
+            dummy: 0,
+            attr: attr(ino, self.node(ino)?),
+        };
+        Ok(Answer::Now(Reply::with(unique, &out).finish()))
+    }
+
+    fn readlink(&self, unique: u64, ino: u64) -> Handled {
+        let n = self.node(ino)?;
+        if n.kind != NodeKind::Symlink {
+            return Err(libc::EINVAL);
+        }
+        let mut r = Reply::ok(unique);
+        r.bytes(&n.link);
+        Ok(Answer::Now(r.finish()))
+    }
+
+    fn open(&self, unique: u64, ino: u64) -> Handled {
+        // Layer contents never change: let the kernel keep its page cache.
+        let open_flags = match self.node(ino)?.kind {
+            NodeKind::File => kernel::FOPEN_KEEP_CACHE,
+            NodeKind::Dir => return Err(libc::EISDIR),
+            _ => 0,
+        };
+        let out = fuse_open_out {
+            open_flags,
+            ..Default::default()
+        };
+        Ok(Answer::Now(Reply::with(unique, &out).finish()))
+    }
+
+    fn opendir(&self, unique: u64, ino: u64) -> Handled {
+        if self.node(ino)?.kind != NodeKind::Dir {
+            return Err(libc::ENOTDIR);
+        }
+        let out = fuse_open_out {
+            open_flags: kernel::FOPEN_KEEP_CACHE | kernel::FOPEN_CACHE_DIR,
+            ..Default::default()
+        };
+        Ok(Answer::Now(Reply::with(unique, &out).finish()))
+    }
+
+    /// READDIR(PLUS): entry `i` of `.`, `..`, then the children in name order carries offset
+    /// `i + 1`; a request at offset `o` starts at entry `o`, found by index (the tree's
+    /// [`crate::Children`] is a sorted slice), not by walking the entries before it.
+    fn readdir(&self, unique: u64, ino: u64, arg: &fuse_read_in, plus: bool) -> Handled {
+        let n = self.node(ino)?;
+        if n.kind != NodeKind::Dir {
+            return Err(libc::ENOTDIR);
+        }
+        let mut buf = DirBuf::new(unique, arg.size as usize);
+        // Offsets past the end (the kernel passes back what we gave, but a fuzzer need not)
+        // list nothing; below the end, entry numbers cannot overflow.
+        let start = match usize::try_from(arg.offset) {
+            Ok(s) if s < 2 + n.children.len() => s,
+            _ => return Ok(Answer::Now(buf.finish())),
+        };
+        let dots = [(&b"."[..], ino), (&b".."[..], n.parent)];
+        let entries = dots
+            .into_iter()
+            .skip(start)
+            .chain(n.children.from_index(start.saturating_sub(2)));
+        for (i, (name, child)) in (start..).zip(entries) {
+            let Some(cn) = self.tree.get(child) else {
+                continue;
+            };
+            let a = attr(child, cn);
+            let d = fuse_dirent {
+                ino: child,
+                off: i as u64 + 1,
+                namelen: 0,
+                r#type: (a.mode & libc::S_IFMT) >> 12,
+            };
+            let fits = if plus {
+                buf.direntplus(self.entry_out(child, cn), d, name)
+            } else {
+                buf.dirent(d, name)
+            };
+            if !fits {
+                break;
+            }
+        }
+        Ok(Answer::Now(buf.finish()))
+    }
+
+    fn statfs(&self, unique: u64) -> Handled {
+        let out = fuse_statfs_out {
+            st: fuse_kstatfs {
+                blocks: self.tree.total_file_bytes.div_ceil(4096),
+                files: self.tree.len() as u64,
+                bsize: 4096,
+                namelen: 255,
+                frsize: 4096,
+                ..Default::default()
+            },
+        };
+        Ok(Answer::Now(Reply::with(unique, &out).finish()))
     }
 
     fn read(
         &self,
         unique: u64,
         ino: u64,
-        offset: u64,
-        size: u32,
-        ch: &Arc<Channel>,
-    ) -> Result<(), i32> {
-        let n = self.tree.get(ino).ok_or(libc::ENOENT)?;
-        if n.kind != NodeKind::File {
-            return Err(libc::EINVAL);
+        arg: &fuse_read_in,
+        sink: &Arc<dyn ReplySink>,
+    ) -> Handled {
+        let n = self.node(ino)?;
+        match n.kind {
+            NodeKind::File => {}
+            NodeKind::Dir => return Err(libc::EISDIR),
+            _ => return Err(libc::EINVAL),
         }
+        let (offset, size) = (arg.offset, arg.size);
         if offset >= n.size || size == 0 {
-            ch.send(&Reply::ok(unique).finish());
-            return Ok(());
+            return Ok(Answer::Now(Reply::ok(unique).finish()));
         }
         let len = u64::from(size).min(n.size - offset);
         let range = n.offset + offset..n.offset + offset + len;
-        let (spans, metrics, ch) = (self.spans.clone(), self.metrics.clone(), ch.clone());
-        let inflight = InFlight::new(self.inflight.clone());
+        let (spans, metrics, sink) = (self.spans.clone(), self.metrics.clone(), sink.clone());
+        let inflight = self.inflight.enter();
         let started = Instant::now();
         self.rt.spawn(async move {
             let _inflight = inflight;
@@ -312,13 +423,13 @@ impl LayerFs {
             // blocks its caller and every reader of the page it fills.
             match tokio::spawn(async move { spans.read(range).await }).await {
                 Ok(Ok(data)) => {
-                    let header = Reply::header(unique, data.len());
-                    ch.send_parts(&[std::io::IoSlice::new(&header), std::io::IoSlice::new(&data)]);
+                    let header = out_header(unique, 0, data.len());
+                    sink.send(&[IoSlice::new(header.as_bytes()), IoSlice::new(&data)]);
                 }
                 Ok(Err(e)) => {
                     metrics.read_errors.fetch_add(1, Ordering::Relaxed);
                     error!(ino, offset, error = %e, "read failed: EIO");
-                    ch.send(&Reply::error(unique, libc::EIO));
+                    send(&*sink, &Reply::error(unique, libc::EIO));
                 }
                 // Cancelled: the runtime is shutting down; the kernel keeps the request for
                 // the next daemon (FUSE_NOTIFY_RESEND).
@@ -326,34 +437,19 @@ impl LayerFs {
                 Err(e) => {
                     metrics.read_errors.fetch_add(1, Ordering::Relaxed);
                     error!(ino, offset, error = %e, "read task panicked: EIO");
-                    ch.send(&Reply::error(unique, libc::EIO));
+                    send(&*sink, &Reply::error(unique, libc::EIO));
                 }
             }
             metrics.observe_read(started.elapsed());
         });
-        Ok(())
-    }
-}
-
-/// One read handed to a task, counted until the task ends (however it ends).
-struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn new(count: Arc<AtomicUsize>) -> InFlight {
-        count.fetch_add(1, Ordering::AcqRel);
-        InFlight(count)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        Ok(Answer::Nothing)
     }
 }
 
 /// Reads and dispatches requests until the connection ends or `stop` becomes readable.
 pub(crate) fn serve(fs: Arc<LayerFs>, ch: Arc<Channel>, stop: OwnedFd) {
     let mut buf = vec![0u8; BUF_SIZE];
+    let sink: Arc<dyn ReplySink> = ch.clone();
     loop {
         let mut fds = [
             PollFd::new(ch.fd.as_fd(), PollFlags::POLLIN),
@@ -372,7 +468,7 @@ pub(crate) fn serve(fs: Arc<LayerFs>, ch: Arc<Channel>, stop: OwnedFd) {
             return debug!(?rev, "FUSE connection closed");
         }
         match nix::unistd::read(&ch.fd, &mut buf) {
-            Ok(n) => fs.dispatch(&buf[..n], &ch),
+            Ok(n) => fs.dispatch(&buf[..n], &sink),
             Err(Errno::ENOENT) | Err(Errno::EINTR) | Err(Errno::EAGAIN) => continue,
             Err(Errno::ENODEV) => return debug!("FUSE filesystem unmounted"),
             Err(e) => return error!(error = %e, "reading /dev/fuse failed"),
@@ -383,3 +479,7 @@ pub(crate) fn serve(fs: Arc<LayerFs>, ch: Arc<Channel>, stop: OwnedFd) {
 #[cfg(test)]
 #[path = "fuse_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "fuse_ops_tests.rs"]
+mod ops_tests;

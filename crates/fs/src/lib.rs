@@ -13,6 +13,7 @@ mod mount;
 mod spans;
 mod tree;
 
+pub use fuse::LayerFs;
 pub use kernel::Session;
 pub use mount::{mount, resume, MountedLayer, Served};
 pub use spans::{
@@ -20,4 +21,4 @@ pub use spans::{
     ReadFuture, SpanConfig, SpanManager, LATENCY_BUCKETS_MS, MAX_PREFETCH_REQUEST_BYTES,
     POISONED_SPAN_TTL,
 };
-pub use tree::{LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};
+pub use tree::{Children, LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};

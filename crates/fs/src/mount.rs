@@ -8,10 +8,10 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -23,6 +23,17 @@ use crate::kernel::{self, Session};
 use crate::spans::{FsMetrics, SpanManager};
 use crate::tree::LayerTree;
 
+/// Where a mount is in its life: what dropping the [`MountedLayer`] still has to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    /// Serving; dropping unmounts.
+    Serving,
+    /// Left in place for the fd holder ([`MountedLayer::detach`]); dropping does nothing.
+    Detached,
+    /// Unmounted already ([`MountedLayer::unmount`]).
+    Unmounted,
+}
+
 /// A served layer mount. Dropping it unmounts; [`MountedLayer::detach`] leaves the mount and
 /// its connection to whoever else holds the `/dev/fuse` descriptor.
 pub struct MountedLayer {
@@ -31,6 +42,7 @@ pub struct MountedLayer {
     mountpoint: PathBuf,
     stop: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
+    state: Lifecycle,
 }
 
 impl MountedLayer {
@@ -46,15 +58,12 @@ impl MountedLayer {
 
     /// Negotiated FUSE protocol minor version.
     pub fn proto_minor(&self) -> u32 {
-        self.fs.minor.load(Ordering::Acquire)
+        self.fs.session.get().minor
     }
 
     /// The connection's protocol state, for the fd holder to give the next daemon.
     pub fn session(&self) -> Session {
-        Session {
-            minor: self.proto_minor(),
-            resend: self.fs.resend.load(Ordering::Acquire),
-        }
+        self.fs.session.get()
     }
 
     /// Requests answered that the kernel had sent again (taken by an earlier daemon).
@@ -79,6 +88,7 @@ impl MountedLayer {
     }
 
     fn do_unmount(&mut self) -> std::io::Result<()> {
+        self.state = Lifecycle::Unmounted;
         let r = match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
             Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
             Err(Errno::EBUSY) => {
@@ -98,19 +108,20 @@ impl MountedLayer {
     /// wait in the kernel for whoever holds the connection next ([`resume`]).
     pub fn detach(mut self, wait: Duration) {
         self.stop_loop();
-        let deadline = Instant::now() + wait;
-        while self.fs.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+        if !self.fs.inflight.wait_idle(wait) {
+            warn!(
+                mountpoint = %self.mountpoint.display(),
+                "reads still in flight at detach: the next daemon gets them again by resend"
+            );
         }
         self.fs.spans.close();
-        // Nothing left to do on drop.
-        self.mountpoint = PathBuf::new();
+        self.state = Lifecycle::Detached;
     }
 }
 
 impl Drop for MountedLayer {
     fn drop(&mut self) {
-        if self.mountpoint.as_os_str().is_empty() {
+        if self.state != Lifecycle::Serving {
             return;
         }
         if let Err(e) = self.do_unmount() {
@@ -118,6 +129,9 @@ impl Drop for MountedLayer {
         }
     }
 }
+
+/// How long a new mount waits for the kernel's INIT.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What serves a layer: its tree, spans and where reads run.
 pub struct Served {
@@ -139,17 +153,7 @@ fn start(
     mountpoint: &Path,
     session: Session,
 ) -> std::io::Result<MountedLayer> {
-    let fs = Arc::new(LayerFs {
-        tree: served.tree,
-        spans: served.spans,
-        rt: served.rt,
-        ttl: served.ttl,
-        metrics: served.metrics,
-        minor: AtomicU32::new(session.minor),
-        resend: AtomicBool::new(session.resend),
-        inflight: Arc::new(AtomicUsize::new(0)),
-        resent: AtomicUsize::new(0),
-    });
+    let fs = Arc::new(LayerFs::new(served, session));
     let ch = Arc::new(Channel { fd });
     let (stop_r, stop_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (fs2, ch2) = (fs.clone(), ch.clone());
@@ -162,6 +166,7 @@ fn start(
         mountpoint: mountpoint.to_path_buf(),
         stop: Some(stop_w),
         thread: Some(thread),
+        state: Lifecycle::Serving,
     })
 }
 
@@ -189,13 +194,12 @@ pub fn mount(served: Served, mountpoint: &Path) -> std::io::Result<MountedLayer>
         Some(opts.as_str()),
     )?;
     let m = start(served, fd, mountpoint, Session::default())?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while m.proto_minor() == 0 {
-        if Instant::now() > deadline {
-            drop(m);
-            return Err(std::io::Error::other("the kernel sent no FUSE INIT"));
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    if !m.fs.session.wait_init(INIT_TIMEOUT) {
+        drop(m);
+        return Err(std::io::Error::other(format!(
+            "the kernel sent no FUSE INIT for {} within {INIT_TIMEOUT:?}",
+            mountpoint.display()
+        )));
     }
     Ok(m)
 }

@@ -76,7 +76,47 @@ pub struct Node {
     /// Parent directory inode.
     pub parent: u64,
     /// Children by name (directories).
-    pub children: BTreeMap<Vec<u8>, u64>,
+    pub children: Children,
+}
+
+/// A directory's entries sorted by name: lookup is a binary search, and a listing resumes at
+/// an index (the READDIR offset) without walking the entries before it. Built once from the
+/// ordered map used while the tree is assembled; the tree never changes after that.
+#[derive(Debug, Clone, Default)]
+pub struct Children(Box<[(Vec<u8>, u64)]>);
+
+impl Children {
+    /// The inode of child `name`.
+    pub fn get(&self, name: &[u8]) -> Option<u64> {
+        self.0
+            .binary_search_by(|(n, _)| n.as_slice().cmp(name))
+            .ok()
+            .map(|i| self.0[i].1)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The entries from index `start` on, in name order (none if `start` is past the end).
+    pub fn from_index(&self, start: usize) -> impl Iterator<Item = (&[u8], u64)> {
+        self.0
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .map(|(n, i)| (n.as_slice(), *i))
+    }
+
+    /// All entries in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], u64)> {
+        self.from_index(0)
+    }
 }
 
 impl Node {
@@ -94,7 +134,7 @@ impl Node {
             xattrs: BTreeMap::new(),
             nlink: 2,
             parent,
-            children: BTreeMap::new(),
+            children: Children::default(),
         }
     }
 }
@@ -126,6 +166,84 @@ fn components(name: &[u8]) -> Result<Vec<&[u8]>, TreeError> {
     Ok(parts)
 }
 
+/// A tree being assembled: directory entries in ordered maps (cheap inserts and removals as
+/// later tar entries replace earlier ones), frozen into [`Children`] at the end.
+struct Build {
+    t: LayerTree,
+    /// Entries of inode `n` at `dirs[n - 1]` (empty for non-directories).
+    dirs: Vec<BTreeMap<Vec<u8>, u64>>,
+}
+
+impl std::ops::Deref for Build {
+    type Target = LayerTree;
+    fn deref(&self) -> &LayerTree {
+        &self.t
+    }
+}
+
+impl std::ops::DerefMut for Build {
+    fn deref_mut(&mut self) -> &mut LayerTree {
+        &mut self.t
+    }
+}
+
+impl Build {
+    fn push(&mut self, n: Node) -> u64 {
+        self.t.nodes.push(n);
+        self.dirs.push(BTreeMap::new());
+        self.t.nodes.len() as u64
+    }
+
+    fn children(&mut self, dir: u64) -> &mut BTreeMap<Vec<u8>, u64> {
+        &mut self.dirs[(dir - 1) as usize]
+    }
+
+    /// The tree, each directory's map turned into its sorted [`Children`].
+    fn finish(mut self) -> LayerTree {
+        for (n, map) in self.t.nodes.iter_mut().zip(self.dirs) {
+            n.children = Children(map.into_iter().collect());
+        }
+        self.t
+    }
+
+    fn remove_child(&mut self, parent: u64, name: &[u8]) {
+        if let Some(old) = self.children(parent).remove(name) {
+            let was_dir = self.node(old).kind == NodeKind::Dir;
+            let o = self.node_mut(old);
+            o.nlink = o.nlink.saturating_sub(1);
+            if was_dir {
+                let p = self.node_mut(parent);
+                p.nlink = p.nlink.saturating_sub(1);
+            }
+        }
+    }
+
+    fn ensure_dirs(&mut self, parts: &[&[u8]]) -> u64 {
+        let mut cur = ROOT_INO;
+        for p in parts {
+            cur = match self.dirs[(cur - 1) as usize].get(*p) {
+                Some(&c) if self.node(c).kind == NodeKind::Dir => c,
+                _ => {
+                    self.remove_child(cur, p);
+                    let ino = self.push(Node::dir(cur));
+                    self.children(cur).insert(p.to_vec(), ino);
+                    self.node_mut(cur).nlink += 1;
+                    ino
+                }
+            };
+        }
+        cur
+    }
+
+    fn lookup_path(&self, parts: &[&[u8]]) -> Option<u64> {
+        let mut cur = ROOT_INO;
+        for p in parts {
+            cur = *self.dirs[(cur - 1) as usize].get(*p)?;
+        }
+        Some(cur)
+    }
+}
+
 /// Largest number of entries accepted in one layer.
 pub const MAX_ENTRIES: usize = 4_000_000;
 
@@ -135,9 +253,12 @@ impl LayerTree {
         if z.entries.len() > MAX_ENTRIES {
             return Err(TreeError::TooManyEntries(MAX_ENTRIES));
         }
-        let mut t = LayerTree {
-            nodes: vec![Node::dir(ROOT_INO)],
-            total_file_bytes: 0,
+        let mut t = Build {
+            t: LayerTree {
+                nodes: vec![Node::dir(ROOT_INO)],
+                total_file_bytes: 0,
+            },
+            dirs: vec![BTreeMap::new()],
         };
         for e in &z.entries {
             let parts = components(&e.name)?;
@@ -171,7 +292,7 @@ impl LayerTree {
                 let ino =
                     ino.ok_or_else(|| TreeError::BadHardlink(lossy(&e.name), lossy(&e.linkname)))?;
                 t.remove_child(parent, name);
-                t.node_mut(parent).children.insert(name.to_vec(), ino);
+                t.dirs[(parent - 1) as usize].insert(name.to_vec(), ino);
                 t.node_mut(ino).nlink += 1;
                 // Like containerd's unpack: the link's header sets owner, mode and time of the
                 // shared inode.
@@ -192,7 +313,7 @@ impl LayerTree {
                 }
             };
             // A directory entry for an existing directory updates it in place.
-            if let Some(&existing) = t.node(parent).children.get(name) {
+            if let Some(&existing) = t.dirs[(parent - 1) as usize].get(name) {
                 if kind == NodeKind::Dir && t.node(existing).kind == NodeKind::Dir {
                     t.apply_meta(existing, e);
                     continue;
@@ -203,7 +324,7 @@ impl LayerTree {
             n.kind = kind;
             n.nlink = if kind == NodeKind::Dir { 2 } else { 1 };
             let ino = t.push(n);
-            t.node_mut(parent).children.insert(name.to_vec(), ino);
+            t.dirs[(parent - 1) as usize].insert(name.to_vec(), ino);
             if kind == NodeKind::Dir {
                 t.node_mut(parent).nlink += 1;
             }
@@ -220,7 +341,7 @@ impl LayerTree {
                 NodeKind::File => {
                     n.size = e.size;
                     n.offset = e.offset;
-                    t.total_file_bytes += e.size;
+                    t.t.total_file_bytes += e.size;
                 }
                 NodeKind::Symlink => {
                     n.link = e.linkname.clone();
@@ -233,7 +354,7 @@ impl LayerTree {
                 _ => {}
             }
         }
-        Ok(t)
+        Ok(t.finish())
     }
 
     fn apply_meta(&mut self, ino: u64, e: &soci_ztoc::TocEntry) {
@@ -245,48 +366,6 @@ impl LayerTree {
         for (k, v) in e.xattrs() {
             n.xattrs.insert(k.to_vec(), v.to_vec());
         }
-    }
-
-    fn push(&mut self, n: Node) -> u64 {
-        self.nodes.push(n);
-        self.nodes.len() as u64
-    }
-
-    fn remove_child(&mut self, parent: u64, name: &[u8]) {
-        if let Some(old) = self.node_mut(parent).children.remove(name) {
-            let was_dir = self.node(old).kind == NodeKind::Dir;
-            let o = self.node_mut(old);
-            o.nlink = o.nlink.saturating_sub(1);
-            if was_dir {
-                let p = self.node_mut(parent);
-                p.nlink = p.nlink.saturating_sub(1);
-            }
-        }
-    }
-
-    fn ensure_dirs(&mut self, parts: &[&[u8]]) -> u64 {
-        let mut cur = ROOT_INO;
-        for p in parts {
-            cur = match self.node(cur).children.get(*p) {
-                Some(&c) if self.node(c).kind == NodeKind::Dir => c,
-                _ => {
-                    self.remove_child(cur, p);
-                    let ino = self.push(Node::dir(cur));
-                    self.node_mut(cur).children.insert(p.to_vec(), ino);
-                    self.node_mut(cur).nlink += 1;
-                    ino
-                }
-            };
-        }
-        cur
-    }
-
-    fn lookup_path(&self, parts: &[&[u8]]) -> Option<u64> {
-        let mut cur = ROOT_INO;
-        for p in parts {
-            cur = *self.node(cur).children.get(*p)?;
-        }
-        Some(cur)
     }
 
     /// The node of an inode, if it exists.
@@ -304,7 +383,7 @@ impl LayerTree {
 
     /// Child `name` of directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<u64> {
-        self.get(parent)?.children.get(name).copied()
+        self.get(parent)?.children.get(name)
     }
 
     /// Number of inodes.

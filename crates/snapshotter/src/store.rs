@@ -201,7 +201,9 @@ impl MetaStore {
             s.kind = Kind::Committed;
             s.labels = labels;
             s.usage = Some(usage);
-            s.updated_ns = now_ns();
+            // A new snapshot, as upstream's metastore makes it: created now, updated == created.
+            s.created_ns = now_ns();
+            s.updated_ns = s.created_ns;
             t.remove(key)?;
             t.insert(name, serde_json::to_vec(&s)?.as_slice())?;
             s
