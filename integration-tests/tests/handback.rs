@@ -308,3 +308,74 @@ fn handback_corrupt_ztoc_and_failed_full_pull() {
     let log = daemon.log_text();
     assert!(log.contains("zTOC"), "{log}");
 }
+
+/// Upstream's meaning of `experimental_parallel_pull_as_fallback = false`: layers of an image
+/// without a SOCI index are not pulled by the daemon but handed to containerd (here rpull, which
+/// does what containerd's unpacker does), so their blobs land in containerd's content store and
+/// the image can be exported.
+#[test]
+fn handback_when_parallel_pull_fallback_is_disabled() {
+    let reg = Registry::start();
+    let tmp = tmpdir("handback-off");
+    let msg = "containerd pulled this unconverted image\n";
+    let repo = push_busybox_image(
+        &reg,
+        tmp.path(),
+        "handback-off",
+        data_entries(msg),
+        &["/bin/cat", "/data/msg"],
+    );
+    let image = format!("{repo}:v1");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let cfg = format!(
+        "metrics_address = \"{metrics}\"\n[pull_modes.parallel_pull_unpack]\nexperimental_parallel_pull_as_fallback = false\n"
+    );
+    let daemon = SociDaemon::start(&tmp.path().join("d"), &cfg);
+    assert!(
+        !daemon
+            .log_text()
+            .contains("experimental_parallel_pull_as_fallback"),
+        "no warning expected: the key means what it means upstream\n{}",
+        daemon.log_text()
+    );
+    let ctd = Containerd::start_with_soci(&daemon.socket);
+    let out = ctd.soci(&[
+        "-n",
+        "handback-off",
+        "image",
+        "rpull",
+        "--plain-http",
+        &image,
+    ]);
+    assert_eq!(
+        out.matches("handed back to containerd (fallback_disabled;after=no_index)")
+            .count(),
+        2,
+        "{out}\n{}",
+        daemon.log_text()
+    );
+    let id = format!("handback-off-{}", std::process::id());
+    let ran = ctd.ctr_ok(&[
+        "-n",
+        "handback-off",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "soci",
+        &image,
+        &id,
+    ]);
+    assert_eq!(ran, msg);
+    assert_eq!(handed_back(&metrics, "fallback_disabled"), 2);
+    // The layer blobs are in containerd's content store: export works.
+    let tar = tmp.path().join("export.tar");
+    ctd.ctr_ok(&[
+        "-n",
+        "handback-off",
+        "images",
+        "export",
+        tar.to_str().unwrap(),
+        &image,
+    ]);
+    assert!(fs::metadata(&tar).unwrap().len() > 1 << 20);
+}

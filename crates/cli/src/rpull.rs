@@ -751,7 +751,7 @@ async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Re
     if handed > 0 {
         println!(
             "handed back: {handed} of {} layers pulled by containerd itself (the snapshotter \
-             could not provide them)",
+             did not provide them)",
             manifest.layers.len()
         );
     }

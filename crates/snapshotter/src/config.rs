@@ -326,15 +326,6 @@ impl Config {
                     .to_string(),
             );
         }
-        if !p.enable && !p.experimental_parallel_pull_as_fallback {
-            notes.push(
-                "config key `pull_modes.parallel_pull_unpack.experimental_parallel_pull_as_fallback \
-                 = false`: upstream hands images without a SOCI index to containerd; soci-rs \
-                 still pulls their layers itself, one layer at a time at its Prepare, and their \
-                 blobs are not in containerd's content store"
-                    .to_string(),
-            );
-        }
         for (host, h) in &cfg.resolver.host {
             if h.mirrors.iter().any(|m| m.request_timeout_sec != 0) {
                 notes.push(format!(
@@ -447,11 +438,12 @@ mod tests {
             (-1, 1)
         );
         assert_eq!(p.chunk_size(), Ok(0));
+        // Upstream's meaning since hand-back exists: containerd pulls what is not lazy.
         assert!(
-            notes
+            !notes
                 .iter()
                 .any(|n| n.contains("experimental_parallel_pull_as_fallback")),
-            "explicit false differs from upstream: {notes:#?}"
+            "explicit false means what it means upstream: {notes:#?}"
         );
         assert!(!c.cri_keychain.enable_keychain);
         assert_eq!(

@@ -189,7 +189,7 @@ fn render_full_pulls(o: &mut String, st: &crate::remote::PullStats) {
 
 /// Layers the daemon could not provide and handed back to containerd, by reason.
 fn render_handed_back(o: &mut String, r: &crate::remote::Remote) {
-    let _ = writeln!(o, "# HELP soci_layers_handed_back_total Layers handed back to containerd to pull itself (the daemon could not provide them), by reason.\n# TYPE soci_layers_handed_back_total counter");
+    let _ = writeln!(o, "# HELP soci_layers_handed_back_total Layers handed back to containerd to pull itself (the daemon could not, or by config did not, provide them), by reason.\n# TYPE soci_layers_handed_back_total counter");
     let mut by_reason: std::collections::BTreeMap<&str, u64> = crate::service::HAND_BACK_REASONS
         .iter()
         .map(|c| (*c, 0))

@@ -22,11 +22,12 @@ use handback::Cause;
 pub use handback::HANDED_BACK;
 
 /// Reason labels of `soci_layers_handed_back_total`.
-pub const HAND_BACK_REASONS: [&str; 4] = [
+pub const HAND_BACK_REASONS: [&str; 5] = [
     Cause::ALL[0].label(),
     Cause::ALL[1].label(),
     Cause::ALL[2].label(),
     Cause::ALL[3].label(),
+    Cause::ALL[4].label(),
 ];
 
 /// Shared state of the snapshotter.
@@ -368,6 +369,30 @@ impl Service {
                     .await;
             }
         };
+        if let LayerPlan::Full(_, _, reason) = &plan {
+            if remote.full_pulls_go_to_containerd() {
+                // Upstream's meaning of `experimental_parallel_pull_as_fallback = false`.
+                let why = reason
+                    .as_ref()
+                    .map(|r| r.label())
+                    .unwrap_or("layer_without_ztoc");
+                let detail = format!(
+                    "layer for {target}: not lazy ({why}); \
+                     experimental_parallel_pull_as_fallback = false"
+                );
+                return self
+                    .hand_back(
+                        &remote,
+                        key,
+                        parent,
+                        labels,
+                        Cause::ContainerdPulls,
+                        Some(why),
+                        &detail,
+                    )
+                    .await;
+            }
+        }
         let (k, p, l) = (key.clone(), parent.clone(), labels.clone());
         let snap = self
             .blocking(move |s| {

@@ -48,7 +48,7 @@ impl Remote {
     ) {
         let p = &self.cfg.pull_modes.parallel_pull_unpack;
         if !p.enable && !p.experimental_parallel_pull_as_fallback {
-            // Upstream's sequential fallback: each layer is pulled at its own Prepare.
+            // Such layers are handed to containerd (see `full_pulls_go_to_containerd`).
             return;
         }
         let upcoming: Vec<&str> = labels
@@ -192,6 +192,13 @@ impl Remote {
             .ok_or_else(|| format!("layer {layer_digest} is not in image {r}"))?;
         self.start_downloads(&r.repository, labels, &list.layers, &list.limits, |_| true);
         Ok(super::LayerPlan::Full(r.repository.clone(), layer, reason))
+    }
+
+    /// Layers not served lazily are left to containerd (`experimental_parallel_pull_as_fallback
+    /// = false` without parallel pull mode, upstream's meaning) instead of pulled by the daemon.
+    pub fn full_pulls_go_to_containerd(&self) -> bool {
+        let p = &self.cfg.pull_modes.parallel_pull_unpack;
+        !p.enable && !p.experimental_parallel_pull_as_fallback
     }
 
     /// Why a layer planned [`super::LayerPlan::Full`] without a discovery failure is pulled

@@ -42,15 +42,19 @@ pub enum Cause {
     FullPull,
     /// The Prepare deadline passed.
     Deadline,
+    /// Not lazy, and `experimental_parallel_pull_as_fallback = false`: containerd pulls the
+    /// layer, as upstream does in that setting.
+    ContainerdPulls,
 }
 
 impl Cause {
     /// Every cause, for metrics that show zero counts.
-    pub const ALL: [Cause; 4] = [
+    pub const ALL: [Cause; 5] = [
         Cause::Auth,
         Cause::Registry,
         Cause::FullPull,
         Cause::Deadline,
+        Cause::ContainerdPulls,
     ];
 
     /// Short label for metrics and snapshot labels.
@@ -60,6 +64,7 @@ impl Cause {
             Cause::Registry => "registry",
             Cause::FullPull => "full_pull_failed",
             Cause::Deadline => "deadline",
+            Cause::ContainerdPulls => "fallback_disabled",
         }
     }
 
