@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use integration_tests::containerd::Containerd;
 use integration_tests::daemon::SociDaemon;
 use integration_tests::gate::{Gate, GateMode};
+use integration_tests::get_metrics;
 use integration_tests::image::{push_busybox_image, random_bytes, Entry};
 use integration_tests::registry::{free_port, Registry};
 use integration_tests::{bin, run};
@@ -68,16 +69,6 @@ fn setup(name: &str) -> Setup {
         daemon,
         ctd,
     }
-}
-
-fn get_metrics(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// Sum of every `soci_layers_broken{...}` series.

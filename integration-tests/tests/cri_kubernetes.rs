@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use integration_tests::cri::{self, Cri, CriOptions};
 use integration_tests::daemon::SociDaemon;
+use integration_tests::get_metrics;
 use integration_tests::image::{
     busybox_layer, push_busybox_image, random_bytes, Compression, Entry, Layer, LayoutWriter,
 };
@@ -91,16 +92,6 @@ fn cri_pulls_and_runs_converted_image_lazily_and_unconverted_by_full_pull() {
         )
         .unwrap();
     assert_eq!((out.code, out.log.trim()), (0, "8388608"));
-}
-
-fn get_metrics(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 fn metric(addr: &str, name: &str) -> u64 {

@@ -15,21 +15,12 @@ use integration_tests::containerd::Containerd;
 use integration_tests::cri::{self, Cri, CriOptions};
 use integration_tests::daemon::SociDaemon;
 use integration_tests::gate::{Gate, GateMode};
+use integration_tests::get_metrics;
 use integration_tests::image::{
     busybox_layer, push_busybox_image, random_bytes, Compression, Entry, Layer, LayoutWriter,
 };
 use integration_tests::registry::{free_port, Registry};
 use integration_tests::{bin, run};
-
-fn get_metrics(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
 
 /// The value of `soci_layers_handed_back_total{reason="<reason>"}`.
 fn handed_back(metrics_addr: &str, reason: &str) -> u64 {

@@ -4,6 +4,7 @@ use std::process::Command;
 
 use integration_tests::containerd::Containerd;
 use integration_tests::daemon::SociDaemon;
+use integration_tests::get_metrics;
 use integration_tests::image::{
     busybox_layer, push_busybox_image, random_bytes, Compression, Entry, Layer, LayoutWriter,
 };
@@ -107,16 +108,6 @@ fn metric(text: &str, name: &str) -> u64 {
         .and_then(|v| v.parse::<f64>().ok())
         .map(|v| v as u64)
         .unwrap_or(0)
-}
-
-fn get_metrics(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[test]

@@ -6,7 +6,6 @@
 //! store lacks afterwards (layer blobs: no export/push) is checked as documented.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::process::Command;
 
 use integration_tests::containerd::Containerd;
@@ -86,13 +85,7 @@ fn expected_output(name: &str) -> String {
 }
 
 fn scrape(addr: &str) -> BTreeMap<String, f64> {
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
+    let body = integration_tests::get_metrics(addr);
     body.lines()
         .filter(|l| !l.starts_with('#') && l.contains(' '))
         .filter_map(|l| {

@@ -4,7 +4,6 @@
 //! upstream's names, types and labels and plausible values.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::process::Command;
 
 use integration_tests::containerd::Containerd;
@@ -89,13 +88,7 @@ fn layer_and_index(reg: &Registry, name: &str, tag: &str) -> (Descriptor, String
 }
 
 fn scrape(addr: &str) -> (String, BTreeMap<String, f64>) {
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
+    let body = integration_tests::get_metrics(addr);
     let values = body
         .lines()
         .filter(|l| !l.starts_with('#') && l.contains(' '))
