@@ -91,7 +91,7 @@ fn notify_ready_with_socket_activation_and_upstream_config() {
         "http",
         "directory_cache",
         "fuse.entry_timeout",
-        "cri_keychain",
+        "kubeconfig_keychain",
     ] {
         let want = format!("config key `{key}` is not supported by soci-rs and is ignored");
         assert_eq!(
