@@ -595,6 +595,9 @@ impl HandedBack<'_> {
         };
         let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
         let produce = async {
+            // The sender lives in this future: when the fetch fails, dropping it ends the
+            // request stream, so containerd's Write (and `consume`) end too instead of waiting.
+            let tx = tx;
             let deadline = tokio::time::Instant::now() + LAYER_FETCH_DEADLINE;
             let mut blob = self
                 .client
