@@ -19,6 +19,7 @@ use containerd_client::services::v1::{
 use containerd_client::services::v1::{diff_client::DiffClient, ApplyRequest, InfoRequest};
 use containerd_client::types::Descriptor as CtdDescriptor;
 use sha2::{Digest as _, Sha256};
+use soci_index::labels as label;
 use soci_registry::oci::{is_index, is_manifest};
 use soci_registry::{ImageIndex, ImageManifest, Platform, Reference};
 use tonic::transport::Channel;
@@ -26,12 +27,6 @@ use tonic::{Code, Request};
 
 use crate::RegistryArgs;
 
-/// Snapshot labels set by soci-snapshotter-grpc.
-const LABEL_MODE: &str = "containerd.io/snapshot/soci.mode";
-const LABEL_REASON: &str = "containerd.io/snapshot/soci.fallback-reason";
-const LABEL_BROKEN: &str = "containerd.io/snapshot/broken";
-/// Prefix of `LABEL_REASON` on a layer the snapshotter handed back to containerd.
-const HANDED_BACK: &str = "handed_back:";
 /// Layer bytes per Content.Write message.
 const WRITE_CHUNK: usize = 1 << 20;
 /// Bound on fetching one handed-back layer from the registry.
@@ -381,27 +376,27 @@ async fn pull_with_lease(
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
     for (i, (layer, chain)) in manifest.layers.iter().zip(chains).enumerate() {
         let mut labels = HashMap::from([
-            ("containerd.io/snapshot.ref".to_string(), chain.clone()),
+            (label::TARGET.to_string(), chain.clone()),
             (
-                "containerd.io/snapshot/cri.image-ref".to_string(),
+                label::IMAGE_REF.to_string(),
                 r.to_string(),
             ),
             (
-                "containerd.io/snapshot/cri.manifest-digest".to_string(),
+                label::MANIFEST_DIGEST.to_string(),
                 mdesc.digest.to_string(),
             ),
             (
-                "containerd.io/snapshot/cri.layer-digest".to_string(),
+                label::LAYER_DIGEST.to_string(),
                 layer.digest.to_string(),
             ),
             (
-                "containerd.io/snapshot/cri.image-layers".to_string(),
+                label::IMAGE_LAYERS.to_string(),
                 layer_list[i..].join(","),
             ),
         ]);
         if let Some(d) = index_digest {
             labels.insert(
-                "containerd.io/snapshot/remote/soci.index.digest".to_string(),
+                label::SOCI_INDEX_DIGEST.to_string(),
                 d.to_string(),
             );
         }
@@ -715,11 +710,11 @@ async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Re
             .unwrap_or_default();
         let m = info
             .labels
-            .get(LABEL_MODE)
+            .get(label::MODE)
             .cloned()
             .unwrap_or_else(|| "overlayfs".into());
-        let why = info.labels.get(LABEL_REASON).cloned().unwrap_or_default();
-        if let Some(b) = info.labels.get(LABEL_BROKEN) {
+        let why = info.labels.get(label::FALLBACK_REASON).cloned().unwrap_or_default();
+        if let Some(b) = info.labels.get(label::BROKEN) {
             broken += 1;
             println!(
                 "layer {} {:>10} bytes  {m} BROKEN (not served: {b})",
@@ -727,7 +722,7 @@ async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Re
             );
             continue;
         }
-        if let Some(cause) = why.strip_prefix(HANDED_BACK) {
+        if let Some(cause) = why.strip_prefix(label::HANDED_BACK) {
             handed += 1;
             println!(
                 "layer {} {:>10} bytes  handed back to containerd ({cause})",
@@ -735,7 +730,7 @@ async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Re
             );
             continue;
         }
-        if m == "lazy" {
+        if m == label::MODE_LAZY {
             lazy += 1;
         } else if !why.is_empty() && !reasons.contains(&why) {
             reasons.push(why.clone());

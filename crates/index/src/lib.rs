@@ -7,6 +7,7 @@
 pub mod containerd;
 mod convert;
 mod discover;
+pub mod labels;
 mod local;
 pub mod prefetch;
 mod soci;

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_stream::Stream;
+use soci_index::labels as label;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -12,7 +13,7 @@ use crate::error::{Result, SnapError};
 use crate::overlay::{disk_usage, Layout};
 use crate::proto::snapshots as pb;
 use crate::proto::snapshots::snapshots_server::Snapshots;
-use crate::remote::{self, LayerPlan, Remote};
+use crate::remote::{LayerPlan, Remote};
 use crate::store::{Kind, MetaStore, Snapshot, Usage};
 
 mod availability;
@@ -118,9 +119,9 @@ impl Snapshotter {
         let usage = disk_usage(&self.layout.fs(s.id))?;
         let mut l = labels(l);
         // A handed-back layer keeps saying so once containerd has committed it.
-        if let Some(r) = s.labels.get(remote::LABEL_REASON) {
+        if let Some(r) = s.labels.get(label::FALLBACK_REASON) {
             if r.starts_with(HANDED_BACK) {
-                l.entry(remote::LABEL_REASON.to_string())
+                l.entry(label::FALLBACK_REASON.to_string())
                     .or_insert_with(|| r.clone());
             }
         }
@@ -133,8 +134,8 @@ impl Snapshotter {
         let s = self.store.remove(key)?;
         if let Some(r) = &self.remote {
             r.release(s.id);
-            if let Some(img) = s.labels.get(remote::LABEL_IMAGE_REF) {
-                let l = remote::LABEL_IMAGE_REF;
+            if let Some(img) = s.labels.get(label::IMAGE_REF) {
+                let l = label::IMAGE_REF;
                 if !self
                     .store
                     .list()?
@@ -333,7 +334,7 @@ impl Service {
     ) -> Result<Vec<crate::proto::types::Mount>, Status> {
         let labels = labels(l);
         let target = labels
-            .get(remote::LABEL_TARGET)
+            .get(label::TARGET)
             .cloned()
             .unwrap_or_default();
         let exists =
@@ -341,7 +342,7 @@ impl Service {
         let t = target.clone();
         if let Ok(s) = self.blocking(move |s| s.store.get(&t)).await {
             if s.kind == Kind::Committed {
-                if let Some(l) = labels.get(remote::LABEL_LAYER_DIGEST) {
+                if let Some(l) = labels.get(label::LAYER_DIGEST) {
                     remote.discard_download(l);
                 }
                 // An existing lazy layer counts only while it is served (or restored now).
@@ -407,17 +408,17 @@ impl Service {
                 LayerPlan::Lazy(img, z, layer) => {
                     match remote.mount_lazy(snap.id, &fs_dir, &img, &z, &layer).await {
                         Ok(()) => {
-                            extra.insert(remote::LABEL_REMOTE.to_string(), "soci".to_string());
-                            extra.insert(remote::LABEL_MODE.to_string(), "lazy".to_string());
-                            extra.insert(remote::LABEL_ZTOC.to_string(), z.digest.to_string());
+                            extra.insert(label::REMOTE.to_string(), "soci".to_string());
+                            extra.insert(label::MODE.to_string(), label::MODE_LAZY.to_string());
+                            extra.insert(label::ZTOC_DIGEST.to_string(), z.digest.to_string());
                             Ok(())
                         }
                         Err(e) => {
                             warn!(layer = %layer.digest, error = %e, "lazy mount failed; pulling the layer in full");
                             remote.release(snap.id);
-                            extra.insert(remote::LABEL_MODE.to_string(), "full".to_string());
+                            extra.insert(label::MODE.to_string(), label::MODE_FULL.to_string());
                             extra.insert(
-                                remote::LABEL_REASON.to_string(),
+                                label::FALLBACK_REASON.to_string(),
                                 "lazy_mount_failed".to_string(),
                             );
                             remote
@@ -427,11 +428,11 @@ impl Service {
                     }
                 }
                 LayerPlan::Full(repo, layer, reason) => {
-                    extra.insert(remote::LABEL_MODE.to_string(), "full".to_string());
+                    extra.insert(label::MODE.to_string(), label::MODE_FULL.to_string());
                     let why = reason
                         .map(|r| r.label().to_string())
                         .unwrap_or_else(|| remote.full_reason().to_string());
-                    extra.insert(remote::LABEL_REASON.to_string(), why);
+                    extra.insert(label::FALLBACK_REASON.to_string(), why);
                     remote.unpack_full(&fs_dir, &repo, &layer).await
                 }
             }
@@ -441,8 +442,8 @@ impl Service {
             Ok(Err(e)) => Err((Cause::classify(&e, Cause::FullPull), e)),
             Err(_) => Err((Cause::Deadline, late())),
         };
-        let lazy = extra.get(remote::LABEL_MODE).map(String::as_str) == Some("lazy");
-        let after = extra.get(remote::LABEL_REASON).cloned();
+        let lazy = extra.get(label::MODE).map(String::as_str) == Some(label::MODE_LAZY);
+        let after = extra.get(label::FALLBACK_REASON).cloned();
         let mut committed_labels = labels.clone();
         committed_labels.extend(extra);
         let (k, t) = (key.clone(), target.clone());
@@ -502,9 +503,9 @@ impl Snapshots for Service {
         let r = r.into_inner();
         if let Some(remote) = self.inner.remote.clone() {
             let l = &r.labels;
-            if l.contains_key(remote::LABEL_TARGET)
-                && l.contains_key(remote::LABEL_IMAGE_REF)
-                && l.contains_key(remote::LABEL_LAYER_DIGEST)
+            if l.contains_key(label::TARGET)
+                && l.contains_key(label::IMAGE_REF)
+                && l.contains_key(label::LAYER_DIGEST)
             {
                 let mounts = self
                     .prepare_remote(remote, r.key, r.parent, r.labels)

@@ -18,7 +18,8 @@ use soci_registry::oci::layer_compression;
 use soci_registry::{Descriptor, Digest, Reference, Repository};
 
 use super::parallel::ImageLimits;
-use super::{attempt, ImageLayers, Remote, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
+use super::{attempt, ImageLayers, Remote};
+use soci_index::labels as label;
 
 impl Remote {
     /// The layer list of an image, looked up once per image.
@@ -52,11 +53,11 @@ impl Remote {
             return;
         }
         let upcoming: Vec<&str> = labels
-            .get("containerd.io/snapshot/cri.image-layers")
+            .get(label::IMAGE_LAYERS)
             .map(|s| s.split(',').collect())
             .unwrap_or_else(|| {
                 labels
-                    .get(LABEL_LAYER_DIGEST)
+                    .get(label::LAYER_DIGEST)
                     .map(|d| vec![d.as_str()])
                     .unwrap_or_default()
             });
@@ -179,7 +180,7 @@ impl Remote {
         let key = format!(
             "{r}@{}",
             labels
-                .get(LABEL_MANIFEST_DIGEST)
+                .get(label::MANIFEST_DIGEST)
                 .map(String::as_str)
                 .unwrap_or("")
         );
@@ -229,7 +230,7 @@ impl Remote {
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<Descriptor>, String> {
         let object = labels
-            .get(LABEL_MANIFEST_DIGEST)
+            .get(label::MANIFEST_DIGEST)
             .cloned()
             .unwrap_or_else(|| r.object());
         let (desc, bytes) = self

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use soci_fs::{FsMetrics, LayerTree, MountedLayer, RangeReader, SpanConfig, SpanManager};
+use soci_index::labels as label;
 use soci_index::{discover, DiscoverOptions, NoSoci, SociImage};
 use soci_registry::{
     Client, ClientOptions, Descriptor, Digest, HostsConfig, Reference, Repository,
@@ -33,27 +34,6 @@ pub use parallel::PullStats;
 
 pub use health::{BrokenLayer, PROBE_TIMEOUT};
 pub use prefetch::PrefetchState;
-
-/// containerd: the snapshot name the client wants (the layer's chain id).
-pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
-/// Image reference (CRI and `soci image rpull`).
-pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-/// Image manifest digest.
-pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-/// Layer digest.
-pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
-/// Set on remote snapshots.
-pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
-/// `lazy` (served over FUSE) or `full` (downloaded and unpacked).
-pub const LABEL_MODE: &str = "containerd.io/snapshot/soci.mode";
-/// Why a layer of a remote pull was not lazy.
-pub const LABEL_REASON: &str = "containerd.io/snapshot/soci.fallback-reason";
-/// zTOC digest of a lazy layer.
-pub const LABEL_ZTOC: &str = "containerd.io/snapshot/soci.ztoc-digest";
-/// Upstream's (nerdctl `--soci-index-digest`): use this SOCI index instead of discovery.
-pub const LABEL_SOCI_INDEX_DIGEST: &str = "containerd.io/snapshot/remote/soci.index.digest";
-/// Marks a layer that could not be restored.
-pub const LABEL_BROKEN: &str = "containerd.io/snapshot/broken";
 
 /// Range reads of a layer blob from the registry (or whole reads, if it ignores ranges).
 struct RegistryReader {
@@ -270,7 +250,7 @@ impl Remote {
                         Digest::parse(d).ok_or_else(|| {
                             NoSoci::CorruptIndex(
                                 d.into(),
-                                format!("invalid {LABEL_SOCI_INDEX_DIGEST} label"),
+                                format!("invalid {} label", label::SOCI_INDEX_DIGEST),
                             )
                         })
                     })
@@ -340,10 +320,10 @@ impl Remote {
         labels: &BTreeMap<String, String>,
     ) -> Result<LayerPlan, String> {
         let image_ref = labels
-            .get(LABEL_IMAGE_REF)
+            .get(label::IMAGE_REF)
             .ok_or("no image reference label")?;
         let layer_digest = labels
-            .get(LABEL_LAYER_DIGEST)
+            .get(label::LAYER_DIGEST)
             .and_then(|d| Digest::parse(d))
             .ok_or("no valid layer digest label")?;
         let r = Reference::parse(image_ref)?;
@@ -353,8 +333,8 @@ impl Remote {
         match self
             .image(
                 image_ref,
-                labels.get(LABEL_MANIFEST_DIGEST).map(String::as_str),
-                labels.get(LABEL_SOCI_INDEX_DIGEST).map(String::as_str),
+                labels.get(label::MANIFEST_DIGEST).map(String::as_str),
+                labels.get(label::SOCI_INDEX_DIGEST).map(String::as_str),
             )
             .await
         {

@@ -15,11 +15,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use soci_index::labels as label;
 use tonic::Status;
 use tracing::{info, warn};
 
 use super::Snapshotter;
-use crate::remote::{self, BrokenLayer, LayerPlan, Remote, PROBE_TIMEOUT};
+use crate::remote::{BrokenLayer, LayerPlan, Remote, PROBE_TIMEOUT};
 use crate::store::Snapshot;
 
 /// First background retry of a broken layer, after this long.
@@ -30,7 +31,7 @@ pub const RETRY_MAX: Duration = Duration::from_secs(120);
 type Served<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
 fn is_lazy(s: &Snapshot) -> bool {
-    s.labels.get(remote::LABEL_MODE).map(String::as_str) == Some("lazy")
+    s.labels.get(label::MODE).map(String::as_str) == Some(label::MODE_LAZY)
 }
 
 impl Snapshotter {
@@ -71,7 +72,7 @@ impl Snapshotter {
             if let Err(why) = self.ensure_served(&remote, &name, &snap).await {
                 let layer = snap
                     .labels
-                    .get(remote::LABEL_LAYER_DIGEST)
+                    .get(label::LAYER_DIGEST)
                     .map(String::as_str)
                     .unwrap_or("?");
                 return Err(Status::unavailable(format!(
@@ -141,7 +142,7 @@ impl Snapshotter {
         let attempt = async {
             match remote.plan(&snap.labels).await {
                 Ok(LayerPlan::Lazy(img, z, layer))
-                    if snap.labels.get(remote::LABEL_ZTOC) == Some(&z.digest.to_string()) =>
+                    if snap.labels.get(label::ZTOC_DIGEST) == Some(&z.digest.to_string()) =>
                 {
                     remote
                         .mount_lazy(snap.id, &fs_dir, &img, &z, &layer)
@@ -174,9 +175,9 @@ impl Snapshotter {
         let label: String = reason.chars().take(300).collect();
         let update = |s: &Snapshot| {
             let mut labels = s.labels.clone();
-            labels.insert(remote::LABEL_BROKEN.into(), label.clone());
+            labels.insert(label::BROKEN.into(), label.clone());
             self.store
-                .update_labels(name, labels, &[format!("labels.{}", remote::LABEL_BROKEN)])
+                .update_labels(name, labels, &[format!("labels.{}", label::BROKEN)])
         };
         if let Err(e) = self.store.get(name).and_then(|s| update(&s)) {
             warn!(snapshot = %name, error = %e, "cannot label a broken lazy layer");
@@ -185,7 +186,7 @@ impl Snapshotter {
             snapshot: name.to_string(),
             layer: snap
                 .labels
-                .get(remote::LABEL_LAYER_DIGEST)
+                .get(label::LAYER_DIGEST)
                 .cloned()
                 .unwrap_or_default(),
             cause,
@@ -202,14 +203,14 @@ impl Snapshotter {
     fn served_again(&self, remote: &Remote, name: &str, id: u64) {
         let was_broken = remote.clear_broken(id);
         let Ok(s) = self.store.get(name) else { return };
-        if !s.labels.contains_key(remote::LABEL_BROKEN) {
+        if !s.labels.contains_key(label::BROKEN) {
             return;
         }
         let mut labels = s.labels.clone();
-        labels.remove(remote::LABEL_BROKEN);
+        labels.remove(label::BROKEN);
         match self
             .store
-            .update_labels(name, labels, &[format!("labels.{}", remote::LABEL_BROKEN)])
+            .update_labels(name, labels, &[format!("labels.{}", label::BROKEN)])
         {
             Ok(_) => {
                 info!(snapshot = %name, was_broken, "lazy layer is served again; broken label removed")

@@ -20,16 +20,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use soci_index::labels as label;
 use tonic::Status;
 use tracing::warn;
 
 use super::Service;
 use crate::proto::types::Mount;
-use crate::remote::{self, Remote};
+use crate::remote::{Remote};
 use crate::store::Kind;
 
 /// Prefix of the `soci.fallback-reason` label value of a handed-back layer.
-pub const HANDED_BACK: &str = "handed_back:";
+pub use soci_index::labels::HANDED_BACK;
 
 /// Why a layer was handed back to containerd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,17 +113,17 @@ impl Service {
         // containerd applies the layer over the parent chain: it must be served.
         self.inner.ensure_chain_served(&parent).await?;
         let image = labels
-            .get(remote::LABEL_IMAGE_REF)
+            .get(label::IMAGE_REF)
             .cloned()
             .unwrap_or_default();
         let layer = labels
-            .get(remote::LABEL_LAYER_DIGEST)
+            .get(label::LAYER_DIGEST)
             .cloned()
             .unwrap_or_default();
-        labels.insert(remote::LABEL_REASON.into(), reason_label(cause, after));
-        labels.remove(remote::LABEL_MODE);
-        labels.remove(remote::LABEL_REMOTE);
-        labels.remove(remote::LABEL_ZTOC);
+        labels.insert(label::FALLBACK_REASON.into(), reason_label(cause, after));
+        labels.remove(label::MODE);
+        labels.remove(label::REMOTE);
+        labels.remove(label::ZTOC_DIGEST);
         let k = key.clone();
         let mounts = self
             .blocking(move |s| {
