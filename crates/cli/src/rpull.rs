@@ -8,15 +8,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
-use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-};
+use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
 use containerd_client::services::v1::{
     content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
-    CreateImageRequest, CreateRequest, DeleteRequest, GetImageRequest, Image, ReadContentRequest,
+    CreateImageRequest, CreateRequest, DeleteRequest, Image, ReadContentRequest,
     UpdateImageRequest, WriteAction, WriteContentRequest,
 };
-use containerd_client::services::v1::{diff_client::DiffClient, ApplyRequest, InfoRequest};
 use containerd_client::types::Descriptor as CtdDescriptor;
 use sha2::{Digest as _, Sha256};
 use soci_index::labels as label;
@@ -27,10 +24,11 @@ use tonic::{Code, Request};
 
 use crate::RegistryArgs;
 
-/// Layer bytes per Content.Write message.
-const WRITE_CHUNK: usize = 1 << 20;
-/// Bound on fetching one handed-back layer from the registry.
-const LAYER_FETCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3600);
+mod handback;
+mod mode;
+
+use handback::HandedBack;
+use mode::mode;
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -377,28 +375,13 @@ async fn pull_with_lease(
     for (i, (layer, chain)) in manifest.layers.iter().zip(chains).enumerate() {
         let mut labels = HashMap::from([
             (label::TARGET.to_string(), chain.clone()),
-            (
-                label::IMAGE_REF.to_string(),
-                r.to_string(),
-            ),
-            (
-                label::MANIFEST_DIGEST.to_string(),
-                mdesc.digest.to_string(),
-            ),
-            (
-                label::LAYER_DIGEST.to_string(),
-                layer.digest.to_string(),
-            ),
-            (
-                label::IMAGE_LAYERS.to_string(),
-                layer_list[i..].join(","),
-            ),
+            (label::IMAGE_REF.to_string(), r.to_string()),
+            (label::MANIFEST_DIGEST.to_string(), mdesc.digest.to_string()),
+            (label::LAYER_DIGEST.to_string(), layer.digest.to_string()),
+            (label::IMAGE_LAYERS.to_string(), layer_list[i..].join(",")),
         ]);
         if let Some(d) = index_digest {
-            labels.insert(
-                label::SOCI_INDEX_DIGEST.to_string(),
-                d.to_string(),
-            );
+            labels.insert(label::SOCI_INDEX_DIGEST.to_string(), d.to_string());
         }
         let key = format!("extract-{stamp}-{i} {chain}");
         let parent = if i == 0 {
@@ -474,184 +457,6 @@ async fn pull_with_lease(
     Ok(())
 }
 
-/// A layer the snapshotter handed back (answered Prepare with mounts): pulled and applied
-/// here the way containerd's unpacker does it.
-struct HandedBack<'a> {
-    client: &'a soci_registry::Client,
-    repo: &'a soci_registry::Repository,
-    layer: &'a soci_registry::Descriptor,
-    diff_id: &'a str,
-    snapshotter: &'a str,
-    key: &'a str,
-    chain: &'a str,
-}
-
-impl HandedBack<'_> {
-    /// Ensures the layer blob is in containerd's content store, applies it onto `mounts` with
-    /// containerd's Diff service (checking the result against the config's diff id) and
-    /// commits the active snapshot under the chain id.
-    async fn pull_and_apply(
-        &self,
-        ctd: &Ctd,
-        mounts: Vec<containerd_client::types::Mount>,
-    ) -> Result<()> {
-        self.ensure_content(ctd).await?;
-        let mut diff = DiffClient::new(ctd.channel.clone());
-        let desc = CtdDescriptor {
-            media_type: self.layer.media_type.clone(),
-            digest: self.layer.digest.to_string(),
-            size: self.layer.size as i64,
-            annotations: HashMap::new(),
-        };
-        let applied = diff
-            .apply(ctd.req(ApplyRequest {
-                diff: Some(desc),
-                mounts,
-                payloads: HashMap::new(),
-                sync_fs: false,
-            }))
-            .await
-            .map_err(|e| {
-                anyhow!(
-                    "applying layer with containerd's diff service: {}",
-                    e.message()
-                )
-            })?
-            .into_inner()
-            .applied
-            .unwrap_or_default();
-        if applied.digest != self.diff_id {
-            bail!(
-                "applied layer has diff id {}, the image config says {}",
-                applied.digest,
-                self.diff_id
-            );
-        }
-        let mut snaps = SnapshotsClient::new(ctd.channel.clone());
-        match snaps
-            .commit(ctd.req(CommitSnapshotRequest {
-                snapshotter: self.snapshotter.into(),
-                name: self.chain.into(),
-                key: self.key.into(),
-                labels: HashMap::new(),
-            }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            // Another pull committed the same layer meanwhile.
-            Err(e) if e.code() == Code::AlreadyExists => {
-                let _ = snaps
-                    .remove(ctd.req(RemoveSnapshotRequest {
-                        snapshotter: self.snapshotter.into(),
-                        key: self.key.into(),
-                    }))
-                    .await;
-                Ok(())
-            }
-            Err(e) => bail!("committing snapshot {}: {}", self.chain, e.message()),
-        }
-    }
-
-    /// Writes the layer blob into containerd's content store (streamed from the registry with
-    /// this command's own credentials; containerd checks the digest) unless it is there.
-    async fn ensure_content(&self, ctd: &Ctd) -> Result<()> {
-        let digest = self.layer.digest.to_string();
-        let mut content = ContentClient::new(ctd.channel.clone());
-        if content
-            .info(ctd.req(InfoRequest {
-                digest: digest.clone(),
-            }))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        let mut labels = HashMap::from([(
-            "containerd.io/uncompressed".to_string(),
-            self.diff_id.to_string(),
-        )]);
-        labels.insert(
-            format!("containerd.io/distribution.source.{}", self.repo.registry),
-            self.repo.name.clone(),
-        );
-        let total = self.layer.size as i64;
-        let msg = |action: WriteAction, offset: i64, data: Vec<u8>| WriteContentRequest {
-            action: action as i32,
-            r#ref: format!("soci-rpull-layer-{digest}"),
-            total,
-            expected: digest.clone(),
-            offset,
-            data,
-            labels: if action == WriteAction::Commit {
-                labels.clone()
-            } else {
-                HashMap::new()
-            },
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
-        let produce = async {
-            // The sender lives in this future: when the fetch fails, dropping it ends the
-            // request stream, so containerd's Write (and `consume`) end too instead of waiting.
-            let tx = tx;
-            let deadline = tokio::time::Instant::now() + LAYER_FETCH_DEADLINE;
-            let mut blob = self
-                .client
-                .open_blob(self.repo, self.layer, Some(deadline))
-                .await?;
-            let (mut offset, mut buf) = (0i64, Vec::with_capacity(WRITE_CHUNK));
-            while let Some(chunk) = blob.chunk().await? {
-                buf.extend_from_slice(&chunk);
-                if buf.len() >= WRITE_CHUNK {
-                    let n = buf.len() as i64;
-                    let data = std::mem::replace(&mut buf, Vec::with_capacity(WRITE_CHUNK));
-                    if tx
-                        .send(msg(WriteAction::Write, offset, data))
-                        .await
-                        .is_err()
-                    {
-                        bail!("containerd ended the write of {digest}");
-                    }
-                    offset += n;
-                }
-            }
-            let n = buf.len() as i64;
-            if tx
-                .send(msg(WriteAction::Commit, offset, buf))
-                .await
-                .is_err()
-            {
-                bail!("containerd ended the write of {digest}");
-            }
-            if offset + n != total {
-                bail!(
-                    "layer {digest}: {} bytes, descriptor says {total}",
-                    offset + n
-                );
-            }
-            Ok(())
-        };
-        let consume = async {
-            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-            let mut s = match content.write(ctd.req(stream)).await {
-                Ok(r) => r.into_inner(),
-                Err(e) if e.code() == Code::AlreadyExists => return Ok(()),
-                Err(e) => bail!("writing {digest} to containerd: {}", e.message()),
-            };
-            loop {
-                match s.message().await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Ok(()),
-                    Err(e) if e.code() == Code::AlreadyExists => return Ok(()),
-                    Err(e) => bail!("writing {digest} to containerd: {}", e.message()),
-                }
-            }
-        };
-        let (produced, consumed) = tokio::join!(produce, consume);
-        consumed?;
-        produced.with_context(|| format!("fetching layer {digest} from the registry"))
-    }
-}
-
 fn rfc3339_in(secs: u64) -> String {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -659,120 +464,4 @@ fn rfc3339_in(secs: u64) -> String {
         .unwrap_or(0)
         + secs;
     soci_ztoc::format_mod_time(t as i64, 0)
-}
-
-async fn mode(address: &str, ns: &str, reference: &str, snapshotter: &str) -> Result<()> {
-    let ctd = connect(address, ns).await?;
-    let mut images = ImagesClient::new(ctd.channel.clone());
-    let img = images
-        .get(ctd.req(GetImageRequest {
-            name: reference.into(),
-        }))
-        .await
-        .map_err(|e| anyhow!("image {reference}: {}", e.message()))?
-        .into_inner()
-        .image
-        .and_then(|i| i.target)
-        .ok_or_else(|| anyhow!("image {reference} has no target"))?;
-    let mut bytes = ctd.read_blob(&img.digest).await?;
-    if is_index(&img.media_type) {
-        let idx: ImageIndex = serde_json::from_slice(&bytes)?;
-        let host = Platform::host();
-        let entry = idx
-            .manifests
-            .iter()
-            .filter(|d| d.artifact_type.is_none() && is_manifest(&d.media_type))
-            .find(|d| d.platform.as_ref().is_none_or(|p| p.matches(&host)))
-            .ok_or_else(|| anyhow!("{reference} has no manifest for {host}"))?;
-        bytes = ctd.read_blob(entry.digest.as_str()).await?;
-    }
-    let manifest: ImageManifest = serde_json::from_slice(&bytes)?;
-    let config = ctd.read_blob(manifest.config.digest.as_str()).await?;
-    let chains = chain_ids(&diff_ids(&config)?);
-    let mut snaps = SnapshotsClient::new(ctd.channel.clone());
-    let (mut lazy, mut broken, mut handed, mut reasons) = (0, 0, 0, Vec::new());
-    for (layer, chain) in manifest.layers.iter().zip(&chains) {
-        let info = snaps
-            .stat(ctd.req(StatSnapshotRequest {
-                snapshotter: snapshotter.into(),
-                key: chain.clone(),
-            }))
-            .await
-            .map_err(|e| {
-                anyhow!(
-                    "layer {} ({chain}) is not unpacked in snapshotter {snapshotter}: {}",
-                    layer.digest,
-                    e.message()
-                )
-            })?
-            .into_inner()
-            .info
-            .unwrap_or_default();
-        let m = info
-            .labels
-            .get(label::MODE)
-            .cloned()
-            .unwrap_or_else(|| "overlayfs".into());
-        let why = info.labels.get(label::FALLBACK_REASON).cloned().unwrap_or_default();
-        if let Some(b) = info.labels.get(label::BROKEN) {
-            broken += 1;
-            println!(
-                "layer {} {:>10} bytes  {m} BROKEN (not served: {b})",
-                layer.digest, layer.size
-            );
-            continue;
-        }
-        if let Some(cause) = why.strip_prefix(label::HANDED_BACK) {
-            handed += 1;
-            println!(
-                "layer {} {:>10} bytes  handed back to containerd ({cause})",
-                layer.digest, layer.size
-            );
-            continue;
-        }
-        if m == label::MODE_LAZY {
-            lazy += 1;
-        } else if !why.is_empty() && !reasons.contains(&why) {
-            reasons.push(why.clone());
-        }
-        println!(
-            "layer {} {:>10} bytes  {m}{}",
-            layer.digest,
-            layer.size,
-            if why.is_empty() {
-                String::new()
-            } else {
-                format!(" ({why})")
-            }
-        );
-    }
-    if handed > 0 {
-        println!(
-            "handed back: {handed} of {} layers pulled by containerd itself (the snapshotter \
-             did not provide them)",
-            manifest.layers.len()
-        );
-    }
-    if broken > 0 {
-        println!(
-            "snapshotter: soci (BROKEN: {broken} lazy layer(s) not served; containers cannot start \
-             until they are restored, retried in the background; lazy: {lazy} of {} layers)",
-            manifest.layers.len()
-        );
-    } else if lazy > 0 {
-        println!(
-            "snapshotter: soci (lazy: {lazy} of {} layers)",
-            manifest.layers.len()
-        );
-    } else {
-        println!(
-            "snapshotter: overlayfs (full pull{})",
-            if reasons.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", reasons.join(", "))
-            }
-        );
-    }
-    Ok(())
 }

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio_stream::Stream;
 use soci_index::labels as label;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -13,11 +13,15 @@ use crate::error::{Result, SnapError};
 use crate::overlay::{disk_usage, Layout};
 use crate::proto::snapshots as pb;
 use crate::proto::snapshots::snapshots_server::Snapshots;
-use crate::remote::{LayerPlan, Remote};
-use crate::store::{Kind, MetaStore, Snapshot, Usage};
+use crate::remote::Remote;
+use crate::store::{Kind, MetaStore, Snapshot};
 
 mod availability;
+mod filter;
 mod handback;
+mod prepare;
+
+use filter::Filter;
 
 use handback::Cause;
 pub use handback::HANDED_BACK;
@@ -228,70 +232,6 @@ impl Snapshotter {
     }
 }
 
-/// A containerd filter: comma-separated `field==value`, `field!=value` or `field` terms
-/// (fields: `name`, `parent`, `kind`, `labels.<key>` with optional quotes); several filters
-/// are OR-ed.
-struct Filter(Vec<(String, Option<(bool, String)>)>);
-
-impl Filter {
-    fn parse_all(filters: &[String]) -> Result<Vec<Filter>> {
-        filters
-            .iter()
-            .filter(|f| !f.trim().is_empty())
-            .map(|f| Filter::parse(f))
-            .collect()
-    }
-
-    fn parse(s: &str) -> Result<Filter> {
-        let unq = |v: &str| v.trim().trim_matches('"').to_string();
-        let mut terms = Vec::new();
-        for t in s.split(',') {
-            let (field, cond) = if let Some((f, v)) = t.split_once("!=") {
-                (f, Some((false, unq(v))))
-            } else if let Some((f, v)) = t.split_once("==") {
-                (f, Some((true, unq(v))))
-            } else if t.contains('~') {
-                return Err(SnapError::InvalidArgument(format!(
-                    "unsupported filter operator in {s:?}"
-                )));
-            } else {
-                (t, None)
-            };
-            let field = field.trim();
-            let field = match field.strip_prefix("labels.") {
-                Some(l) => format!("labels.{}", l.trim_matches('"')),
-                None => field.to_string(),
-            };
-            terms.push((field, cond));
-        }
-        Ok(Filter(terms))
-    }
-
-    fn matches(&self, name: &str, s: &Snapshot) -> bool {
-        self.0.iter().all(|(field, cond)| {
-            let kind = match s.kind {
-                Kind::View => "view",
-                Kind::Active => "active",
-                Kind::Committed => "committed",
-            };
-            let value: Option<&str> = match field.as_str() {
-                "name" => Some(name),
-                "parent" => Some(s.parent.as_deref().unwrap_or("")),
-                "kind" => Some(kind),
-                f => f
-                    .strip_prefix("labels.")
-                    .and_then(|l| s.labels.get(l))
-                    .map(String::as_str),
-            };
-            match cond {
-                None => value.is_some(),
-                Some((true, v)) => value == Some(v.as_str()),
-                Some((false, v)) => value != Some(v.as_str()),
-            }
-        })
-    }
-}
-
 /// The gRPC face of a [`Snapshotter`].
 #[derive(Clone)]
 pub struct Service {
@@ -317,182 +257,6 @@ impl Service {
 }
 
 type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>>;
-
-impl Service {
-    /// Prepare with remote-snapshot labels: provide the layer here (lazily over FUSE, or
-    /// downloaded and unpacked) and commit it as the target: then the answer is an
-    /// AlreadyExists status, so containerd skips the download. If the daemon cannot provide
-    /// it, the layer is handed back ([`handback`]): the answer is an ordinary active
-    /// snapshot's mounts and containerd pulls the layer itself. Only failures containerd
-    /// cannot recover from either are errors.
-    async fn prepare_remote(
-        &self,
-        remote: Arc<Remote>,
-        key: String,
-        parent: String,
-        l: HashMap<String, String>,
-    ) -> Result<Vec<crate::proto::types::Mount>, Status> {
-        let labels = labels(l);
-        let target = labels
-            .get(label::TARGET)
-            .cloned()
-            .unwrap_or_default();
-        let exists =
-            || Status::already_exists(format!("target snapshot {target:?} already exists"));
-        let t = target.clone();
-        if let Ok(s) = self.blocking(move |s| s.store.get(&t)).await {
-            if s.kind == Kind::Committed {
-                if let Some(l) = labels.get(label::LAYER_DIGEST) {
-                    remote.discard_download(l);
-                }
-                // An existing lazy layer counts only while it is served (or restored now).
-                self.inner.ensure_chain_served(&target).await?;
-                return Err(exists());
-            }
-        }
-        // Every wait on registries below ends by this deadline.
-        let budget = remote.prepare_deadline();
-        let deadline = tokio::time::Instant::now() + budget;
-        let late = || format!("not ready within the Prepare deadline of {budget:?}");
-        let plan = match tokio::time::timeout_at(deadline, remote.plan(&labels)).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                let cause = Cause::classify(&e, Cause::Registry);
-                let detail = format!("layer for {target}: {e}");
-                return self
-                    .hand_back(&remote, key, parent, labels, cause, None, &detail)
-                    .await;
-            }
-            Err(_) => {
-                let detail = format!("layer for {target}: {}", late());
-                return self
-                    .hand_back(&remote, key, parent, labels, Cause::Deadline, None, &detail)
-                    .await;
-            }
-        };
-        if let LayerPlan::Full(_, _, reason) = &plan {
-            if remote.full_pulls_go_to_containerd() {
-                // Upstream's meaning of `experimental_parallel_pull_as_fallback = false`.
-                let why = reason
-                    .as_ref()
-                    .map(|r| r.label())
-                    .unwrap_or("layer_without_ztoc");
-                let detail = format!(
-                    "layer for {target}: not lazy ({why}); \
-                     experimental_parallel_pull_as_fallback = false"
-                );
-                return self
-                    .hand_back(
-                        &remote,
-                        key,
-                        parent,
-                        labels,
-                        Cause::ContainerdPulls,
-                        Some(why),
-                        &detail,
-                    )
-                    .await;
-            }
-        }
-        let (k, p, l) = (key.clone(), parent.clone(), labels.clone());
-        let snap = self
-            .blocking(move |s| {
-                let parent = (!p.is_empty()).then_some(p.as_str());
-                s.create_record(&k, parent, Kind::Active, l)
-            })
-            .await?;
-        let fs_dir = self.inner.layout.fs(snap.id);
-        let mut extra = BTreeMap::new();
-        let provide = async {
-            match plan {
-                LayerPlan::Lazy(img, z, layer) => {
-                    match remote.mount_lazy(snap.id, &fs_dir, &img, &z, &layer).await {
-                        Ok(()) => {
-                            extra.insert(label::REMOTE.to_string(), "soci".to_string());
-                            extra.insert(label::MODE.to_string(), label::MODE_LAZY.to_string());
-                            extra.insert(label::ZTOC_DIGEST.to_string(), z.digest.to_string());
-                            Ok(())
-                        }
-                        Err(e) => {
-                            warn!(layer = %layer.digest, error = %e, "lazy mount failed; pulling the layer in full");
-                            remote.release(snap.id);
-                            extra.insert(label::MODE.to_string(), label::MODE_FULL.to_string());
-                            extra.insert(
-                                label::FALLBACK_REASON.to_string(),
-                                "lazy_mount_failed".to_string(),
-                            );
-                            remote
-                                .unpack_full(&fs_dir, &img.reference.repository, &layer)
-                                .await
-                        }
-                    }
-                }
-                LayerPlan::Full(repo, layer, reason) => {
-                    extra.insert(label::MODE.to_string(), label::MODE_FULL.to_string());
-                    let why = reason
-                        .map(|r| r.label().to_string())
-                        .unwrap_or_else(|| remote.full_reason().to_string());
-                    extra.insert(label::FALLBACK_REASON.to_string(), why);
-                    remote.unpack_full(&fs_dir, &repo, &layer).await
-                }
-            }
-        };
-        let result = match tokio::time::timeout_at(deadline, provide).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err((Cause::classify(&e, Cause::FullPull), e)),
-            Err(_) => Err((Cause::Deadline, late())),
-        };
-        let lazy = extra.get(label::MODE).map(String::as_str) == Some(label::MODE_LAZY);
-        let after = extra.get(label::FALLBACK_REASON).cloned();
-        let mut committed_labels = labels.clone();
-        committed_labels.extend(extra);
-        let (k, t) = (key.clone(), target.clone());
-        let commit = match &result {
-            Ok(()) => {
-                self.blocking(move |s| {
-                    let usage = if lazy {
-                        Usage::default()
-                    } else {
-                        disk_usage(&s.layout.fs(snap.id))?
-                    };
-                    s.store.commit(&k, &t, committed_labels, usage).map(|_| ())
-                })
-                .await
-            }
-            Err(_) => Ok(()),
-        };
-        if result.is_err() || commit.is_err() {
-            // Undo: nothing half-made stays behind (lazy mount, record, unpacked files).
-            remote.release(snap.id);
-            let k = key.clone();
-            let _ = self.blocking(move |s| s.remove(&k)).await;
-        }
-        match (result, commit) {
-            (Ok(()), Ok(())) => {
-                info!(target = %target, lazy, "remote snapshot ready");
-                Err(exists())
-            }
-            (Ok(()), Err(e)) if e.code() == tonic::Code::AlreadyExists => Err(exists()),
-            (Ok(()), Err(e)) => Err(e),
-            (Err((_, e)), _) if handback::is_fatal(&e) => Err(Status::resource_exhausted(format!(
-                "layer for {target}: {e}"
-            ))),
-            (Err((cause, e)), _) => {
-                let detail = format!("layer for {target}: {e}");
-                self.hand_back(
-                    &remote,
-                    key,
-                    parent,
-                    labels,
-                    cause,
-                    after.as_deref(),
-                    &detail,
-                )
-                .await
-            }
-        }
-    }
-}
 
 #[tonic::async_trait]
 impl Snapshots for Service {

@@ -26,7 +26,7 @@ use tracing::warn;
 
 use super::Service;
 use crate::proto::types::Mount;
-use crate::remote::{Remote};
+use crate::remote::Remote;
 use crate::store::Kind;
 
 /// Prefix of the `soci.fallback-reason` label value of a handed-back layer.
@@ -112,14 +112,8 @@ impl Service {
     ) -> Result<Vec<Mount>, Status> {
         // containerd applies the layer over the parent chain: it must be served.
         self.inner.ensure_chain_served(&parent).await?;
-        let image = labels
-            .get(label::IMAGE_REF)
-            .cloned()
-            .unwrap_or_default();
-        let layer = labels
-            .get(label::LAYER_DIGEST)
-            .cloned()
-            .unwrap_or_default();
+        let image = labels.get(label::IMAGE_REF).cloned().unwrap_or_default();
+        let layer = labels.get(label::LAYER_DIGEST).cloned().unwrap_or_default();
         labels.insert(label::FALLBACK_REASON.into(), reason_label(cause, after));
         labels.remove(label::MODE);
         labels.remove(label::REMOTE);
