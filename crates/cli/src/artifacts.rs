@@ -171,14 +171,8 @@ pub async fn platform_manifests(
     let candidates: Vec<(Platform, Descriptor)> = if is_index(&target.media_type) {
         let idx: ImageIndex = serde_json::from_slice(&bytes)
             .with_context(|| format!("image index {}", target.digest))?;
-        idx.manifests
-            .into_iter()
-            .filter(|d| is_manifest(&d.media_type) && d.artifact_type.is_none())
-            .filter(|d| {
-                !d.annotations
-                    .contains_key(soci_index::ANNOTATION_IMAGE_MANIFEST_DIGEST)
-            })
-            .filter_map(|d| d.platform.clone().map(|p| (p, d)))
+        soci_index::platform::image_entries(&idx)
+            .filter_map(|d| d.platform.clone().map(|p| (p, d.clone())))
             .collect()
     } else if is_manifest(&target.media_type) {
         let m: ImageManifest = serde_json::from_slice(&bytes)

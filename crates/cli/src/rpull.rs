@@ -17,7 +17,7 @@ use containerd_client::services::v1::{
 use containerd_client::types::Descriptor as CtdDescriptor;
 use sha2::{Digest as _, Sha256};
 use soci_index::labels as label;
-use soci_registry::oci::{is_index, is_manifest};
+use soci_registry::oci::is_index;
 use soci_registry::{ImageIndex, ImageManifest, Platform, Reference};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -225,11 +225,7 @@ async fn rpull(
     let host = Platform::host();
     let (mdesc, mbytes) = if is_index(&root.media_type) {
         let idx: ImageIndex = serde_json::from_slice(&root_bytes).context("image index")?;
-        let entry = idx
-            .manifests
-            .iter()
-            .filter(|d| d.artifact_type.is_none() && is_manifest(&d.media_type))
-            .find(|d| d.platform.as_ref().is_none_or(|p| p.matches(&host)))
+        let entry = soci_index::platform::manifest_for(&idx, &host)
             .ok_or_else(|| anyhow!("{reference} has no manifest for {host}"))?;
         client.get_manifest(repo, entry.digest.as_str()).await?
     } else {

@@ -14,7 +14,7 @@ use soci_ztoc::Ztoc;
 
 use crate::soci::{
     SociIndex, SociVersion, ANNOTATION_IMAGE_MANIFEST_DIGEST, ANNOTATION_INDEX_DIGEST,
-    ARTIFACT_TYPE_V1, ARTIFACT_TYPE_V2,
+    ARTIFACT_TYPE_V1,
 };
 
 /// Largest zTOC blob accepted.
@@ -166,13 +166,6 @@ impl SociImage {
     }
 }
 
-fn is_soci_entry(d: &Descriptor) -> bool {
-    matches!(
-        d.artifact_type.as_deref(),
-        Some(ARTIFACT_TYPE_V1 | ARTIFACT_TYPE_V2)
-    ) || d.annotations.contains_key(ANNOTATION_IMAGE_MANIFEST_DIGEST)
-}
-
 /// Finds the SOCI index of `reference` for `opts.platform`.
 pub async fn discover(
     client: &Client,
@@ -189,15 +182,7 @@ pub async fn discover(
                 root_desc.digest
             ))
         })?;
-        let entry = idx
-            .manifests
-            .iter()
-            .filter(|d| !is_soci_entry(d) && is_manifest(&d.media_type))
-            .find(|d| {
-                d.platform
-                    .as_ref()
-                    .is_none_or(|p| p.matches(&opts.platform))
-            })
+        let entry = crate::platform::manifest_for(&idx, &opts.platform)
             .cloned()
             .ok_or_else(|| NoSoci::NoPlatform(opts.platform.to_string()))?;
         image_index = Some(idx);

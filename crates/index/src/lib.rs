@@ -9,6 +9,7 @@ mod convert;
 mod discover;
 pub mod labels;
 mod local;
+pub mod platform;
 pub mod prefetch;
 mod soci;
 mod store;

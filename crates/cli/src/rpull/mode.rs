@@ -7,7 +7,7 @@ use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClien
 use containerd_client::services::v1::snapshots::StatSnapshotRequest;
 use containerd_client::services::v1::GetImageRequest;
 use soci_index::labels as label;
-use soci_registry::oci::{is_index, is_manifest};
+use soci_registry::oci::is_index;
 use soci_registry::{ImageIndex, ImageManifest, Platform};
 
 use super::{chain_ids, connect, diff_ids};
@@ -34,11 +34,7 @@ pub(super) async fn mode(
     if is_index(&img.media_type) {
         let idx: ImageIndex = serde_json::from_slice(&bytes)?;
         let host = Platform::host();
-        let entry = idx
-            .manifests
-            .iter()
-            .filter(|d| d.artifact_type.is_none() && is_manifest(&d.media_type))
-            .find(|d| d.platform.as_ref().is_none_or(|p| p.matches(&host)))
+        let entry = soci_index::platform::manifest_for(&idx, &host)
             .ok_or_else(|| anyhow!("{reference} has no manifest for {host}"))?;
         bytes = ctd.read_blob(entry.digest.as_str()).await?;
     }
