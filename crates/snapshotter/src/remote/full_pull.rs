@@ -18,24 +18,33 @@ use soci_registry::oci::layer_compression;
 use soci_registry::{Descriptor, Digest, Reference, Repository};
 
 use super::parallel::ImageLimits;
-use super::{attempt, ImageLayers, Remote};
+use super::singleflight::SingleFlight;
+use super::{ImageLayers, LayerPlan, Remote, RemoteError, Result};
 use soci_index::labels as label;
+
+/// Layer lists of images pulled in full, by image reference and manifest.
+pub(super) type LayerLists = SingleFlight<String, Result<Arc<ImageLayers>>>;
+
+/// Layers pulled ahead of their Prepare (digest-verified and unpacked into a staging
+/// directory), by layer digest.
+pub(super) type Downloads = SingleFlight<Digest, Result<Arc<Fetched>>>;
 
 impl Remote {
     /// The layer list of an image, looked up once per image.
     pub(super) async fn layer_list(
         &self,
         key: &str,
-        fetch: impl std::future::Future<Output = Result<Vec<Descriptor>, String>>,
-    ) -> Result<Arc<ImageLayers>, String> {
-        attempt::run(&self.image_layers, &key.to_string(), async {
-            let layers = fetch.await?;
-            Ok(Arc::new(ImageLayers {
-                layers,
-                limits: Arc::new(self.limits.image()),
-            }))
-        })
-        .await
+        fetch: impl std::future::Future<Output = Result<Vec<Descriptor>>>,
+    ) -> Result<Arc<ImageLayers>> {
+        self.image_layers
+            .run(&key.to_string(), async {
+                let layers = fetch.await?;
+                Ok(Arc::new(ImageLayers {
+                    layers,
+                    limits: Arc::new(self.limits.image()),
+                }))
+            })
+            .await
     }
     /// Starts downloading the layers containerd will prepare next (this one and those above
     /// it, from the `cri.image-layers` label) that `wanted` selects.
@@ -65,12 +74,8 @@ impl Remote {
             .iter()
             .filter(|l| upcoming.contains(&l.digest.as_str()) && wanted(&l.digest))
         {
-            let cell = {
-                let mut map = self.downloads.lock().expect("downloads");
-                if map.contains_key(&l.digest) {
-                    continue;
-                }
-                map.entry(l.digest.clone()).or_default().clone()
+            let Some(cell) = self.downloads.cell_if_new(&l.digest) else {
+                continue;
             };
             let (me, repo, layer, limits) = (self.clone(), repo.clone(), l.clone(), limits.clone());
             tokio::spawn(async move {
@@ -80,7 +85,7 @@ impl Remote {
                 if r.is_err() {
                     // Only a Prepare already waiting sees this failure; a later one downloads
                     // afresh (the registry may be back).
-                    attempt::forget(&me.downloads, &layer.digest, &cell);
+                    me.downloads.forget(&layer.digest, &cell);
                 }
             });
         }
@@ -92,12 +97,12 @@ impl Remote {
         repo: &Repository,
         layer: &Descriptor,
         img: &ImageLimits,
-    ) -> Result<Arc<Fetched>, String> {
-        let closed = |e: tokio::sync::AcquireError| e.to_string();
-        let downloading = img.layers.clone().acquire_owned().await.map_err(closed)?;
+    ) -> Result<Arc<Fetched>> {
+        let downloading = img.layers.clone().acquire_owned().await?;
         let opts = self.limits.chunked(img);
-        let staged = Staged::new(&self.tmp_root)
-            .map_err(|e| format!("staging directory for layer {}: {e}", layer.digest))?;
+        let staged = Staged::new(&self.tmp_root).map_err(|e| {
+            RemoteError::io(format!("staging directory for layer {}", layer.digest), e)
+        })?;
         if let Some(_unpacking) = self.limits.try_unpack(img) {
             self.stream_unpack(repo, layer, &opts, &staged.0).await?;
             return Ok(Arc::new(Fetched::Unpacked(staged)));
@@ -108,16 +113,15 @@ impl Remote {
             .spooled
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = tempfile::NamedTempFile::new_in(&self.tmp_root)
-            .map_err(|e| format!("temp file for layer {}: {e}", layer.digest))?
+            .map_err(|e| RemoteError::io(format!("temp file for layer {}", layer.digest), e))?
             .into_temp_path();
         let mut f = tokio::fs::File::create(&tmp)
             .await
-            .map_err(|e| format!("temp file for layer {}: {e}", layer.digest))?;
+            .map_err(|e| RemoteError::io(format!("temp file for layer {}", layer.digest), e))?;
         let stats = self
             .client
             .get_blob_chunked_to(repo, layer, &opts, &mut f)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         self.limits.record(&stats);
         drop((f, downloading));
         let _unpacking = self.limits.unpack(img).await?;
@@ -130,9 +134,8 @@ impl Remote {
             let file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
             crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir)
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("unpacking layer {}: {e}", layer.digest))?;
+        .await?
+        .map_err(|e| RemoteError::io(format!("unpacking layer {}", layer.digest), e))?;
         Ok(Arc::new(Fetched::Unpacked(staged)))
     }
 
@@ -145,7 +148,7 @@ impl Remote {
         layer: &Descriptor,
         opts: &soci_registry::ChunkedDownload,
         dir: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let (mut tx, rx) = tokio::io::duplex(1 << 20);
         let compression = layer_compression(&layer.media_type);
         let (dir, rt) = (dir.to_path_buf(), tokio::runtime::Handle::current());
@@ -161,10 +164,10 @@ impl Remote {
             .get_blob_chunked_to(repo, layer, opts, &mut tx)
             .await;
         drop(tx);
-        let unpacked = unpacker.await.map_err(|e| e.to_string())?;
-        let stats = fetched.map_err(|e| e.to_string())?;
+        let unpacked = unpacker.await?;
+        let stats = fetched?;
         self.limits.record(&stats);
-        unpacked.map_err(|e| format!("unpacking layer {}: {e}", layer.digest))?;
+        unpacked.map_err(|e| RemoteError::io(format!("unpacking layer {}", layer.digest), e))?;
         Ok(())
     }
 
@@ -176,7 +179,7 @@ impl Remote {
         labels: &BTreeMap<String, String>,
         layer_digest: &Digest,
         reason: Option<soci_index::NoSoci>,
-    ) -> Result<super::LayerPlan, String> {
+    ) -> Result<LayerPlan> {
         let key = format!(
             "{r}@{}",
             labels
@@ -190,9 +193,16 @@ impl Remote {
             .iter()
             .find(|l| &l.digest == layer_digest)
             .cloned()
-            .ok_or_else(|| format!("layer {layer_digest} is not in image {r}"))?;
+            .ok_or_else(|| RemoteError::LayerNotInImage {
+                layer: layer_digest.clone(),
+                image: r.to_string(),
+            })?;
         self.start_downloads(&r.repository, labels, &list.layers, &list.limits, |_| true);
-        Ok(super::LayerPlan::Full(r.repository.clone(), layer, reason))
+        Ok(LayerPlan::Full {
+            repo: r.repository.clone(),
+            layer,
+            reason,
+        })
     }
 
     /// Layers not served lazily are left to containerd (`experimental_parallel_pull_as_fallback
@@ -220,7 +230,7 @@ impl Remote {
     /// Forgets a download not needed (the layer already exists).
     pub fn discard_download(&self, layer: &str) {
         if let Some(d) = Digest::parse(layer) {
-            self.downloads.lock().expect("downloads").remove(&d);
+            self.downloads.remove(&d);
         }
     }
     /// The layers of an image from its manifest (media type and size are needed to unpack).
@@ -228,37 +238,33 @@ impl Remote {
         &self,
         r: &Reference,
         labels: &BTreeMap<String, String>,
-    ) -> Result<Vec<Descriptor>, String> {
+    ) -> Result<Vec<Descriptor>> {
         let object = labels
             .get(label::MANIFEST_DIGEST)
             .cloned()
             .unwrap_or_else(|| r.object());
-        let (desc, bytes) = self
-            .client
-            .get_manifest(&r.repository, &object)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (desc, bytes) = self.client.get_manifest(&r.repository, &object).await?;
         let manifest: soci_registry::ImageManifest =
             if soci_registry::oci::is_index(&desc.media_type) {
                 let idx: soci_registry::ImageIndex =
-                    serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+                    serde_json::from_slice(&bytes).map_err(|e| {
+                        RemoteError::Manifest(format!("image index {}: {e}", desc.digest))
+                    })?;
                 let host = soci_registry::Platform::host();
-                let entry = idx
-                    .manifests
-                    .iter()
-                    .find(|d| {
-                        d.artifact_type.is_none()
-                            && d.platform.as_ref().is_none_or(|p| p.matches(&host))
-                    })
-                    .ok_or("no manifest for this platform")?;
-                let (_, b) = self
+                let entry = soci_index::platform::manifest_for(&idx, &host).ok_or_else(|| {
+                    RemoteError::Manifest(format!("{r}: no manifest for this platform"))
+                })?;
+                let (m, b) = self
                     .client
                     .get_manifest(&r.repository, entry.digest.as_str())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                serde_json::from_slice(&b).map_err(|e| e.to_string())?
+                    .await?;
+                serde_json::from_slice(&b).map_err(|e| {
+                    RemoteError::Manifest(format!("image manifest {}: {e}", m.digest))
+                })?
             } else {
-                serde_json::from_slice(&bytes).map_err(|e| e.to_string())?
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    RemoteError::Manifest(format!("image manifest {}: {e}", desc.digest))
+                })?
             };
         Ok(manifest.layers)
     }
@@ -268,21 +274,22 @@ impl Remote {
         fs_dir: &Path,
         repo: &Repository,
         layer: &Descriptor,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         // Started ahead by `start_downloads`, or fetched now (within the global limits only).
-        let cell = attempt::cell(&self.downloads, &layer.digest);
+        let cell = self.downloads.cell(&layer.digest);
         let file = cell
             .get_or_init(|| async { self.download(repo, layer, &self.limits.image()).await })
             .await
             .clone();
         // Used up (or failed): the next Prepare of this layer starts afresh.
-        attempt::forget(&self.downloads, &layer.digest, &cell);
+        self.downloads.forget(&layer.digest, &cell);
         let digest = layer.digest.clone();
         let dir = fs_dir.to_path_buf();
         let Fetched::Unpacked(staged) = &*file?;
         // The snapshot's empty fs directory is replaced by the unpacked tree.
-        std::fs::rename(&staged.0, &dir)
-            .map_err(|e| format!("moving unpacked layer {digest} into place: {e}"))?;
+        std::fs::rename(&staged.0, &dir).map_err(|e| {
+            RemoteError::io(format!("moving unpacked layer {digest} into place"), e)
+        })?;
         self.layers_full
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())

@@ -54,25 +54,46 @@ pub(super) struct Health {
     restoring: std::sync::Mutex<BTreeMap<u64, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// Why a lazy layer is not served right now (the start of its `broken` label).
+#[derive(Debug, thiserror::Error)]
+pub enum NotServed {
+    /// This daemon has no mount for it.
+    #[error("it is not mounted by this daemon")]
+    NotMounted,
+    /// The FUSE server did not answer the probe in time.
+    #[error("its FUSE server did not answer within {0:?}")]
+    NoAnswer(Duration),
+    /// The probe's blocking task failed.
+    #[error("probe task failed: {0}")]
+    Task(String),
+    /// The FUSE connection is aborted (its server is gone).
+    #[error("its FUSE connection is aborted")]
+    Aborted,
+    /// `statfs` of the mount point failed otherwise.
+    #[error("statfs of its mount point failed: {0}")]
+    Statfs(Errno),
+    /// The mount point is not a FUSE mount.
+    #[error("nothing is mounted on its mount point")]
+    NotFuse,
+}
+
 impl Remote {
     /// Checks that lazy layer `id` is served by this daemon right now: mounted by it, and its
     /// FUSE server answers a `statfs` through the mount point `fs_dir` within
     /// [`PROBE_TIMEOUT`]. The error says why not.
-    pub async fn probe(&self, id: u64, fs_dir: &Path) -> Result<(), String> {
+    pub async fn probe(&self, id: u64, fs_dir: &Path) -> Result<(), NotServed> {
         if !self.is_mounted(id) {
-            return Err("it is not mounted by this daemon".into());
+            return Err(NotServed::NotMounted);
         }
         let dir = fs_dir.to_path_buf();
         let statfs = tokio::task::spawn_blocking(move || nix::sys::statfs::statfs(&dir));
         match tokio::time::timeout(PROBE_TIMEOUT, statfs).await {
-            Err(_) => Err(format!(
-                "its FUSE server did not answer within {PROBE_TIMEOUT:?}"
-            )),
-            Ok(Err(e)) => Err(format!("probe task failed: {e}")),
-            Ok(Ok(Err(Errno::ENOTCONN))) => Err("its FUSE connection is aborted".into()),
-            Ok(Ok(Err(e))) => Err(format!("statfs of its mount point failed: {e}")),
+            Err(_) => Err(NotServed::NoAnswer(PROBE_TIMEOUT)),
+            Ok(Err(e)) => Err(NotServed::Task(e.to_string())),
+            Ok(Ok(Err(Errno::ENOTCONN))) => Err(NotServed::Aborted),
+            Ok(Ok(Err(e))) => Err(NotServed::Statfs(e)),
             Ok(Ok(Ok(st))) if st.filesystem_type() != nix::sys::statfs::FUSE_SUPER_MAGIC => {
-                Err("nothing is mounted on its mount point".into())
+                Err(NotServed::NotFuse)
             }
             Ok(Ok(Ok(_))) => Ok(()),
         }
@@ -208,7 +229,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let r = remote(tmp.path());
         let e = r.probe(7, tmp.path()).await.unwrap_err();
-        assert!(e.contains("not mounted"), "{e}");
+        assert!(matches!(e, NotServed::NotMounted), "{e}");
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use soci_registry::{Client, Descriptor, Repository};
 use tracing::{info, warn};
 
 use super::resolver::PreparedLayer;
-use super::Remote;
+use super::{Remote, RemoteError, Result};
 use crate::holder::HolderClient;
 
 /// Range reads of a layer blob from the registry (or whole reads, if it ignores ranges).
@@ -71,10 +71,10 @@ impl Remote {
         img: &SociImage,
         ztoc: &Descriptor,
         layer: &Descriptor,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let PreparedLayer { spans, tree } = self.prepare_layer(img, ztoc, layer).await?;
         // Mounted layers keep their own copy; the prepared one is not needed any more.
-        self.prepared.lock().expect("prepared").remove(&ztoc.digest);
+        self.prepared.remove(&ztoc.digest);
         let reader = Arc::new(RegistryReader {
             client: self.client.clone(),
             repo: img.reference.repository.clone(),
@@ -96,7 +96,7 @@ impl Remote {
             cfg,
             self.metrics.clone(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| RemoteError::Ztoc(e.to_string()))?;
         self.prefetch_layer(img, layer, &mgr).await;
         let served = soci_fs::Served {
             tree,
@@ -118,9 +118,11 @@ impl Remote {
             }
             None => soci_fs::mount(served, &dir),
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("FUSE mount at {}: {e}", fs_dir.display()))?;
+        .await?
+        .map_err(|e| RemoteError::Mount {
+            path: fs_dir.to_path_buf(),
+            source: Arc::new(e),
+        })?;
         if resumed {
             info!(id, mountpoint = %fs_dir.display(), "serving the mount kept by the fd holder again");
         } else {

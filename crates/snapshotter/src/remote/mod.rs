@@ -10,14 +10,16 @@ use std::time::Duration;
 
 use soci_fs::{FsMetrics, MountedLayer};
 use soci_index::{NoSoci, SociImage};
-use soci_registry::{Client, ClientOptions, Descriptor, Digest, HostsConfig, Repository};
+use soci_registry::{Client, ClientOptions, Descriptor, HostsConfig, Repository};
 use tracing::info;
 
 use crate::config::Config;
 use crate::holder::{Held, HolderClient};
-use resolver::{Discovery, Prepared};
+pub use error::{RemoteError, Result};
+use full_pull::{Downloads, LayerLists};
+use resolver::{Discoveries, PreparedLayers};
 
-mod attempt;
+mod error;
 mod full_pull;
 mod health;
 mod lazy;
@@ -25,24 +27,22 @@ mod observe;
 mod parallel;
 mod prefetch;
 mod resolver;
+mod singleflight;
 
 pub use parallel::PullStats;
 
-pub use health::{BrokenLayer, PROBE_TIMEOUT};
+pub use health::{BrokenLayer, NotServed, PROBE_TIMEOUT};
 pub use lazy::detach_stale_mount;
 pub use prefetch::PrefetchState;
 
 /// A layer pulled ahead of its Prepare (digest-verified): its blob in a temp file, or already
 /// unpacked into a staging directory.
-type Download = attempt::Cell<Result<Arc<full_pull::Fetched>, String>>;
 
 /// The layers of an image (for full pulls) and its download and unpack limits.
 struct ImageLayers {
     layers: Vec<Descriptor>,
     limits: Arc<parallel::ImageLimits>,
 }
-
-type LayerList = attempt::Cell<Result<Arc<ImageLayers>, String>>;
 
 /// State of remote layers.
 pub struct Remote {
@@ -52,13 +52,13 @@ pub struct Remote {
     cfg: Config,
     cache_root: PathBuf,
     tmp_root: PathBuf,
-    images: Mutex<HashMap<String, Discovery>>,
+    images: Discoveries,
     /// zTOCs fetched and parsed ahead of the layer's Prepare, by zTOC digest.
-    prepared: Mutex<HashMap<Digest, Prepared>>,
+    prepared: PreparedLayers,
     /// Layer lists of images pulled in full, by image reference and manifest.
-    image_layers: Mutex<HashMap<String, LayerList>>,
+    image_layers: LayerLists,
     /// Layer downloads started ahead of their Prepare, by layer digest.
-    downloads: Mutex<HashMap<Digest, Download>>,
+    downloads: Downloads,
     mounts: Mutex<HashMap<u64, MountedLayer>>,
     /// The fd holder keeping lazy mounts alive across restarts (if enabled and reachable).
     holder: Mutex<Option<HolderClient>>,
@@ -92,15 +92,30 @@ pub struct Remote {
 
 /// How one layer will be provided.
 pub enum LayerPlan {
-    /// Over FUSE from this zTOC.
-    Lazy(Arc<SociImage>, Descriptor, Descriptor),
-    /// Downloaded and unpacked; the reason when the image is not lazy.
-    Full(Repository, Descriptor, Option<NoSoci>),
+    /// Over FUSE from a zTOC.
+    Lazy {
+        /// The image, its SOCI index and trust chain checked.
+        image: Arc<SociImage>,
+        /// The layer's zTOC.
+        ztoc: Descriptor,
+        /// The layer.
+        layer: Descriptor,
+    },
+    /// Downloaded and unpacked here.
+    Full {
+        /// Where the layer blob is.
+        repo: Repository,
+        /// The layer.
+        layer: Descriptor,
+        /// Why the image is not lazy, if discovery said so (else the layer has no zTOC, or
+        /// parallel pull mode is on).
+        reason: Option<NoSoci>,
+    },
 }
 
 impl Remote {
     /// Remote-layer state under `root`.
-    pub fn new(root: &Path, cfg: &Config) -> Result<Remote, String> {
+    pub fn new(root: &Path, cfg: &Config) -> Result<Remote> {
         let hosts = HostsConfig {
             hosts_dir: cfg
                 .resolver
@@ -117,13 +132,13 @@ impl Remote {
             ..Default::default()
         };
         let (keychain, cri_credentials) = crate::cri::keychain(root, cfg);
-        let client = Client::with_keychain(opts, keychain).map_err(|e| e.to_string())?;
+        let client = Client::with_keychain(opts, keychain)?;
         let cache_root = root.join("cache");
         let tmp_root = root.join("tmp");
         // Downloads of a previous run are of no use: start clean.
         let _ = std::fs::remove_dir_all(&tmp_root);
         for d in [&cache_root, &tmp_root] {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+            std::fs::create_dir_all(d).map_err(|e| RemoteError::io(d.display().to_string(), e))?;
         }
         Ok(Remote {
             cri_credentials,
@@ -131,10 +146,10 @@ impl Remote {
             cfg: cfg.clone(),
             cache_root,
             tmp_root,
-            images: Mutex::new(HashMap::new()),
-            prepared: Mutex::new(HashMap::new()),
-            image_layers: Mutex::new(HashMap::new()),
-            downloads: Mutex::new(HashMap::new()),
+            images: Default::default(),
+            prepared: Default::default(),
+            image_layers: Default::default(),
+            downloads: Default::default(),
             mounts: Mutex::new(HashMap::new()),
             holder: Mutex::new(None),
             holder_path: root.join("fuse-holder.sock"),

@@ -29,7 +29,7 @@ impl Remote {
         img: &SociImage,
         ztoc: &Descriptor,
         layer: &Descriptor,
-    ) -> Result<(), String> {
+    ) -> super::Result<()> {
         let started = Instant::now();
         let r = self
             .mount_lazy_uncounted(id, fs_dir, img, ztoc, layer)

@@ -142,10 +142,10 @@ impl PullLimits {
 
     /// Waits for an unpack slot (freed as other layers finish unpacking, each bounded by the
     /// Prepare deadline of whoever waits for it).
-    pub async fn unpack(&self, img: &ImageLimits) -> Result<UnpackSlot, String> {
+    pub async fn unpack(&self, img: &ImageLimits) -> Result<UnpackSlot, super::RemoteError> {
         let mut held = Vec::new();
         for s in self.unpack_sems(img) {
-            held.push(s.clone().acquire_owned().await.map_err(|e| e.to_string())?);
+            held.push(s.clone().acquire_owned().await?);
         }
         Ok(self.slot(held))
     }

@@ -15,9 +15,11 @@ use soci_index::labels as label;
 use soci_index::{discover, DiscoverOptions, NoSoci, SociImage};
 use soci_registry::{Descriptor, Digest, Reference};
 
-use super::{attempt, LayerPlan, Remote};
+use super::singleflight::SingleFlight;
+use super::{LayerPlan, Remote, RemoteError, Result};
 
-pub(super) type Discovery = attempt::Cell<Result<Arc<SociImage>, NoSoci>>;
+/// Discoveries by image reference, manifest and index digest.
+pub(super) type Discoveries = SingleFlight<String, Result<Arc<SociImage>, NoSoci>>;
 
 /// How long a definitive "no lazy loading for this manifest" answer is shared (by the layers
 /// of one pull) before the image is looked at again.
@@ -44,7 +46,8 @@ pub(super) struct PreparedLayer {
     pub(super) tree: Arc<LayerTree>,
 }
 
-pub(super) type Prepared = attempt::Cell<Result<PreparedLayer, String>>;
+/// Prepared zTOCs by zTOC digest.
+pub(super) type PreparedLayers = SingleFlight<Digest, Result<PreparedLayer>>;
 
 impl Remote {
     /// Discovers an image's SOCI index once per (reference, manifest) and shares the result.
@@ -59,7 +62,7 @@ impl Remote {
             manifest.unwrap_or(""),
             index_digest.unwrap_or("")
         );
-        let cell = attempt::cell(&self.images, &key);
+        let cell = self.images.cell(&key);
         let result = cell
             .get_or_init(|| async {
                 let index_digest = index_digest
@@ -121,29 +124,26 @@ impl Remote {
                 let (me, cell) = (self.clone(), cell.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(DEFINITIVE_ANSWER_TTL).await;
-                    attempt::forget(&me.images, &key, &cell);
+                    me.images.forget(&key, &cell);
                 });
             } else {
                 // Transient (registry, a moving tag): the next layer or pull tries again.
-                attempt::forget(&self.images, &key, &cell);
+                self.images.forget(&key, &cell);
             }
         }
         result
     }
 
     /// Decides how a layer is provided.
-    pub async fn plan(
-        self: &Arc<Self>,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<LayerPlan, String> {
+    pub async fn plan(self: &Arc<Self>, labels: &BTreeMap<String, String>) -> Result<LayerPlan> {
         let image_ref = labels
             .get(label::IMAGE_REF)
-            .ok_or("no image reference label")?;
+            .ok_or(RemoteError::Label("no image reference label"))?;
         let layer_digest = labels
             .get(label::LAYER_DIGEST)
             .and_then(|d| Digest::parse(d))
-            .ok_or("no valid layer digest label")?;
-        let r = Reference::parse(image_ref)?;
+            .ok_or(RemoteError::Label("no valid layer digest label"))?;
+        let r = Reference::parse(image_ref).map_err(RemoteError::Reference)?;
         if self.cfg.pull_modes.parallel_pull_unpack.enable {
             return self.plan_full(&r, labels, &layer_digest, None).await;
         }
@@ -162,9 +162,16 @@ impl Remote {
                     .iter()
                     .find(|l| l.digest == layer_digest)
                     .cloned()
-                    .ok_or_else(|| format!("layer {layer_digest} is not in image {image_ref}"))?;
+                    .ok_or_else(|| RemoteError::LayerNotInImage {
+                        layer: layer_digest.clone(),
+                        image: image_ref.clone(),
+                    })?;
                 match img.index.ztoc_for(&layer_digest).cloned() {
-                    Some(z) => Ok(LayerPlan::Lazy(img, z, layer)),
+                    Some(ztoc) => Ok(LayerPlan::Lazy {
+                        image: img,
+                        ztoc,
+                        layer,
+                    }),
                     None => {
                         let unindexed: Vec<Descriptor> = img
                             .manifest
@@ -186,7 +193,11 @@ impl Remote {
                             &limits,
                             |d| img.index.ztoc_for(d).is_none(),
                         );
-                        Ok(LayerPlan::Full(r.repository, layer, None))
+                        Ok(LayerPlan::Full {
+                            repo: r.repository,
+                            layer,
+                            reason: None,
+                        })
                     }
                 }
             }
@@ -204,26 +215,26 @@ impl Remote {
         img: &SociImage,
         ztoc: &Descriptor,
         layer: &Descriptor,
-    ) -> Result<PreparedLayer, String> {
-        attempt::run(&self.prepared, &ztoc.digest, async {
-            let started = std::time::Instant::now();
-            let z = img
-                .fetch_ztoc(&self.client, ztoc, layer)
-                .await
-                .map_err(|e| e.to_string())?;
-            self.observe(UpOp::ZTOC_FETCH, layer.digest.as_str(), started);
-            let spans = z
-                .spans()
-                .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
-            let tree = tokio::task::spawn_blocking(move || LayerTree::build(&z))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
-            Ok(PreparedLayer {
-                spans,
-                tree: Arc::new(tree),
+    ) -> Result<PreparedLayer> {
+        self.prepared
+            .run(&ztoc.digest, async {
+                let started = std::time::Instant::now();
+                let z = img
+                    .fetch_ztoc(&self.client, ztoc, layer)
+                    .await
+                    .map_err(|e| RemoteError::Ztoc(e.to_string()))?;
+                self.observe(UpOp::ZTOC_FETCH, layer.digest.as_str(), started);
+                let spans = z
+                    .spans()
+                    .map_err(|e| RemoteError::Ztoc(format!("zTOC {}: {e}", ztoc.digest)))?;
+                let tree = tokio::task::spawn_blocking(move || LayerTree::build(&z))
+                    .await?
+                    .map_err(|e| RemoteError::Ztoc(format!("zTOC {}: {e}", ztoc.digest)))?;
+                Ok(PreparedLayer {
+                    spans,
+                    tree: Arc::new(tree),
+                })
             })
-        })
-        .await
+            .await
     }
 }

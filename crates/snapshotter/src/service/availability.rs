@@ -20,7 +20,7 @@ use tonic::Status;
 use tracing::{info, warn};
 
 use super::Snapshotter;
-use crate::remote::{BrokenLayer, LayerPlan, Remote, PROBE_TIMEOUT};
+use crate::remote::{BrokenLayer, LayerPlan, NotServed, Remote, RemoteError, PROBE_TIMEOUT};
 use crate::store::Snapshot;
 
 /// First background retry of a broken layer, after this long.
@@ -28,7 +28,52 @@ pub const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Background retries back off (doubling) up to this interval, and go on at it.
 pub const RETRY_MAX: Duration = Duration::from_secs(120);
 
-type Served<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+type Served<'a> = Pin<Box<dyn Future<Output = Result<(), NotServedNow>> + Send + 'a>>;
+
+/// Why a lazy layer is not served and could not be restored (the `broken` label's text).
+#[derive(Debug, thiserror::Error)]
+enum NotServedNow {
+    /// Another restore of it holds its lock past that restore's own deadline.
+    #[error("another restore of it did not end within {0:?}")]
+    Busy(Duration),
+    /// The probe failed and so did the restore.
+    #[error("{why}; restoring it failed: {error}")]
+    Broken {
+        /// Why the probe failed.
+        why: NotServed,
+        /// Why the restore failed.
+        error: RestoreError,
+    },
+}
+
+/// Why a restore of a lazy layer failed.
+#[derive(Debug, thiserror::Error)]
+enum RestoreError {
+    /// Planning it failed (discovery, registry).
+    #[error("{0}")]
+    Plan(RemoteError),
+    /// Mounting it failed.
+    #[error("{0}")]
+    Mount(RemoteError),
+    /// The image has another zTOC for this layer now.
+    #[error("the image no longer has the same zTOC for this layer")]
+    ZtocChanged,
+    /// The restore deadline passed.
+    #[error("not done within {0:?}")]
+    Deadline(Duration),
+}
+
+impl RestoreError {
+    /// Short cause for metrics and the broken-layer list.
+    fn cause(&self) -> &'static str {
+        match self {
+            RestoreError::Plan(_) => "registry",
+            RestoreError::Mount(_) => "mount",
+            RestoreError::ZtocChanged => "ztoc_changed",
+            RestoreError::Deadline(_) => "deadline",
+        }
+    }
+}
 
 fn is_lazy(s: &Snapshot) -> bool {
     s.labels.get(label::MODE).map(String::as_str) == Some(label::MODE_LAZY)
@@ -98,7 +143,7 @@ impl Snapshotter {
             let wait = remote.restore_deadline() + 3 * PROBE_TIMEOUT;
             let _guard = tokio::time::timeout(wait, lock.lock())
                 .await
-                .map_err(|_| format!("another restore of it did not end within {wait:?}"))?;
+                .map_err(|_| NotServedNow::Busy(wait))?;
             let fs_dir = self.layout.fs(snap.id);
             let why = match remote.probe(snap.id, &fs_dir).await {
                 Ok(()) => {
@@ -116,12 +161,14 @@ impl Snapshotter {
                     self.served_again(remote, name, snap.id);
                     Ok(())
                 }
-                Err((cause, e)) => {
-                    let reason = format!("{why}; restoring it failed: {e}");
+                Err(error) => {
+                    let cause = error.cause();
+                    let broken = NotServedNow::Broken { why, error };
+                    let reason = broken.to_string();
                     warn!(snapshot = %name, error = %reason, "lazy layer cannot be restored; marked broken");
                     remote.drop_held(snap.id, &fs_dir);
                     self.mark_broken(remote, name, snap, cause, &reason);
-                    Err(reason)
+                    Err(broken)
                 }
             }
         })
@@ -129,11 +176,7 @@ impl Snapshotter {
 
     /// Mounts lazy layer `snap` again (taking over the fd holder's mount if it kept one),
     /// within [`Remote::restore_deadline`]. The error has a short cause for metrics.
-    async fn restore(
-        &self,
-        remote: &Arc<Remote>,
-        snap: &Snapshot,
-    ) -> Result<(), (&'static str, String)> {
+    async fn restore(&self, remote: &Arc<Remote>, snap: &Snapshot) -> Result<(), RestoreError> {
         let fs_dir = self.layout.fs(snap.id);
         if !remote.is_held(snap.id) {
             remote.drop_dead_mount(snap.id, &fs_dir);
@@ -141,24 +184,21 @@ impl Snapshotter {
         let deadline = remote.restore_deadline();
         let attempt = async {
             match remote.plan(&snap.labels).await {
-                Ok(LayerPlan::Lazy(img, z, layer))
-                    if snap.labels.get(label::ZTOC_DIGEST) == Some(&z.digest.to_string()) =>
+                Ok(LayerPlan::Lazy { image, ztoc, layer })
+                    if snap.labels.get(label::ZTOC_DIGEST) == Some(&ztoc.digest.to_string()) =>
                 {
                     remote
-                        .mount_lazy(snap.id, &fs_dir, &img, &z, &layer)
+                        .mount_lazy(snap.id, &fs_dir, &image, &ztoc, &layer)
                         .await
-                        .map_err(|e| ("mount", e))
+                        .map_err(RestoreError::Mount)
                 }
-                Ok(_) => Err((
-                    "ztoc_changed",
-                    "the image no longer has the same zTOC for this layer".to_string(),
-                )),
-                Err(e) => Err(("registry", e)),
+                Ok(_) => Err(RestoreError::ZtocChanged),
+                Err(e) => Err(RestoreError::Plan(e)),
             }
         };
         match tokio::time::timeout(deadline, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(("deadline", format!("not done within {deadline:?}"))),
+            Err(_) => Err(RestoreError::Deadline(deadline)),
         }
     }
 

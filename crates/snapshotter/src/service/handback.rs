@@ -26,7 +26,7 @@ use tracing::warn;
 
 use super::Service;
 use crate::proto::types::Mount;
-use crate::remote::Remote;
+use crate::remote::{Remote, RemoteError};
 use crate::store::Kind;
 
 /// Prefix of the `soci.fallback-reason` label value of a handed-back layer.
@@ -69,22 +69,15 @@ impl Cause {
         }
     }
 
-    /// The cause of a failed remote attempt from its error text; `default` unless the
-    /// registry refused authentication. The remote path reports errors as text; this matches
-    /// the wording of `soci_registry::RegistryError::Unauthorized`.
-    pub fn classify(error: &str, default: Cause) -> Cause {
-        if error.contains("authentication to ") {
+    /// The cause of a failed remote attempt; `default` unless the registry refused
+    /// authentication.
+    pub fn classify(error: &RemoteError, default: Cause) -> Cause {
+        if error.is_auth() {
             Cause::Auth
         } else {
             default
         }
     }
-}
-
-/// Whether a failure is one containerd cannot recover from either (the disk is full):
-/// the Prepare fails instead of handing the layer back.
-pub fn is_fatal(error: &str) -> bool {
-    error.contains("os error 28") || error.contains("No space left on device")
 }
 
 /// The `soci.fallback-reason` value of a handed-back layer; `after` is the reason the layer
@@ -139,16 +132,23 @@ mod tests {
 
     #[test]
     fn auth_failures_are_told_apart() {
-        let e = "manifest of r: authentication to 127.0.0.1:5000 failed (401); configure …";
-        assert_eq!(Cause::classify(e, Cause::Registry), Cause::Auth);
+        let text = |s: &str| RemoteError::Manifest(s.into());
+        let e = text("manifest of r: authentication to 127.0.0.1:5000 failed (401); configure …");
+        assert_eq!(Cause::classify(&e, Cause::Registry), Cause::Auth);
         assert_eq!(
-            Cause::classify("connection refused", Cause::Registry),
+            Cause::classify(&text("connection refused"), Cause::Registry),
             Cause::Registry
         );
         assert_eq!(
-            Cause::classify("digest mismatch", Cause::FullPull),
+            Cause::classify(&text("digest mismatch"), Cause::FullPull),
             Cause::FullPull
         );
+        let typed = RemoteError::from(soci_registry::RegistryError::Unauthorized {
+            what: "blob".into(),
+            registry: "r".into(),
+            detail: "401".into(),
+        });
+        assert_eq!(Cause::classify(&typed, Cause::FullPull), Cause::Auth);
     }
 
     #[test]
@@ -162,9 +162,11 @@ mod tests {
 
     #[test]
     fn only_a_full_disk_is_fatal() {
-        assert!(is_fatal(
-            "unpacking layer sha256:ab: No space left on device (os error 28)"
-        ));
-        assert!(!is_fatal("registry answered 503"));
+        let e = RemoteError::io(
+            "unpacking layer sha256:ab",
+            std::io::Error::from_raw_os_error(28),
+        );
+        assert!(e.is_no_space());
+        assert!(!RemoteError::Manifest("registry answered 503".into()).is_no_space());
     }
 }

@@ -8,10 +8,10 @@ use soci_index::labels as label;
 use tonic::Status;
 use tracing::{info, warn};
 
-use super::handback::{self, Cause};
+use super::handback::Cause;
 use super::{labels, Service};
 use crate::overlay::disk_usage;
-use crate::remote::{LayerPlan, Remote};
+use crate::remote::{LayerPlan, Remote, RemoteError};
 use crate::store::{Kind, Usage};
 
 impl Service {
@@ -46,7 +46,6 @@ impl Service {
         // Every wait on registries below ends by this deadline.
         let budget = remote.prepare_deadline();
         let deadline = tokio::time::Instant::now() + budget;
-        let late = || format!("not ready within the Prepare deadline of {budget:?}");
         let plan = match tokio::time::timeout_at(deadline, remote.plan(&labels)).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
@@ -57,13 +56,13 @@ impl Service {
                     .await;
             }
             Err(_) => {
-                let detail = format!("layer for {target}: {}", late());
+                let detail = format!("layer for {target}: {}", RemoteError::Deadline(budget));
                 return self
                     .hand_back(&remote, key, parent, labels, Cause::Deadline, None, &detail)
                     .await;
             }
         };
-        if let LayerPlan::Full(_, _, reason) = &plan {
+        if let LayerPlan::Full { reason, .. } = &plan {
             if remote.full_pulls_go_to_containerd() {
                 // Upstream's meaning of `experimental_parallel_pull_as_fallback = false`.
                 let why = reason
@@ -98,12 +97,15 @@ impl Service {
         let mut extra = BTreeMap::new();
         let provide = async {
             match plan {
-                LayerPlan::Lazy(img, z, layer) => {
-                    match remote.mount_lazy(snap.id, &fs_dir, &img, &z, &layer).await {
+                LayerPlan::Lazy { image, ztoc, layer } => {
+                    match remote
+                        .mount_lazy(snap.id, &fs_dir, &image, &ztoc, &layer)
+                        .await
+                    {
                         Ok(()) => {
                             extra.insert(label::REMOTE.to_string(), "soci".to_string());
                             extra.insert(label::MODE.to_string(), label::MODE_LAZY.to_string());
-                            extra.insert(label::ZTOC_DIGEST.to_string(), z.digest.to_string());
+                            extra.insert(label::ZTOC_DIGEST.to_string(), ztoc.digest.to_string());
                             Ok(())
                         }
                         Err(e) => {
@@ -115,12 +117,16 @@ impl Service {
                                 "lazy_mount_failed".to_string(),
                             );
                             remote
-                                .unpack_full(&fs_dir, &img.reference.repository, &layer)
+                                .unpack_full(&fs_dir, &image.reference.repository, &layer)
                                 .await
                         }
                     }
                 }
-                LayerPlan::Full(repo, layer, reason) => {
+                LayerPlan::Full {
+                    repo,
+                    layer,
+                    reason,
+                } => {
                     extra.insert(label::MODE.to_string(), label::MODE_FULL.to_string());
                     let why = reason
                         .map(|r| r.label().to_string())
@@ -133,7 +139,7 @@ impl Service {
         let result = match tokio::time::timeout_at(deadline, provide).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err((Cause::classify(&e, Cause::FullPull), e)),
-            Err(_) => Err((Cause::Deadline, late())),
+            Err(_) => Err((Cause::Deadline, RemoteError::Deadline(budget))),
         };
         let lazy = extra.get(label::MODE).map(String::as_str) == Some(label::MODE_LAZY);
         let after = extra.get(label::FALLBACK_REASON).cloned();
@@ -167,9 +173,8 @@ impl Service {
             }
             (Ok(()), Err(e)) if e.code() == tonic::Code::AlreadyExists => Err(exists()),
             (Ok(()), Err(e)) => Err(e),
-            (Err((_, e)), _) if handback::is_fatal(&e) => Err(Status::resource_exhausted(format!(
-                "layer for {target}: {e}"
-            ))),
+            // A full disk: containerd cannot do better (ResourceExhausted).
+            (Err((_, e)), _) if e.is_no_space() => Err(e.status(&target)),
             (Err((cause, e)), _) => {
                 let detail = format!("layer for {target}: {e}");
                 self.hand_back(
