@@ -387,3 +387,6 @@ impl Snapshots for Service {
         Ok(Response::new(()))
     }
 }
+
+#[cfg(test)]
+mod tests;

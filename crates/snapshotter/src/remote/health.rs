@@ -110,7 +110,7 @@ impl Remote {
                 warn!(id, error = %e, "unmounting a dead lazy layer failed");
             }
         }
-        super::detach_stale_mount(fs_dir);
+        self.mounter.detach_stale(fs_dir);
     }
 
     /// The lock one restore of snapshot `id` holds (a Prepare, the background retry and the

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use soci_fs::{MountedLayer, RangeReader, SpanConfig, SpanManager};
+use soci_fs::{RangeReader, SpanConfig, SpanManager};
 use soci_index::SociImage;
 use soci_registry::{Client, Descriptor, Repository};
 use tracing::{info, warn};
 
+use super::mounter::LazyMount;
 use super::resolver::PreparedLayer;
 use super::{Remote, RemoteError, Result};
 use crate::holder::HolderClient;
@@ -108,25 +109,17 @@ impl Remote {
         let dir = fs_dir.to_path_buf();
         let held = self.held.lock().expect("held").remove(&id);
         let resumed = held.is_some();
-        let mounted = tokio::task::spawn_blocking(move || match held {
-            Some(h) => {
-                let session = soci_fs::Session {
-                    minor: h.minor,
-                    resend: h.resend,
-                };
-                soci_fs::resume(served, h.fd, session, &dir)
-            }
-            None => soci_fs::mount(served, &dir),
-        })
-        .await?
-        .map_err(|e| RemoteError::Mount {
-            path: fs_dir.to_path_buf(),
-            source: Arc::new(e),
-        })?;
+        let mounter = self.mounter.clone();
+        let mounted = tokio::task::spawn_blocking(move || mounter.mount(served, &dir, held))
+            .await?
+            .map_err(|e| RemoteError::Mount {
+                path: fs_dir.to_path_buf(),
+                source: Arc::new(e),
+            })?;
         if resumed {
             info!(id, mountpoint = %fs_dir.display(), "serving the mount kept by the fd holder again");
         } else {
-            self.hold(id, &mounted);
+            self.hold(id, mounted.as_ref());
         }
         if !self.cfg.background_fetch.disable {
             let bg = &self.cfg.background_fetch;
@@ -182,7 +175,7 @@ impl Remote {
     pub fn drop_held(&self, id: u64, fs_dir: &Path) {
         self.held.lock().expect("held").remove(&id);
         self.unhold(id);
-        detach_stale_mount(fs_dir);
+        self.mounter.detach_stale(fs_dir);
     }
 
     /// Held mounts no snapshot claimed after the restore pass: their connections end.
@@ -196,14 +189,15 @@ impl Remote {
         }
     }
 
-    fn hold(&self, id: u64, m: &MountedLayer) {
+    fn hold(&self, id: u64, m: &dyn LazyMount) {
         let mut guard = self.holder.lock().expect("holder");
         let Some(c) = guard.as_ref() else { return };
-        if let Err(e) = c.put(id, m.session(), m.fuse_fd()) {
+        let Some(fd) = m.fuse_fd() else { return };
+        if let Err(e) = c.put(id, m.session(), fd) {
             // The holder may have exited (it does when it holds nothing): start a new one.
             let retry = self
                 .start_holder()
-                .and_then(|c| c.put(id, m.session(), m.fuse_fd()).map(|()| c));
+                .and_then(|c| c.put(id, m.session(), fd).map(|()| c));
             match retry {
                 Ok(c) => *guard = Some(c),
                 Err(e2) => {
@@ -249,7 +243,8 @@ impl Remote {
         if self.holder.lock().expect("holder").is_none() {
             return self.unmount_all();
         }
-        let all: Vec<(u64, MountedLayer)> = self.mounts.lock().expect("mounts").drain().collect();
+        let all: Vec<(u64, Box<dyn LazyMount>)> =
+            self.mounts.lock().expect("mounts").drain().collect();
         let n = all.len();
         for (_, m) in all {
             m.detach(wait);
@@ -264,7 +259,8 @@ impl Remote {
 
     /// Unmounts every lazy layer.
     pub fn unmount_all(&self) {
-        let all: Vec<(u64, MountedLayer)> = self.mounts.lock().expect("mounts").drain().collect();
+        let all: Vec<(u64, Box<dyn LazyMount>)> =
+            self.mounts.lock().expect("mounts").drain().collect();
         for (id, m) in all {
             if let Err(e) = m.unmount() {
                 warn!(id, error = %e, "unmounting lazy layer failed");
@@ -279,15 +275,5 @@ impl Remote {
             .expect("mounts")
             .get(&id)
             .map(|m| (m.spans().cached_count(), m.spans().span_count()))
-    }
-}
-
-/// Detaches whatever is mounted at `dir` (a FUSE mount left by a previous daemon process).
-pub fn detach_stale_mount(dir: &Path) {
-    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
-        // SAFETY: valid C string; MNT_DETACH on a path that may not be a mount point is harmless.
-        unsafe {
-            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-        }
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use soci_fs::{FsMetrics, MountedLayer};
+use soci_fs::FsMetrics;
 use soci_index::{NoSoci, SociImage};
 use soci_registry::{Client, ClientOptions, Descriptor, HostsConfig, Repository};
 use tracing::info;
@@ -23,6 +23,7 @@ mod error;
 mod full_pull;
 mod health;
 mod lazy;
+pub(crate) mod mounter;
 mod observe;
 mod parallel;
 mod prefetch;
@@ -32,7 +33,7 @@ mod singleflight;
 pub use parallel::PullStats;
 
 pub use health::{BrokenLayer, NotServed, PROBE_TIMEOUT};
-pub use lazy::detach_stale_mount;
+pub use mounter::{detach_stale_mount, FuseMounter, LazyMount, Mounter};
 pub use prefetch::PrefetchState;
 
 /// A layer pulled ahead of its Prepare (digest-verified): its blob in a temp file, or already
@@ -59,7 +60,9 @@ pub struct Remote {
     image_layers: LayerLists,
     /// Layer downloads started ahead of their Prepare, by layer digest.
     downloads: Downloads,
-    mounts: Mutex<HashMap<u64, MountedLayer>>,
+    mounts: Mutex<HashMap<u64, Box<dyn LazyMount>>>,
+    /// Makes and clears the mounts (the kernel's FUSE in production).
+    mounter: Arc<dyn Mounter>,
     /// The fd holder keeping lazy mounts alive across restarts (if enabled and reachable).
     holder: Mutex<Option<HolderClient>>,
     holder_path: PathBuf,
@@ -116,6 +119,11 @@ pub enum LayerPlan {
 impl Remote {
     /// Remote-layer state under `root`.
     pub fn new(root: &Path, cfg: &Config) -> Result<Remote> {
+        Remote::with_mounter(root, cfg, Arc::new(FuseMounter))
+    }
+
+    /// Remote-layer state under `root` whose lazy layers are mounted by `mounter`.
+    pub fn with_mounter(root: &Path, cfg: &Config, mounter: Arc<dyn Mounter>) -> Result<Remote> {
         let hosts = HostsConfig {
             hosts_dir: cfg
                 .resolver
@@ -141,6 +149,7 @@ impl Remote {
             std::fs::create_dir_all(d).map_err(|e| RemoteError::io(d.display().to_string(), e))?;
         }
         Ok(Remote {
+            mounter,
             cri_credentials,
             client: Arc::new(client),
             cfg: cfg.clone(),
@@ -215,3 +224,6 @@ impl Remote {
         self.memory.bytes()
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,133 @@
+//! Unit tests of lazy layers through the [`Mounter`] seam (no root, no registry): a fake
+//! mounter records what the daemon asks of the kernel, and the resolver's caches are seeded
+//! with an image whose single layer has a zTOC built here.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use soci_fs::LayerTree;
+use soci_index::{SociImage, SociIndex, SociVersion, ANNOTATION_LAYER_DIGEST};
+use soci_registry::{Descriptor, Digest, ImageManifest, Reference};
+
+use super::mounter::fake::{Call, FakeMounter};
+use super::resolver::PreparedLayer;
+use super::Remote;
+use crate::config::Config;
+
+/// The image reference of [`seed_lazy_image`] (nothing listens there).
+pub(crate) const IMAGE: &str = "127.0.0.1:1/soci-test:latest";
+
+fn digest_of(bytes: &[u8]) -> Digest {
+    Digest::of(bytes)
+}
+
+/// A remote whose lazy layers are "mounted" by a recording fake; background fetch off (no
+/// registry behind it).
+pub(crate) fn fake_remote(root: &Path) -> (Arc<Remote>, Arc<FakeMounter>) {
+    let mut cfg = Config::default();
+    cfg.background_fetch.disable = true;
+    let mounter = Arc::new(FakeMounter::default());
+    let remote = Remote::with_mounter(root, &cfg, mounter.clone()).expect("remote");
+    (Arc::new(remote), mounter)
+}
+
+/// Seeds `remote`'s discovery and zTOC caches with a one-layer image at [`IMAGE`] whose
+/// layer has a zTOC: the labels a remote Prepare of that layer carries.
+pub(crate) async fn seed_lazy_image(remote: &Remote) -> BTreeMap<String, String> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    let data = b"hello from a lazy layer\n";
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "hello", &data[..]).expect("tar");
+    let blob = b.into_inner().expect("tar");
+    let z = soci_ztoc::build(blob.as_slice(), &Default::default()).expect("ztoc");
+    let layer = Descriptor::new(
+        soci_registry::oci::MEDIA_TYPE_LAYER_TAR,
+        digest_of(&blob),
+        blob.len() as u64,
+    );
+    let mut ztoc = Descriptor::new("application/octet-stream", digest_of(b"ztoc"), 4);
+    ztoc.annotations
+        .insert(ANNOTATION_LAYER_DIGEST.into(), layer.digest.to_string());
+    let config = Descriptor::new(
+        soci_registry::oci::MEDIA_TYPE_OCI_CONFIG,
+        digest_of(b"{}"),
+        2,
+    );
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(soci_registry::oci::MEDIA_TYPE_OCI_MANIFEST.into()),
+        artifact_type: None,
+        config,
+        layers: vec![layer.clone()],
+        subject: None,
+        annotations: BTreeMap::new(),
+    };
+    let manifest_desc = Descriptor::new(
+        soci_registry::oci::MEDIA_TYPE_OCI_MANIFEST,
+        digest_of(b"manifest"),
+        8,
+    );
+    let img = SociImage {
+        reference: Reference::parse(IMAGE).expect("reference"),
+        manifest_desc: manifest_desc.clone(),
+        manifest,
+        index_desc: Descriptor::new("application/json", digest_of(b"index"), 5),
+        index: SociIndex::new(SociVersion::V2, vec![ztoc.clone()], None, "test"),
+    };
+    let key = format!("{IMAGE}@{} ", manifest_desc.digest);
+    let img = Arc::new(img);
+    let _ = remote.images.run(&key, async { Ok(img) }).await;
+    let prepared = PreparedLayer {
+        spans: z.spans().expect("spans"),
+        tree: Arc::new(LayerTree::build(&z).expect("tree")),
+    };
+    let _ = remote
+        .prepared
+        .run(&ztoc.digest, async { Ok(prepared) })
+        .await;
+    BTreeMap::from([
+        (soci_index::labels::IMAGE_REF.into(), IMAGE.into()),
+        (
+            soci_index::labels::MANIFEST_DIGEST.into(),
+            manifest_desc.digest.to_string(),
+        ),
+        (
+            soci_index::labels::LAYER_DIGEST.into(),
+            layer.digest.to_string(),
+        ),
+    ])
+}
+
+#[tokio::test]
+async fn a_lazy_layer_is_mounted_at_its_dir_and_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, mounter) = fake_remote(dir.path());
+    let labels = seed_lazy_image(&remote).await;
+    let plan = remote.plan(&labels).await.expect("plan");
+    let super::LayerPlan::Lazy { image, ztoc, layer } = plan else {
+        panic!("not lazy");
+    };
+    let fs = dir.path().join("snapshots/7/fs");
+    remote
+        .mount_lazy(7, &fs, &image, &ztoc, &layer)
+        .await
+        .expect("mount");
+    assert_eq!(mounter.calls(), vec![Call::Mount(fs.clone(), false)]);
+    assert!(remote.is_mounted(7));
+    assert_eq!(remote.cached_spans(7).map(|(_, n)| n > 0), Some(true));
+    remote.release(7);
+    assert!(!remote.is_mounted(7));
+    assert_eq!(mounter.calls()[1], Call::Unmount(fs));
+}
+
+#[tokio::test]
+async fn a_plan_without_labels_is_an_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, mounter) = fake_remote(dir.path());
+    let e = remote.plan(&BTreeMap::new()).await.err().expect("error");
+    assert_eq!(e.status("t").code(), tonic::Code::InvalidArgument);
+    assert!(mounter.calls().is_empty());
+}
