@@ -36,9 +36,6 @@ pub use health::{BrokenLayer, NotServed, PROBE_TIMEOUT};
 pub use mounter::{detach_stale_mount, FuseMounter, LazyMount, Mounter};
 pub use prefetch::PrefetchState;
 
-/// A layer pulled ahead of its Prepare (digest-verified): its blob in a temp file, or already
-/// unpacked into a staging directory.
-
 /// The layers of an image (for full pulls) and its download and unpack limits.
 struct ImageLayers {
     layers: Vec<Descriptor>,

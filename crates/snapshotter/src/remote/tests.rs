@@ -127,7 +127,9 @@ async fn a_lazy_layer_is_mounted_at_its_dir_and_released() {
 async fn a_plan_without_labels_is_an_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
     let (remote, mounter) = fake_remote(dir.path());
-    let e = remote.plan(&BTreeMap::new()).await.err().expect("error");
+    let Err(e) = remote.plan(&BTreeMap::new()).await else {
+        panic!("planned without labels");
+    };
     assert_eq!(e.status("t").code(), tonic::Code::InvalidArgument);
     assert!(mounter.calls().is_empty());
 }

@@ -38,8 +38,7 @@ async fn prepare_of_a_lazy_layer_mounts_its_fs_dir_and_remove_releases_it() {
     let e = svc
         .prepare(prepare("remote-extract-1", labels))
         .await
-        .err()
-        .expect("a provided remote layer answers AlreadyExists");
+        .expect_err("a provided remote layer answers AlreadyExists");
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
     let committed = snap.store.get("remote-chain1").expect("committed target");
     let fs = snap.layout.fs(committed.id);
