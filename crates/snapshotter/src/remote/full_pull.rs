@@ -29,6 +29,18 @@ pub(super) type LayerLists = SingleFlight<String, Result<Arc<ImageLayers>>>;
 /// directory), by layer digest.
 pub(super) type Downloads = SingleFlight<Digest, Result<Arc<Fetched>>>;
 
+/// The full-pull state: layer lists, downloads started ahead of Prepare, and the limits.
+pub(super) struct FullPullState {
+    /// Where downloads are staged (emptied at start).
+    pub(super) tmp_root: PathBuf,
+    /// Layer lists of images pulled in full, by image reference and manifest.
+    pub(super) image_layers: LayerLists,
+    /// Layer downloads started ahead of their Prepare, by layer digest.
+    pub(super) downloads: Downloads,
+    /// Full-pull limits (`[pull_modes.parallel_pull_unpack]`) and counters.
+    pub(super) limits: super::parallel::PullLimits,
+}
+
 impl Remote {
     /// The layer list of an image, looked up once per image.
     pub(super) async fn layer_list(
@@ -36,12 +48,13 @@ impl Remote {
         key: &str,
         fetch: impl std::future::Future<Output = Result<Vec<Descriptor>>>,
     ) -> Result<Arc<ImageLayers>> {
-        self.image_layers
+        self.full
+            .image_layers
             .run(&key.to_string(), async {
                 let layers = fetch.await?;
                 Ok(Arc::new(ImageLayers {
                     layers,
-                    limits: Arc::new(self.limits.image()),
+                    limits: Arc::new(self.full.limits.image()),
                 }))
             })
             .await
@@ -74,7 +87,7 @@ impl Remote {
             .iter()
             .filter(|l| upcoming.contains(&l.digest.as_str()) && wanted(&l.digest))
         {
-            let Some(cell) = self.downloads.cell_if_new(&l.digest) else {
+            let Some(cell) = self.full.downloads.cell_if_new(&l.digest) else {
                 continue;
             };
             let (me, repo, layer, limits) = (self.clone(), repo.clone(), l.clone(), limits.clone());
@@ -85,7 +98,7 @@ impl Remote {
                 if r.is_err() {
                     // Only a Prepare already waiting sees this failure; a later one downloads
                     // afresh (the registry may be back).
-                    me.downloads.forget(&layer.digest, &cell);
+                    me.full.downloads.forget(&layer.digest, &cell);
                 }
             });
         }
@@ -99,20 +112,21 @@ impl Remote {
         img: &ImageLimits,
     ) -> Result<Arc<Fetched>> {
         let downloading = img.layers.clone().acquire_owned().await?;
-        let opts = self.limits.chunked(img);
-        let staged = Staged::new(&self.tmp_root).map_err(|e| {
+        let opts = self.full.limits.chunked(img);
+        let staged = Staged::new(&self.full.tmp_root).map_err(|e| {
             RemoteError::io(format!("staging directory for layer {}", layer.digest), e)
         })?;
-        if let Some(_unpacking) = self.limits.try_unpack(img) {
+        if let Some(_unpacking) = self.full.limits.try_unpack(img) {
             self.stream_unpack(repo, layer, &opts, &staged.0).await?;
             return Ok(Arc::new(Fetched::Unpacked(staged)));
         }
         // No unpack slot now: download to a temp file (removed on drop) meanwhile.
-        self.limits
+        self.full
+            .limits
             .stats
             .spooled
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = tempfile::NamedTempFile::new_in(&self.tmp_root)
+        let tmp = tempfile::NamedTempFile::new_in(&self.full.tmp_root)
             .map_err(|e| RemoteError::io(format!("temp file for layer {}", layer.digest), e))?
             .into_temp_path();
         let mut f = tokio::fs::File::create(&tmp)
@@ -122,9 +136,9 @@ impl Remote {
             .client
             .get_blob_chunked_to(repo, layer, &opts, &mut f)
             .await?;
-        self.limits.record(&stats);
+        self.full.limits.record(&stats);
         drop((f, downloading));
-        let _unpacking = self.limits.unpack(img).await?;
+        let _unpacking = self.full.limits.unpack(img).await?;
         let (path, dir, compression) = (
             tmp.to_path_buf(),
             staged.0.clone(),
@@ -166,7 +180,7 @@ impl Remote {
         drop(tx);
         let unpacked = unpacker.await?;
         let stats = fetched?;
-        self.limits.record(&stats);
+        self.full.limits.record(&stats);
         unpacked.map_err(|e| RemoteError::io(format!("unpacking layer {}", layer.digest), e))?;
         Ok(())
     }
@@ -224,13 +238,13 @@ impl Remote {
 
     /// What full pulls did (for metrics).
     pub fn pull_stats(&self) -> &super::PullStats {
-        &self.limits.stats
+        &self.full.limits.stats
     }
 
     /// Forgets a download not needed (the layer already exists).
     pub fn discard_download(&self, layer: &str) {
         if let Some(d) = Digest::parse(layer) {
-            self.downloads.remove(&d);
+            self.full.downloads.remove(&d);
         }
     }
     /// The layers of an image from its manifest (media type and size are needed to unpack).
@@ -276,13 +290,13 @@ impl Remote {
         layer: &Descriptor,
     ) -> Result<()> {
         // Started ahead by `start_downloads`, or fetched now (within the global limits only).
-        let cell = self.downloads.cell(&layer.digest);
+        let cell = self.full.downloads.cell(&layer.digest);
         let file = cell
-            .get_or_init(|| async { self.download(repo, layer, &self.limits.image()).await })
+            .get_or_init(|| async { self.download(repo, layer, &self.full.limits.image()).await })
             .await
             .clone();
         // Used up (or failed): the next Prepare of this layer starts afresh.
-        self.downloads.forget(&layer.digest, &cell);
+        self.full.downloads.forget(&layer.digest, &cell);
         let digest = layer.digest.clone();
         let dir = fs_dir.to_path_buf();
         let Fetched::Unpacked(staged) = &*file?;

@@ -103,14 +103,14 @@ impl Remote {
     /// mount point (detached if busy: running containers keep getting errors from the dead
     /// connection, never an empty directory), so the layer can be mounted again.
     pub fn drop_dead_mount(&self, id: u64, fs_dir: &Path) {
-        let dead = self.mounts.lock().expect("mounts").remove(&id);
+        let dead = self.lazy.mounts.lock().expect("mounts").remove(&id);
         if let Some(m) = dead {
             self.unhold(id);
             if let Err(e) = m.unmount() {
                 warn!(id, error = %e, "unmounting a dead lazy layer failed");
             }
         }
-        self.mounter.detach_stale(fs_dir);
+        self.lazy.mounter.detach_stale(fs_dir);
     }
 
     /// The lock one restore of snapshot `id` holds (a Prepare, the background retry and the

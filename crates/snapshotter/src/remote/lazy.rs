@@ -4,10 +4,11 @@
 //! Why apart from the resolver: everything here has a side effect on the host (mounts,
 //! descriptors handed to the holder, span files on disk), and the resolver has none.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::ops::Range;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,10 +17,10 @@ use soci_index::SociImage;
 use soci_registry::{Client, Descriptor, Repository};
 use tracing::{info, warn};
 
-use super::mounter::LazyMount;
+use super::mounter::{LazyMount, Mounter};
 use super::resolver::PreparedLayer;
 use super::{Remote, RemoteError, Result};
-use crate::holder::HolderClient;
+use crate::holder::{Held, HolderClient};
 
 /// Range reads of a layer blob from the registry (or whole reads, if it ignores ranges).
 struct RegistryReader {
@@ -63,6 +64,26 @@ impl RangeReader for RegistryReader {
     }
 }
 
+/// The lazy layers' state: their mounts and what keeps them alive and bounded.
+pub(super) struct LazyState {
+    /// Span cache directories, one per snapshot id.
+    pub(super) cache_root: PathBuf,
+    /// Mounted lazy layers by snapshot id.
+    pub(super) mounts: Mutex<HashMap<u64, Box<dyn LazyMount>>>,
+    /// Makes and clears the mounts (the kernel's FUSE in production).
+    pub(super) mounter: Arc<dyn Mounter>,
+    /// The fd holder keeping lazy mounts alive across restarts (if enabled and reachable).
+    pub(super) holder: Mutex<Option<HolderClient>>,
+    /// The holder's socket.
+    pub(super) holder_path: PathBuf,
+    /// Mounts an earlier daemon left to the holder, not resumed yet.
+    pub(super) held: Mutex<BTreeMap<u64, Held>>,
+    /// Decompressed spans in memory, all layers.
+    pub(super) memory: Arc<soci_fs::MemoryCache>,
+    /// Shared bound on background span fetches.
+    pub(super) background_slots: Arc<tokio::sync::Semaphore>,
+}
+
 impl Remote {
     /// Mounts a layer lazily at `fs_dir` for snapshot `id` (see `observe.rs`).
     pub(super) async fn mount_lazy_uncounted(
@@ -75,19 +96,19 @@ impl Remote {
     ) -> Result<()> {
         let PreparedLayer { spans, tree } = self.prepare_layer(img, ztoc, layer).await?;
         // Mounted layers keep their own copy; the prepared one is not needed any more.
-        self.prepared.remove(&ztoc.digest);
+        self.resolver.prepared.remove(&ztoc.digest);
         let reader = Arc::new(RegistryReader {
             client: self.client.clone(),
             repo: img.reference.repository.clone(),
             layer: layer.clone(),
         });
         let cfg = SpanConfig {
-            cache_dir: self.cache_root.join(id.to_string()),
+            cache_dir: self.lazy.cache_root.join(id.to_string()),
             disable_verification: self.cfg.disable_verification,
             max_verification_retries: self.cfg.blob.max_span_verification_retries,
             fetch_timeout: Duration::from_secs(self.cfg.blob.fetching_timeout_sec.max(1)),
             poisoned_ttl: soci_fs::POISONED_SPAN_TTL,
-            memory: self.memory.clone(),
+            memory: self.lazy.memory.clone(),
             disk: self.disk.clone(),
         };
         let mgr = SpanManager::new(
@@ -107,9 +128,9 @@ impl Remote {
             metrics: self.metrics.clone(),
         };
         let dir = fs_dir.to_path_buf();
-        let held = self.held.lock().expect("held").remove(&id);
+        let held = self.lazy.held.lock().expect("held").remove(&id);
         let resumed = held.is_some();
-        let mounter = self.mounter.clone();
+        let mounter = self.lazy.mounter.clone();
         let mounted = tokio::task::spawn_blocking(move || mounter.mount(served, &dir, held))
             .await?
             .map_err(|e| RemoteError::Mount {
@@ -128,10 +149,10 @@ impl Remote {
                 delay: silence,
                 period: Duration::from_millis(bg.fetch_period_msec),
                 yield_to_demand: silence,
-                slots: self.background_slots.clone(),
+                slots: self.lazy.background_slots.clone(),
             }));
         }
-        self.mounts.lock().expect("mounts").insert(id, mounted);
+        self.lazy.mounts.lock().expect("mounts").insert(id, mounted);
         self.layers_lazy
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -151,8 +172,8 @@ impl Remote {
                         "fd holder kept lazy mounts from the last run"
                     );
                 }
-                *self.held.lock().expect("held") = held;
-                *self.holder.lock().expect("holder") = Some(c);
+                *self.lazy.held.lock().expect("held") = held;
+                *self.lazy.holder.lock().expect("holder") = Some(c);
             }
             Err(e) => warn!(error = %e, "no fd holder: lazy mounts will not survive a restart"),
         }
@@ -162,25 +183,25 @@ impl Remote {
     fn start_holder(&self) -> Result<HolderClient, crate::holder::HolderError> {
         let exe = std::env::current_exe().map_err(crate::holder::HolderError::Spawn)?;
         let timeout = Duration::from_secs(self.cfg.fuse.holder_timeout_sec.max(1));
-        HolderClient::connect_or_spawn(&self.holder_path, &exe, timeout)
+        HolderClient::connect_or_spawn(&self.lazy.holder_path, &exe, timeout)
     }
 
     /// Whether an earlier daemon left mount `id` with the holder (to be resumed).
     pub fn is_held(&self, id: u64) -> bool {
-        self.held.lock().expect("held").contains_key(&id)
+        self.lazy.held.lock().expect("held").contains_key(&id)
     }
 
     /// Gives up mount `id` (left by an earlier daemon, or half set up): the holder closes its
     /// descriptor, ending the connection, and the mount point is detached.
     pub fn drop_held(&self, id: u64, fs_dir: &Path) {
-        self.held.lock().expect("held").remove(&id);
+        self.lazy.held.lock().expect("held").remove(&id);
         self.unhold(id);
-        self.mounter.detach_stale(fs_dir);
+        self.lazy.mounter.detach_stale(fs_dir);
     }
 
     /// Held mounts no snapshot claimed after the restore pass: their connections end.
     pub fn drop_unclaimed_held(&self) {
-        let left: Vec<u64> = std::mem::take(&mut *self.held.lock().expect("held"))
+        let left: Vec<u64> = std::mem::take(&mut *self.lazy.held.lock().expect("held"))
             .into_keys()
             .collect();
         for id in left {
@@ -190,7 +211,7 @@ impl Remote {
     }
 
     fn hold(&self, id: u64, m: &dyn LazyMount) {
-        let mut guard = self.holder.lock().expect("holder");
+        let mut guard = self.lazy.holder.lock().expect("holder");
         let Some(c) = guard.as_ref() else { return };
         let Some(fd) = m.fuse_fd() else { return };
         if let Err(e) = c.put(id, m.session(), fd) {
@@ -209,7 +230,7 @@ impl Remote {
     }
 
     pub(super) fn unhold(&self, id: u64) {
-        if let Some(c) = self.holder.lock().expect("holder").as_ref() {
+        if let Some(c) = self.lazy.holder.lock().expect("holder").as_ref() {
             if let Err(e) = c.del(id) {
                 warn!(id, error = %e, "fd holder did not release a mount");
             }
@@ -221,30 +242,30 @@ impl Remote {
         self.metrics.upstream.unmounted(&id.to_string());
         self.forget_health(id);
         self.unhold(id);
-        if let Some(m) = self.mounts.lock().expect("mounts").remove(&id) {
+        if let Some(m) = self.lazy.mounts.lock().expect("mounts").remove(&id) {
             let spans = m.spans().clone();
             if let Err(e) = m.unmount() {
                 warn!(id, error = %e, "unmounting lazy layer failed");
             }
             spans.remove_cache();
         }
-        let _ = std::fs::remove_dir_all(self.cache_root.join(id.to_string()));
+        let _ = std::fs::remove_dir_all(self.lazy.cache_root.join(id.to_string()));
     }
 
     /// Whether snapshot `id` is a mounted lazy layer.
     pub fn is_mounted(&self, id: u64) -> bool {
-        self.mounts.lock().expect("mounts").contains_key(&id)
+        self.lazy.mounts.lock().expect("mounts").contains_key(&id)
     }
 
     /// Shutdown: with a holder, stops serving every lazy layer but leaves them mounted for
     /// the next daemon (reads in flight are answered first, within `wait`); without one,
     /// unmounts them.
     pub fn shutdown(&self, wait: Duration) {
-        if self.holder.lock().expect("holder").is_none() {
+        if self.lazy.holder.lock().expect("holder").is_none() {
             return self.unmount_all();
         }
         let all: Vec<(u64, Box<dyn LazyMount>)> =
-            self.mounts.lock().expect("mounts").drain().collect();
+            self.lazy.mounts.lock().expect("mounts").drain().collect();
         let n = all.len();
         for (_, m) in all {
             m.detach(wait);
@@ -260,7 +281,7 @@ impl Remote {
     /// Unmounts every lazy layer.
     pub fn unmount_all(&self) {
         let all: Vec<(u64, Box<dyn LazyMount>)> =
-            self.mounts.lock().expect("mounts").drain().collect();
+            self.lazy.mounts.lock().expect("mounts").drain().collect();
         for (id, m) in all {
             if let Err(e) = m.unmount() {
                 warn!(id, error = %e, "unmounting lazy layer failed");
@@ -270,7 +291,8 @@ impl Remote {
 
     /// Span cache size on disk for snapshot `id`.
     pub fn cached_spans(&self, id: u64) -> Option<(usize, usize)> {
-        self.mounts
+        self.lazy
+            .mounts
             .lock()
             .expect("mounts")
             .get(&id)

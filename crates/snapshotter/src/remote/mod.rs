@@ -4,7 +4,7 @@
 //! committed under the target name and containerd is told it already exists.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,10 +14,10 @@ use soci_registry::{Client, ClientOptions, Descriptor, HostsConfig, Repository};
 use tracing::info;
 
 use crate::config::Config;
-use crate::holder::{Held, HolderClient};
 pub use error::{RemoteError, Result};
-use full_pull::{Downloads, LayerLists};
-use resolver::{Discoveries, PreparedLayers};
+use full_pull::FullPullState;
+use lazy::LazyState;
+use resolver::ResolverState;
 
 mod error;
 mod full_pull;
@@ -48,30 +48,16 @@ pub struct Remote {
     pub cri_credentials: Option<Arc<crate::cri::CredentialStore>>,
     client: Arc<Client>,
     cfg: Config,
-    cache_root: PathBuf,
-    tmp_root: PathBuf,
-    images: Discoveries,
-    /// zTOCs fetched and parsed ahead of the layer's Prepare, by zTOC digest.
-    prepared: PreparedLayers,
-    /// Layer lists of images pulled in full, by image reference and manifest.
-    image_layers: LayerLists,
-    /// Layer downloads started ahead of their Prepare, by layer digest.
-    downloads: Downloads,
-    mounts: Mutex<HashMap<u64, Box<dyn LazyMount>>>,
-    /// Makes and clears the mounts (the kernel's FUSE in production).
-    mounter: Arc<dyn Mounter>,
-    /// The fd holder keeping lazy mounts alive across restarts (if enabled and reachable).
-    holder: Mutex<Option<HolderClient>>,
-    holder_path: PathBuf,
-    /// Mounts an earlier daemon left to the holder, not resumed yet.
-    held: Mutex<BTreeMap<u64, Held>>,
+    /// Discovery and zTOC preparation (`resolver.rs`).
+    resolver: ResolverState,
+    /// Mounts, fd holder, span budgets, background fetch (`lazy.rs`).
+    lazy: LazyState,
+    /// Layer lists, downloads ahead of Prepare, limits (`full_pull.rs`).
+    full: FullPullState,
+    /// Images and reasons already logged (one line per image and reason).
     logged: Mutex<HashSet<String>>,
-    /// Decompressed spans in memory, all layers.
-    memory: Arc<soci_fs::MemoryCache>,
     /// Span files on disk, all layers.
     pub disk: Arc<soci_fs::DiskBudget>,
-    /// Shared bound on background span fetches.
-    background_slots: Arc<tokio::sync::Semaphore>,
     /// FUSE and span counters.
     pub metrics: Arc<FsMetrics>,
     /// Fallbacks by reason label.
@@ -86,8 +72,6 @@ pub struct Remote {
     health: health::Health,
     /// Prefetch counters and bound.
     pub prefetch: prefetch::PrefetchState,
-    /// Full-pull limits (`[pull_modes.parallel_pull_unpack]`) and counters.
-    limits: parallel::PullLimits,
 }
 
 /// How one layer will be provided.
@@ -146,26 +130,30 @@ impl Remote {
             std::fs::create_dir_all(d).map_err(|e| RemoteError::io(d.display().to_string(), e))?;
         }
         Ok(Remote {
-            mounter,
             cri_credentials,
             client: Arc::new(client),
             cfg: cfg.clone(),
-            cache_root,
-            tmp_root,
-            images: Default::default(),
-            prepared: Default::default(),
-            image_layers: Default::default(),
-            downloads: Default::default(),
-            mounts: Mutex::new(HashMap::new()),
-            holder: Mutex::new(None),
-            holder_path: root.join("fuse-holder.sock"),
-            held: Mutex::new(BTreeMap::new()),
+            resolver: ResolverState::default(),
+            lazy: LazyState {
+                cache_root,
+                mounts: Mutex::new(HashMap::new()),
+                mounter,
+                holder: Mutex::new(None),
+                holder_path: root.join("fuse-holder.sock"),
+                held: Mutex::new(BTreeMap::new()),
+                memory: soci_fs::MemoryCache::new(cfg.blob.memory_cache_mb << 20),
+                background_slots: Arc::new(tokio::sync::Semaphore::new(
+                    cfg.background_fetch.max_concurrent_fetches.max(1),
+                )),
+            },
+            full: FullPullState {
+                tmp_root,
+                image_layers: Default::default(),
+                downloads: Default::default(),
+                limits: parallel::PullLimits::new(&cfg.pull_modes.parallel_pull_unpack),
+            },
             logged: Mutex::new(HashSet::new()),
-            memory: soci_fs::MemoryCache::new(cfg.blob.memory_cache_mb << 20),
             disk: soci_fs::DiskBudget::new(cfg.blob.disk_cache_mb << 20),
-            background_slots: Arc::new(tokio::sync::Semaphore::new(
-                cfg.background_fetch.max_concurrent_fetches.max(1),
-            )),
             metrics: Arc::new(FsMetrics::default()),
             fallbacks: Mutex::new(BTreeMap::new()),
             handed_back: Mutex::new(BTreeMap::new()),
@@ -173,7 +161,6 @@ impl Remote {
             layers_full: Default::default(),
             health: Default::default(),
             prefetch: prefetch::PrefetchState::new(&cfg.prefetch),
-            limits: parallel::PullLimits::new(&cfg.pull_modes.parallel_pull_unpack),
         })
     }
 
@@ -218,7 +205,7 @@ impl Remote {
 
     /// Bytes of decompressed spans in memory.
     pub fn memory_bytes(&self) -> usize {
-        self.memory.bytes()
+        self.lazy.memory.bytes()
     }
 }
 

@@ -49,6 +49,15 @@ pub(super) struct PreparedLayer {
 /// Prepared zTOCs by zTOC digest.
 pub(super) type PreparedLayers = SingleFlight<Digest, Result<PreparedLayer>>;
 
+/// The resolver's state: discoveries shared by the layers of a pull, zTOCs prepared ahead.
+#[derive(Default)]
+pub(super) struct ResolverState {
+    /// Discoveries by image reference, manifest and index digest.
+    pub(super) images: Discoveries,
+    /// zTOCs fetched and parsed ahead of the layer's Prepare, by zTOC digest.
+    pub(super) prepared: PreparedLayers,
+}
+
 impl Remote {
     /// Discovers an image's SOCI index once per (reference, manifest) and shares the result.
     async fn image(
@@ -62,7 +71,7 @@ impl Remote {
             manifest.unwrap_or(""),
             index_digest.unwrap_or("")
         );
-        let cell = self.images.cell(&key);
+        let cell = self.resolver.images.cell(&key);
         let result = cell
             .get_or_init(|| async {
                 let index_digest = index_digest
@@ -124,11 +133,11 @@ impl Remote {
                 let (me, cell) = (self.clone(), cell.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(DEFINITIVE_ANSWER_TTL).await;
-                    me.images.forget(&key, &cell);
+                    me.resolver.images.forget(&key, &cell);
                 });
             } else {
                 // Transient (registry, a moving tag): the next layer or pull tries again.
-                self.images.forget(&key, &cell);
+                self.resolver.images.forget(&key, &cell);
             }
         }
         result
@@ -216,7 +225,8 @@ impl Remote {
         ztoc: &Descriptor,
         layer: &Descriptor,
     ) -> Result<PreparedLayer> {
-        self.prepared
+        self.resolver
+            .prepared
             .run(&ztoc.digest, async {
                 let started = std::time::Instant::now();
                 let z = img

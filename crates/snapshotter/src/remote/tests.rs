@@ -79,12 +79,13 @@ pub(crate) async fn seed_lazy_image(remote: &Remote) -> BTreeMap<String, String>
     };
     let key = format!("{IMAGE}@{} ", manifest_desc.digest);
     let img = Arc::new(img);
-    let _ = remote.images.run(&key, async { Ok(img) }).await;
+    let _ = remote.resolver.images.run(&key, async { Ok(img) }).await;
     let prepared = PreparedLayer {
         spans: z.spans().expect("spans"),
         tree: Arc::new(LayerTree::build(&z).expect("tree")),
     };
     let _ = remote
+        .resolver
         .prepared
         .run(&ztoc.digest, async { Ok(prepared) })
         .await;
