@@ -18,7 +18,7 @@ use soci_registry::oci::layer_compression;
 use soci_registry::{Descriptor, Digest, Reference, Repository};
 
 use super::parallel::ImageLimits;
-use super::{attempt, ImageLayers, Remote, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
+use super::{attempt, content, ImageLayers, Remote, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
 
 impl Remote {
     /// The layer list of an image, looked up once per image.
@@ -72,7 +72,8 @@ impl Remote {
                 map.entry(l.digest.clone()).or_default().clone()
             };
             let (me, repo, layer, limits) = (self.clone(), repo.clone(), l.clone(), limits.clone());
-            tokio::spawn(async move {
+            let ns = content::namespace();
+            tokio::spawn(content::with_namespace(ns, async move {
                 let r = cell
                     .get_or_init(|| me.download(&repo, &layer, &limits))
                     .await;
@@ -81,7 +82,7 @@ impl Remote {
                     // afresh (the registry may be back).
                     attempt::forget(&me.downloads, &layer.digest, &cell);
                 }
-            });
+            }));
         }
     }
     /// Pulls and unpacks a layer into a staging directory (see the module docs); on success
@@ -112,11 +113,19 @@ impl Remote {
         let mut f = tokio::fs::File::create(&tmp)
             .await
             .map_err(|e| format!("temp file for layer {}: {e}", layer.digest))?;
-        let stats = self
-            .client
-            .get_blob_chunked_to(repo, layer, &opts, &mut f)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut blob = content::BlobSink::begin(&self.cfg, repo, layer);
+        let fetched = (self.client)
+            .get_blob_chunked_to(
+                repo,
+                layer,
+                &opts,
+                &mut content::Tee::new(&mut f, blob.as_mut()),
+            )
+            .await;
+        if let Some(b) = blob {
+            b.finish(fetched.is_ok()).await;
+        }
+        let stats = fetched.map_err(|e| e.to_string())?;
         self.limits.record(&stats);
         drop((f, downloading));
         let _unpacking = self.limits.unpack(img).await?;
@@ -155,12 +164,21 @@ impl Remote {
             std::io::copy(&mut raw, &mut std::io::sink())?;
             Ok::<u64, std::io::Error>(n)
         });
-        let fetched = self
-            .client
-            .get_blob_chunked_to(repo, layer, opts, &mut tx)
+        let mut blob = content::BlobSink::begin(&self.cfg, repo, layer);
+        let fetched = (self.client)
+            .get_blob_chunked_to(
+                repo,
+                layer,
+                opts,
+                &mut content::Tee::new(&mut tx, blob.as_mut()),
+            )
             .await;
         drop(tx);
         let unpacked = unpacker.await.map_err(|e| e.to_string())?;
+        if let Some(b) = blob {
+            // Committed only if the whole blob matched its digest and unpacked.
+            b.finish(fetched.is_ok() && unpacked.is_ok()).await;
+        }
         let stats = fetched.map_err(|e| e.to_string())?;
         self.limits.record(&stats);
         unpacked.map_err(|e| format!("unpacking layer {}: {e}", layer.digest))?;

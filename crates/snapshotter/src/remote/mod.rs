@@ -23,6 +23,7 @@ use crate::holder::{Held, HolderClient};
 use soci_fs::metrics::op as UpOp;
 
 mod attempt;
+pub mod content;
 mod full_pull;
 mod health;
 mod observe;
