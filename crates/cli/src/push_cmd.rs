@@ -160,15 +160,15 @@ pub async fn push(a: PushArgs, g: &Globals) -> Result<()> {
         let (desc, bytes) = local.get_manifest(d.as_str()).await?;
         let idx = SociIndex::parse(&bytes).map_err(|e| anyhow!("SOCI index {d}: {e}"))?;
         // zTOCs: up to --max-concurrent-uploads at once, as upstream (oras Copy concurrency).
-        let (client, local, repo, say) = (&client, &local, &repo, &say);
+        let (cl, st, rp, say) = (&client, &local, &repo, &say);
         bounded(&idx.ztocs, a.max_concurrent_uploads, |z| async move {
-            if client.blob_size(repo, &z.digest).await?.is_some() {
+            if cl.blob_size(rp, &z.digest).await?.is_some() {
                 say(format!("skipped artifact with digest: {}", z.digest));
                 return Ok(());
             }
             say(format!("pushing artifact with digest: {}", z.digest));
-            let data = local.get_blob(z).await?;
-            client.push_blob(repo, &z.digest, data).await?;
+            let data = st.get_blob(z).await?;
+            cl.push_blob(rp, &z.digest, data).await?;
             say(format!(
                 "successfully pushed artifact with digest: {}",
                 z.digest

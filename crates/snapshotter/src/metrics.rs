@@ -277,14 +277,6 @@ pub async fn serve(addr: String, s: Arc<Snapshotter>) -> std::io::Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(super::label_value("a \"b\"\\c\nd"), "a \\\"b\\\"\\\\c\\nd");
-    }
-}
-
 /// Layer blobs pulled by the daemon and written to containerd's content store, by result.
 fn render_content_store(o: &mut String) {
     let st = &crate::remote::content::STATS;
@@ -299,5 +291,13 @@ fn render_content_store(o: &mut String) {
             o,
             "soci_content_store_writes_total{{result=\"{result}\"}} {n}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::label_value("a \"b\"\\c\nd"), "a \\\"b\\\"\\\\c\\nd");
     }
 }
