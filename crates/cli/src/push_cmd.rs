@@ -48,7 +48,7 @@ pub struct PushArgs {
     /// or allow (push without checking).
     #[arg(long, default_value = "warn", value_parser = ["warn", "skip", "allow"])]
     existing_index: String,
-    /// Max concurrent uploads (accepted; uploads are sequential here).
+    /// zTOC blobs uploaded at once (0 is taken as 1). Default 3, as upstream.
     #[arg(long, default_value_t = 3)]
     max_concurrent_uploads: u64,
     /// Quiet mode: print only the pushed index digests.
@@ -159,19 +159,23 @@ pub async fn push(a: PushArgs, g: &Globals) -> Result<()> {
         }
         let (desc, bytes) = local.get_manifest(d.as_str()).await?;
         let idx = SociIndex::parse(&bytes).map_err(|e| anyhow!("SOCI index {d}: {e}"))?;
-        for z in &idx.ztocs {
-            if client.blob_size(&repo, &z.digest).await?.is_some() {
+        // zTOCs: up to --max-concurrent-uploads at once, as upstream (oras Copy concurrency).
+        let (cl, st, rp, say) = (&client, &local, &repo, &say);
+        bounded(&idx.ztocs, a.max_concurrent_uploads, |z| async move {
+            if cl.blob_size(rp, &z.digest).await?.is_some() {
                 say(format!("skipped artifact with digest: {}", z.digest));
-                continue;
+                return Ok(());
             }
             say(format!("pushing artifact with digest: {}", z.digest));
-            let data = local.get_blob(z).await?;
-            client.push_blob(&repo, &z.digest, data).await?;
+            let data = st.get_blob(z).await?;
+            cl.push_blob(rp, &z.digest, data).await?;
             say(format!(
                 "successfully pushed artifact with digest: {}",
                 z.digest
             ));
-        }
+            Ok(())
+        })
+        .await?;
         client
             .push_blob(
                 &repo,
@@ -219,4 +223,58 @@ pub async fn push(a: PushArgs, g: &Globals) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `f` on every item, at most `limit` (at least 1) at a time; the first error wins.
+async fn bounded<'a, T, F, Fut>(items: &'a [T], limit: u64, f: F) -> Result<()>
+where
+    F: Fn(&'a T) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX).max(1);
+    stream::iter(items.iter().map(f))
+        .buffer_unordered(limit)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn uploads_run_concurrently_within_the_limit() {
+        for (limit, want) in [(3u64, 3usize), (1, 1), (0, 1), (10, 8)] {
+            let (now, peak, done) = (
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+            );
+            let items: Vec<u32> = (0..8).collect();
+            bounded(&items, limit, |_| async {
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(n, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .await
+            .unwrap();
+            assert_eq!(done.load(Ordering::SeqCst), 8);
+            assert_eq!(peak.load(Ordering::SeqCst), want, "limit {limit}");
+        }
+        let items = [1, 2, 3];
+        let r = bounded(&items, 2, |i| async move {
+            if *i == 2 {
+                anyhow::bail!("upload {i} failed")
+            }
+            Ok(())
+        })
+        .await;
+        assert!(r.unwrap_err().to_string().contains("upload 2 failed"));
+    }
 }

@@ -24,6 +24,7 @@ use crate::kernel::abi::{
     fuse_kstatfs, fuse_open_out, fuse_read_in, fuse_statfs_out,
 };
 use crate::kernel::{self, op, out_header, DirBuf, Operation, Reply, ReplySink, Request, Session};
+use crate::metrics::{count_fuse_failure, FuseOp};
 use crate::mount::Served;
 use crate::spans::{FsMetrics, SpanManager};
 use crate::tree::{LayerTree, Node, NodeKind};
@@ -184,9 +185,38 @@ impl LayerFs {
         match self.handle(&req, sink) {
             Ok(Answer::Now(reply)) => send(&**sink, &reply),
             Ok(Answer::Nothing) => {}
-            Err(errno) if expects_reply => send(&**sink, &Reply::error(unique, errno)),
-            Err(_) => {}
+            Err(errno) => {
+                self.count_failure(&req, errno);
+                if expects_reply {
+                    send(&**sink, &Reply::error(unique, errno))
+                }
+            }
         }
+    }
+
+    /// Counts an internal failure (EIO, or an inode the tree does not have) under upstream's
+    /// `fuse_*_failure_count` names; ordinary answers (no such name, not a directory) are not
+    /// failures, as upstream.
+    fn count_failure(&self, req: &Request, errno: i32) {
+        if errno == libc::ENOSYS || errno != libc::EIO && self.tree.get(req.header.nodeid).is_some()
+        {
+            return;
+        }
+        let what = match &req.op {
+            Operation::Getattr { arg } => FuseOp::Getattr {
+                with_handle: arg.getattr_flags & kernel::FUSE_GETATTR_FH != 0,
+            },
+            Operation::Listxattr { .. } => FuseOp::Listxattr,
+            Operation::Lookup { .. } => FuseOp::Lookup,
+            Operation::Open { .. } => FuseOp::Open,
+            Operation::Readdir { .. } | Operation::Readdirplus { .. } => FuseOp::Readdir,
+            Operation::Read { .. } => FuseOp::Read,
+            Operation::Init { .. } | Operation::Forget { .. } | Operation::BatchForget { .. } => {
+                return
+            }
+            _ => FuseOp::Other,
+        };
+        count_fuse_failure(&self.metrics.upstream, self.spans.layer(), what);
     }
 
     /// A request that cannot be decoded is answered EIO if its id can be read and its opcode

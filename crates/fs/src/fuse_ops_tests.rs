@@ -531,3 +531,52 @@ fn init_negotiation_through_the_dispatcher() {
         }
     );
 }
+
+#[test]
+fn internal_failures_counted_under_upstream_names() {
+    let e = Env::new();
+    let f = e.ino(ROOT_INO, "f");
+    let open = fuse_open_in::default();
+    let fh = fuse_getattr_in {
+        getattr_flags: crate::kernel::FUSE_GETATTR_FH,
+        dummy: 0,
+        fh: 1,
+    };
+    // Ordinary answers: not failures.
+    e.errno(op::LOOKUP, ROOT_INO, b"nope\0");
+    e.errno(op::OPEN, e.ino(ROOT_INO, "d"), open.as_bytes());
+    e.errno(op::READLINK, f, &[]);
+    // An inode the tree does not have: internal failures, one per operation.
+    e.errno(op::GETATTR, 9999, &[0; 16]);
+    e.errno(op::GETATTR, 9999, fh.as_bytes());
+    e.errno(op::LOOKUP, 9999, b"x\0");
+    e.errno(op::OPEN, 9999, open.as_bytes());
+    e.errno(op::READDIR, 9999, &read_in(0, 4096));
+    e.errno(op::READDIRPLUS, 9999, &read_in(0, 4096));
+    e.errno(op::LISTXATTR, 9999, &xattr_in(0, None));
+    e.errno(op::READLINK, 9999, &[]);
+    e.errno(op::READ, 9999, &read_in(0, 10));
+    let mut o = String::new();
+    e.fs.metrics.upstream.render(&mut o);
+    let layer = e.fs.spans.layer().to_string();
+    let count = |name: &str| {
+        let want =
+            format!("soci_fs_operation_count{{layer=\"{layer}\",operation_type=\"{name}\"}} ");
+        o.lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .map(|n| n.parse::<u64>().unwrap())
+            .unwrap_or(0)
+    };
+    for (name, n) in [
+        ("fuse_node_getattr_failure_count", 1),
+        ("fuse_file_getattr_failure_count", 1),
+        ("fuse_node_lookup_failure_count", 1),
+        ("fuse_node_open_failure_count", 1),
+        ("fuse_node_readdir_failure_count", 2),
+        ("fuse_node_listxattr_failure_count", 1),
+        ("fuse_unknown_operation_failure_count", 1),
+        ("fuse_file_read_failure_count", 1),
+    ] {
+        assert_eq!(count(name), n, "{name}:\n{o}");
+    }
+}

@@ -100,6 +100,8 @@ pub mod notify {
 
 /// `fuse_open_out.open_flags`.
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+/// `fuse_getattr_in.getattr_flags`: `fh` is an open file handle.
+pub const FUSE_GETATTR_FH: u32 = 1 << 0;
 /// Directory contents may be cached.
 pub const FOPEN_CACHE_DIR: u32 = 1 << 3;
 

@@ -38,6 +38,58 @@ pub mod op {
     pub const ZTOC_FETCH: &str = "ztoc_fetch";
     /// Finding and fetching an image's SOCI index (milliseconds; `layer` = index digest).
     pub const SOCI_INDEX_FETCH: &str = "soci_index_fetch";
+    /// GETATTR of an inode (no file handle) failed internally (count).
+    pub const FUSE_NODE_GETATTR_FAILURE_COUNT: &str = "fuse_node_getattr_failure_count";
+    /// LISTXATTR failed internally (count).
+    pub const FUSE_NODE_LISTXATTR_FAILURE_COUNT: &str = "fuse_node_listxattr_failure_count";
+    /// LOOKUP failed internally (a missing name is not a failure) (count).
+    pub const FUSE_NODE_LOOKUP_FAILURE_COUNT: &str = "fuse_node_lookup_failure_count";
+    /// OPEN failed internally (count).
+    pub const FUSE_NODE_OPEN_FAILURE_COUNT: &str = "fuse_node_open_failure_count";
+    /// READDIR / READDIRPLUS failed internally (count).
+    pub const FUSE_NODE_READDIR_FAILURE_COUNT: &str = "fuse_node_readdir_failure_count";
+    /// GETATTR through an open file handle failed internally (count).
+    pub const FUSE_FILE_GETATTR_FAILURE_COUNT: &str = "fuse_file_getattr_failure_count";
+    /// Any other operation failed internally (count).
+    pub const FUSE_UNKNOWN_OPERATION_FAILURE_COUNT: &str = "fuse_unknown_operation_failure_count";
+}
+
+/// What a FUSE operation that failed is counted as, if the failure is internal (upstream's
+/// `reportFailure`: not answers such as a missing name, only errors of the filesystem
+/// itself: EIO, or an inode the kernel knows and the layer's tree does not).
+pub enum FuseOp {
+    /// GETATTR; `with_handle` when the kernel passed an open file handle.
+    Getattr {
+        /// FUSE_GETATTR_FH was set.
+        with_handle: bool,
+    },
+    /// LISTXATTR.
+    Listxattr,
+    /// LOOKUP.
+    Lookup,
+    /// OPEN.
+    Open,
+    /// READDIR or READDIRPLUS.
+    Readdir,
+    /// READ (failures of the read itself are counted where the read ends).
+    Read,
+    /// Any other operation.
+    Other,
+}
+
+/// Counts a failed FUSE operation on `layer` under upstream's name for it.
+pub fn count_fuse_failure(m: &UpstreamMetrics, layer: &str, what: FuseOp) {
+    let name = match what {
+        FuseOp::Getattr { with_handle: false } => op::FUSE_NODE_GETATTR_FAILURE_COUNT,
+        FuseOp::Getattr { with_handle: true } => op::FUSE_FILE_GETATTR_FAILURE_COUNT,
+        FuseOp::Listxattr => op::FUSE_NODE_LISTXATTR_FAILURE_COUNT,
+        FuseOp::Lookup => op::FUSE_NODE_LOOKUP_FAILURE_COUNT,
+        FuseOp::Open => op::FUSE_NODE_OPEN_FAILURE_COUNT,
+        FuseOp::Readdir => op::FUSE_NODE_READDIR_FAILURE_COUNT,
+        FuseOp::Read => op::FUSE_FILE_READ_FAILURE_COUNT,
+        FuseOp::Other => op::FUSE_UNKNOWN_OPERATION_FAILURE_COUNT,
+    };
+    m.inc(name, layer);
 }
 
 /// Upstream's millisecond histogram buckets.

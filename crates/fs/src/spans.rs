@@ -164,6 +164,11 @@ fn eio(msg: String) -> io::Error {
 }
 
 impl SpanManager {
+    /// The layer's digest (metric labels).
+    pub fn layer(&self) -> &str {
+        &self.layer
+    }
+
     /// A manager for layer `layer` (its digest, for logs) with span table `spans`.
     pub fn new(
         layer: String,

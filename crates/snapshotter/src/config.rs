@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod content_store;
 mod parallel;
+pub use content_store::ContentStoreConfig;
 pub use parallel::{parse_size, ParallelPullUnpack};
 
 /// Default config file.
@@ -54,6 +56,8 @@ pub struct Config {
     pub cri_keychain: CriKeychainConfig,
     /// Prefetch of the files an image's prefetch artifacts name.
     pub prefetch: PrefetchConfig,
+    /// Where layer blobs pulled by the daemon are written (containerd's content store).
+    pub content_store: ContentStoreConfig,
 }
 
 /// `[prefetch]` (upstream's section and keys, plus `timeout_sec`).
@@ -284,6 +288,7 @@ impl Default for Config {
             pull_modes: PullModes::default(),
             cri_keychain: CriKeychainConfig::default(),
             prefetch: PrefetchConfig::default(),
+            content_store: ContentStoreConfig::default(),
         }
     }
 }
@@ -316,16 +321,6 @@ impl Config {
         p.chunk_size().map_err(|e| {
             format!("pull_modes.parallel_pull_unpack.concurrent_download_chunk_size: {e}")
         })?;
-        let daemon_parallel = p.enable || p.experimental_parallel_pull_as_fallback;
-        if daemon_parallel && p.discard_unpacked_layers == Some(false) {
-            notes.push(
-                "config key `pull_modes.parallel_pull_unpack.discard_unpacked_layers = false`: \
-                 soci-rs never keeps pulled layer blobs (nor writes them to containerd's content \
-                 store): `ctr image export`/`push` of images pulled by the snapshotter cannot \
-                 find their layer blobs"
-                    .to_string(),
-            );
-        }
         for (host, h) in &cfg.resolver.host {
             if h.mirrors.iter().any(|m| m.request_timeout_sec != 0) {
                 notes.push(format!(
@@ -445,6 +440,18 @@ mod tests {
                 .any(|n| n.contains("experimental_parallel_pull_as_fallback")),
             "explicit false means what it means upstream: {notes:#?}"
         );
+        assert!(!p.discard_unpacked_layers, "upstream's default: blobs kept");
+        assert_eq!(
+            c.content_store.socket(),
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
+        assert!(
+            notes.contains(
+                &"config key `content_store.type` is not supported by soci-rs and is ignored"
+                    .to_string()
+            ),
+            "{notes:#?}"
+        );
         assert!(!c.cri_keychain.enable_keychain);
         assert_eq!(
             c.cri_keychain.image_service_path,
@@ -477,9 +484,8 @@ mod tests {
              [pull_modes.parallel_pull_unpack.decompress_streams.gzip]\npath = \"/usr/bin/unpigz\"\n",
         )
         .unwrap();
-        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].contains("decompress_streams"), "{notes:?}");
-        assert!(notes[1].contains("content store"), "{notes:?}");
         let bad =
             "[pull_modes.parallel_pull_unpack]\nconcurrent_download_chunk_size = \"8 parsecs\"\n";
         assert!(Config::parse(bad).is_err());

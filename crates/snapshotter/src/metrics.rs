@@ -73,6 +73,7 @@ pub fn render(s: &Snapshotter) -> String {
         let _ = writeln!(o, "soci_fallbacks_total{{reason=\"{reason}\"}} {n}");
     }
     render_handed_back(&mut o, r);
+    render_content_store(&mut o);
     let _ = writeln!(o, "# HELP soci_span_cache_bytes Decompressed spans cached, by place.\n# TYPE soci_span_cache_bytes gauge");
     let _ = writeln!(
         o,
@@ -273,6 +274,23 @@ pub async fn serve(addr: String, s: Arc<Snapshotter>) -> std::io::Result<()> {
                 warn!(error = %e, "metrics response failed");
             }
         });
+    }
+}
+
+/// Layer blobs pulled by the daemon and written to containerd's content store, by result.
+fn render_content_store(o: &mut String) {
+    let st = &crate::remote::content::STATS;
+    let _ = writeln!(o, "# HELP soci_content_store_writes_total Layer blobs pulled by the daemon and written to containerd's content store, by result (failed: not stored, the image cannot be exported).\n# TYPE soci_content_store_writes_total counter");
+    for (result, n) in [
+        ("written", &st.written),
+        ("existing", &st.existing),
+        ("failed", &st.failed),
+    ] {
+        let n = n.load(Ordering::Relaxed);
+        let _ = writeln!(
+            o,
+            "soci_content_store_writes_total{{result=\"{result}\"}} {n}"
+        );
     }
 }
 

@@ -264,6 +264,7 @@ impl Snapshots for Service {
         &self,
         r: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+        let ns = crate::remote::content::namespace_of(r.metadata(), &r.get_ref().key);
         let r = r.into_inner();
         if let Some(remote) = self.inner.remote.clone() {
             let l = &r.labels;
@@ -271,9 +272,9 @@ impl Snapshots for Service {
                 && l.contains_key(label::IMAGE_REF)
                 && l.contains_key(label::LAYER_DIGEST)
             {
-                let mounts = self
-                    .prepare_remote(remote, r.key, r.parent, r.labels)
-                    .await?;
+                // Layer blobs the daemon pulls go to this namespace's content store.
+                let prepare = self.prepare_remote(remote, r.key, r.parent, r.labels);
+                let mounts = crate::remote::content::with_namespace(ns, prepare).await?;
                 return Ok(Response::new(pb::PrepareSnapshotResponse { mounts }));
             }
         }

@@ -29,12 +29,11 @@ pub struct ParallelPullUnpack {
     pub max_concurrent_unpacks: i64,
     /// Layers being unpacked at once, per image. Default 1.
     pub max_concurrent_unpacks_per_image: i64,
-    /// Upstream: false keeps each layer blob in the content store after unpacking. soci-rs
-    /// never keeps the blob (it is streamed into the unpacker or a temp file removed after
-    /// unpacking), i.e. always behaves as `true`; `false` written out is warned about.
-    /// Default unset (upstream default false).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub discard_unpacked_layers: Option<bool>,
+    /// As upstream: false writes each layer blob the daemon downloads (this mode, and the
+    /// fallback full pull) into containerd's content store (`[content_store]
+    /// containerd_address`, the pull's namespace) while unpacking it, so the image can be
+    /// exported and pushed; true keeps only the unpacked layer. Default false.
+    pub discard_unpacked_layers: bool,
 }
 
 impl Default for ParallelPullUnpack {
@@ -47,7 +46,7 @@ impl Default for ParallelPullUnpack {
             concurrent_download_chunk_size: String::new(),
             max_concurrent_unpacks: -1,
             max_concurrent_unpacks_per_image: 1,
-            discard_unpacked_layers: None,
+            discard_unpacked_layers: false,
         }
     }
 }

@@ -19,7 +19,7 @@ use soci_registry::{Descriptor, Digest, Reference, Repository};
 
 use super::parallel::ImageLimits;
 use super::singleflight::SingleFlight;
-use super::{ImageLayers, LayerPlan, Remote, RemoteError, Result};
+use super::{content, ImageLayers, LayerPlan, Remote, RemoteError, Result};
 use soci_index::labels as label;
 
 /// Layer lists of images pulled in full, by image reference and manifest.
@@ -91,7 +91,8 @@ impl Remote {
                 continue;
             };
             let (me, repo, layer, limits) = (self.clone(), repo.clone(), l.clone(), limits.clone());
-            tokio::spawn(async move {
+            let ns = content::namespace();
+            tokio::spawn(content::with_namespace(ns, async move {
                 let r = cell
                     .get_or_init(|| me.download(&repo, &layer, &limits))
                     .await;
@@ -100,7 +101,7 @@ impl Remote {
                     // afresh (the registry may be back).
                     me.full.downloads.forget(&layer.digest, &cell);
                 }
-            });
+            }));
         }
     }
     /// Pulls and unpacks a layer into a staging directory (see the module docs); on success
@@ -132,10 +133,19 @@ impl Remote {
         let mut f = tokio::fs::File::create(&tmp)
             .await
             .map_err(|e| RemoteError::io(format!("temp file for layer {}", layer.digest), e))?;
-        let stats = self
-            .client
-            .get_blob_chunked_to(repo, layer, &opts, &mut f)
-            .await?;
+        let mut blob = content::BlobSink::begin(&self.cfg, repo, layer);
+        let fetched = (self.client)
+            .get_blob_chunked_to(
+                repo,
+                layer,
+                &opts,
+                &mut content::Tee::new(&mut f, blob.as_mut()),
+            )
+            .await;
+        if let Some(b) = blob {
+            b.finish(fetched.is_ok()).await;
+        }
+        let stats = fetched?;
         self.full.limits.record(&stats);
         drop((f, downloading));
         let _unpacking = self.full.limits.unpack(img).await?;
@@ -173,12 +183,21 @@ impl Remote {
             std::io::copy(&mut raw, &mut std::io::sink())?;
             Ok::<u64, std::io::Error>(n)
         });
-        let fetched = self
-            .client
-            .get_blob_chunked_to(repo, layer, opts, &mut tx)
+        let mut blob = content::BlobSink::begin(&self.cfg, repo, layer);
+        let fetched = (self.client)
+            .get_blob_chunked_to(
+                repo,
+                layer,
+                opts,
+                &mut content::Tee::new(&mut tx, blob.as_mut()),
+            )
             .await;
         drop(tx);
         let unpacked = unpacker.await?;
+        if let Some(b) = blob {
+            // Committed only if the whole blob matched its digest and unpacked.
+            b.finish(fetched.is_ok() && unpacked.is_ok()).await;
+        }
         let stats = fetched?;
         self.full.limits.record(&stats);
         unpacked.map_err(|e| RemoteError::io(format!("unpacking layer {}", layer.digest), e))?;

@@ -19,6 +19,7 @@ use full_pull::FullPullState;
 use lazy::LazyState;
 use resolver::ResolverState;
 
+pub mod content;
 mod error;
 mod full_pull;
 mod health;
