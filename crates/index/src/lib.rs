@@ -9,6 +9,7 @@ mod convert;
 mod discover;
 mod local;
 pub mod prefetch;
+pub mod record;
 mod soci;
 mod store;
 

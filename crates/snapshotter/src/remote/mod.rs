@@ -28,6 +28,7 @@ mod health;
 mod observe;
 mod parallel;
 mod prefetch;
+mod record;
 
 pub use parallel::PullStats;
 
@@ -496,6 +497,7 @@ impl Remote {
             self.metrics.clone(),
         )
         .map_err(|e| e.to_string())?;
+        record::start(&self.cache_root, id, img, ztoc, layer, &mgr);
         self.prefetch_layer(img, layer, &mgr).await;
         let served = soci_fs::Served {
             tree,
@@ -639,6 +641,7 @@ impl Remote {
             spans.remove_cache();
         }
         let _ = std::fs::remove_dir_all(self.cache_root.join(id.to_string()));
+        record::forget(&self.cache_root, id);
     }
 
     /// Whether snapshot `id` is a mounted lazy layer.
