@@ -198,7 +198,10 @@ pub async fn bound_image(
     object: &str,
     platform: &Platform,
 ) -> Result<BoundImage, RecordError> {
-    let (root_desc, root) = store.get_manifest(object).await.map_err(ConvertError::from)?;
+    let (root_desc, root) = store
+        .get_manifest(object)
+        .await
+        .map_err(ConvertError::from)?;
     if !is_index(&root_desc.media_type) {
         return Err(image_err(format!(
             "{object} is a single image manifest, not a SOCI-enabled image: run `soci convert` first"
@@ -340,7 +343,11 @@ pub async fn rebind(
     }
     let body = Bytes::from(to_go_json(&index));
     let digest = store
-        .put_manifest(Some(dst_tag), soci_registry::oci::MEDIA_TYPE_OCI_INDEX, body)
+        .put_manifest(
+            Some(dst_tag),
+            soci_registry::oci::MEDIA_TYPE_OCI_INDEX,
+            body,
+        )
         .await
         .map_err(ConvertError::from)?;
     Ok(ConvertReport {

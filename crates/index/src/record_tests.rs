@@ -69,7 +69,9 @@ fn artifact_merges_ranges_and_keeps_first_access_order_as_priority() {
 
 #[test]
 fn too_many_ranges_are_refused() {
-    let order: Vec<u64> = (0..(MAX_PREFETCH_RANGES as u64 + 1)).map(|i| i * 2).collect();
+    let order: Vec<u64> = (0..(MAX_PREFETCH_RANGES as u64 + 1))
+        .map(|i| i * 2)
+        .collect();
     let e = recorded_artifact(&order, "sha256:x").unwrap_err();
     assert!(e.to_string().contains("more than"), "{e}");
 }
