@@ -128,7 +128,7 @@ enum PrefetchCommand {
     /// scratch namespace), record the spans each layer's reads needed, and write them as the
     /// prefetch artifacts of a new SOCI index v2 for the image (same zTOCs). Prints the new
     /// image index digest.
-    Record(record_cmd::RecordArgs),
+    Record(Box<record_cmd::RecordArgs>),
     /// Not supported: upstream's `soci prefetch list|info`.
     #[command(external_subcommand)]
     Other(Vec<String>),
@@ -160,7 +160,7 @@ fn main() {
         Command::RebuildDb => run_async(&g, artifacts::rebuild_db(&g)),
         Command::Index(c) => run_async(&g, local_cmd::index(c, &g)),
         Command::Image(c) => run_async(&g, rpull::run(c, &g.address, &g.namespace)),
-        Command::Prefetch(PrefetchCommand::Record(a)) => run_async(&g, record_cmd::record(a, &g)),
+        Command::Prefetch(PrefetchCommand::Record(a)) => run_async(&g, record_cmd::record(*a, &g)),
         Command::Prefetch(PrefetchCommand::Other(a)) => Err(anyhow::anyhow!(
             "`soci prefetch {}` (upstream's list/info) is not supported by soci-rs; prefetch artifacts \
              are written by `soci convert --prefetch-file` and `soci prefetch record`",
