@@ -6,6 +6,7 @@ mod duration;
 mod image_cmd;
 mod local_cmd;
 mod push_cmd;
+mod record_cmd;
 mod rpull;
 mod version;
 mod ztoc_cmd;
@@ -116,13 +117,21 @@ enum Command {
     /// Pull images through containerd with the soci snapshotter; show how they were pulled.
     #[command(subcommand)]
     Image(rpull::ImageCommand),
-    /// Not supported: upstream's `soci prefetch list|info` (artifacts are written by
-    /// `soci convert --prefetch-file`).
-    #[command(hide = true)]
-    Prefetch {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// Prefetch artifacts: `record` one from a real run of an image.
+    #[command(subcommand)]
+    Prefetch(PrefetchCommand),
+}
+
+#[derive(Subcommand)]
+enum PrefetchCommand {
+    /// Run a SOCI-enabled image once under the soci snapshotter (fresh lazy mounts in a
+    /// scratch namespace), record the spans each layer's reads needed, and write them as the
+    /// prefetch artifacts of a new SOCI index v2 for the image (same zTOCs). Prints the new
+    /// image index digest.
+    Record(Box<record_cmd::RecordArgs>),
+    /// Not supported: upstream's `soci prefetch list|info`.
+    #[command(external_subcommand)]
+    Other(Vec<String>),
 }
 
 fn main() {
@@ -151,9 +160,11 @@ fn main() {
         Command::RebuildDb => run_async(&g, artifacts::rebuild_db(&g)),
         Command::Index(c) => run_async(&g, local_cmd::index(c, &g)),
         Command::Image(c) => run_async(&g, rpull::run(c, &g.address, &g.namespace)),
-        Command::Prefetch { .. } => Err(anyhow::anyhow!(
-            "`soci prefetch` (upstream's list/info of prefetch artifacts) is not supported by soci-rs; \
-             prefetch artifacts are written by `soci convert --prefetch-file`"
+        Command::Prefetch(PrefetchCommand::Record(a)) => run_async(&g, record_cmd::record(*a, &g)),
+        Command::Prefetch(PrefetchCommand::Other(a)) => Err(anyhow::anyhow!(
+            "`soci prefetch {}` (upstream's list/info) is not supported by soci-rs; prefetch artifacts \
+             are written by `soci convert --prefetch-file` and `soci prefetch record`",
+            a.first().map(String::as_str).unwrap_or("")
         )),
     };
     if let Err(e) = result {

@@ -444,6 +444,7 @@ impl LayerFs {
         }
         let len = u64::from(size).min(n.size - offset);
         let range = n.offset + offset..n.offset + offset + len;
+        self.spans.note_demand(&range);
         let (spans, metrics, sink) = (self.spans.clone(), self.metrics.clone(), sink.clone());
         let inflight = self.inflight.enter();
         let started = Instant::now();

@@ -16,6 +16,7 @@ mod tree;
 pub use fuse::LayerFs;
 pub use kernel::Session;
 pub use mount::{mount, resume, MountedLayer, Served};
+pub use spans::record::{DemandRecord, RecordSink};
 pub use spans::{
     BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, PrefetchReport, Priority, RangeReader,
     ReadFuture, SpanConfig, SpanManager, LATENCY_BUCKETS_MS, MAX_PREFETCH_REQUEST_BYTES,

@@ -157,6 +157,8 @@ pub struct SpanManager {
     progress: watch::Sender<u64>,
     /// This manager, for tasks that outlive a read.
     me: Weak<SpanManager>,
+    /// Demand record (see `record.rs`), when the mount asked for one.
+    pub(crate) record: record::RecordSlot,
 }
 
 fn eio(msg: String) -> io::Error {
@@ -206,6 +208,7 @@ impl SpanManager {
             whole: Mutex::new(WholeState::default()),
             progress: watch::channel(0).0,
             me: me.clone(),
+            record: Default::default(),
         }))
     }
 
@@ -594,6 +597,7 @@ fn decode_one(
 
 mod background;
 mod prefetch;
+pub(crate) mod record;
 mod whole;
 pub use background::BackgroundConfig;
 pub use prefetch::{PrefetchReport, MAX_PREFETCH_REQUEST_BYTES};

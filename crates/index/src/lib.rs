@@ -11,6 +11,7 @@ pub mod labels;
 mod local;
 pub mod platform;
 pub mod prefetch;
+pub mod record;
 mod soci;
 mod store;
 

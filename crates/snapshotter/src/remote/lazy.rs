@@ -119,6 +119,7 @@ impl Remote {
             self.metrics.clone(),
         )
         .map_err(|e| RemoteError::Ztoc(e.to_string()))?;
+        super::record::start(&self.lazy.cache_root, id, img, ztoc, layer, &mgr);
         self.prefetch_layer(img, layer, &mgr).await;
         let served = soci_fs::Served {
             tree,
@@ -250,6 +251,7 @@ impl Remote {
             spans.remove_cache();
         }
         let _ = std::fs::remove_dir_all(self.lazy.cache_root.join(id.to_string()));
+        super::record::forget(&self.lazy.cache_root, id);
     }
 
     /// Whether snapshot `id` is a mounted lazy layer.

@@ -28,6 +28,7 @@ pub(crate) mod mounter;
 mod observe;
 mod parallel;
 mod prefetch;
+mod record;
 mod resolver;
 mod singleflight;
 

@@ -1,0 +1,93 @@
+//! Demand records of lazy layers, for `soci prefetch record`: every lazily mounted layer
+//! records which spans its FUSE reads touched, in first-access order
+//! ([`soci_fs::DemandRecord`]), and the list is kept in `<root>/record/<snapshot id>.json`
+//! ([`soci_index::record::RecordFile`]).
+//!
+//! Why a file the daemon keeps current, rather than a request to the daemon: the CLI reads it
+//! once the container has exited, with nothing new to configure or expose, and the file is
+//! rewritten before the read that grew the list is answered, so it is complete by the time
+//! the container's last read returns. Bounded by the layer: at most one rewrite per span of
+//! the zTOC, each at most a few bytes per span. The file goes with the snapshot.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use soci_fs::{DemandRecord, SpanManager};
+use soci_index::record::{RecordFile, RECORD_DIR, RECORD_VERSION};
+use soci_index::SociImage;
+use soci_registry::Descriptor;
+use tracing::warn;
+
+/// `<root>/record` from the span cache root `<root>/cache`.
+fn dir(cache_root: &Path) -> PathBuf {
+    cache_root.with_file_name(RECORD_DIR)
+}
+
+fn path(cache_root: &Path, id: u64) -> PathBuf {
+    dir(cache_root).join(format!("{id}.json"))
+}
+
+/// Starts recording the demand reads of the layer mounted for snapshot `id`.
+pub(super) fn start(
+    cache_root: &Path,
+    id: u64,
+    img: &SociImage,
+    ztoc: &Descriptor,
+    layer: &Descriptor,
+    mgr: &Arc<SpanManager>,
+) {
+    let d = dir(cache_root);
+    if let Err(e) = std::fs::create_dir_all(&d) {
+        warn!(dir = %d.display(), error = %e, "no demand record for this layer");
+        return;
+    }
+    let mut file = RecordFile {
+        version: RECORD_VERSION,
+        snapshot: id,
+        image: img.reference.to_string(),
+        manifest: img.manifest_desc.digest.to_string(),
+        layer: layer.digest.to_string(),
+        ztoc: ztoc.digest.to_string(),
+        mounted_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        span_count: mgr.span_count() as u64,
+        spans: Vec::new(),
+    };
+    let target = path(cache_root, id);
+    write(&target, &file);
+    let sink = move |order: &[usize]| {
+        file.spans = order.iter().map(|&s| s as u64).collect();
+        write(&target, &file);
+    };
+    // The sink runs under the record's lock; it owns its copy of the header.
+    let sink = std::sync::Mutex::new(sink);
+    mgr.record_demand(Arc::new(DemandRecord::new(
+        mgr.span_count(),
+        Some(Box::new(move |order: &[usize]| {
+            if let Ok(mut s) = sink.lock() {
+                (*s)(order)
+            }
+        })),
+    )));
+}
+
+fn write(target: &Path, file: &RecordFile) {
+    let tmp = target.with_extension("json.tmp");
+    let r = serde_json::to_vec(file)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|()| std::fs::rename(&tmp, target));
+    if let Err(e) = r {
+        warn!(file = %target.display(), error = %e, "writing demand record failed");
+    }
+}
+
+/// Removes snapshot `id`'s record (the snapshot is gone).
+pub(super) fn forget(cache_root: &Path, id: u64) {
+    let p = path(cache_root, id);
+    let _ = std::fs::remove_file(&p);
+    let _ = std::fs::remove_file(p.with_extension("json.tmp"));
+}
