@@ -125,6 +125,7 @@ impl SociImage {
     }
 
     /// Fetches, verifies and parses the zTOC of a layer, checking it belongs to that layer.
+    #[tracing::instrument(level = "debug", name = "fetch_ztoc", skip_all, fields(ztoc = %ztoc.digest, layer = %layer.digest, size = ztoc.size))]
     pub async fn fetch_ztoc(
         &self,
         client: &Client,
@@ -149,6 +150,7 @@ impl SociImage {
                 }
                 e => NoSoci::Registry(e.to_string()),
             })?;
+        let _parse = tracing::debug_span!("ztoc_parse", layer = %layer.digest).entered();
         let z = Ztoc::from_bytes(&bytes)
             .map_err(|e| NoSoci::CorruptZtoc(ztoc.digest.to_string(), e.to_string()))?;
         if z.compressed_archive_size != layer.size {
@@ -174,6 +176,7 @@ fn is_soci_entry(d: &Descriptor) -> bool {
 }
 
 /// Finds the SOCI index of `reference` for `opts.platform`.
+#[tracing::instrument(level = "debug", name = "discover", skip_all, fields(image = %reference))]
 pub async fn discover(
     client: &Client,
     reference: &Reference,

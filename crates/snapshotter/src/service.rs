@@ -495,6 +495,7 @@ impl Service {
 
 #[tonic::async_trait]
 impl Snapshots for Service {
+    #[tracing::instrument(level = "debug", name = "prepare", skip_all, fields(key = %r.get_ref().key, image = r.get_ref().labels.get(remote::LABEL_IMAGE_REF).map(String::as_str).unwrap_or(""), layer = r.get_ref().labels.get(remote::LABEL_LAYER_DIGEST).map(String::as_str).unwrap_or("")))]
     async fn prepare(
         &self,
         r: Request<pb::PrepareSnapshotRequest>,

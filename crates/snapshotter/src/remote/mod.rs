@@ -16,7 +16,7 @@ use soci_index::{discover, DiscoverOptions, NoSoci, SociImage};
 use soci_registry::{
     Client, ClientOptions, Descriptor, Digest, HostsConfig, Reference, Repository,
 };
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::config::Config;
 use crate::holder::{Held, HolderClient};
@@ -434,6 +434,7 @@ impl Remote {
     }
 
     /// Fetches, verifies and parses a layer's zTOC and builds its tree, once per zTOC.
+    #[tracing::instrument(level = "debug", name = "prepare_layer", skip_all, fields(image = %img.reference, layer = %layer.digest))]
     async fn prepare_layer(
         &self,
         img: &SociImage,
@@ -528,12 +529,16 @@ impl Remote {
         if !self.cfg.background_fetch.disable {
             let bg = &self.cfg.background_fetch;
             let silence = Duration::from_millis(bg.silence_period_msec);
-            tokio::spawn(mgr.background_fill(soci_fs::BackgroundConfig {
-                delay: silence,
-                period: Duration::from_millis(bg.fetch_period_msec),
-                yield_to_demand: silence,
-                slots: self.background_slots.clone(),
-            }));
+            let span = tracing::debug_span!("background_fetch", layer = %layer.digest);
+            tokio::spawn(
+                mgr.background_fill(soci_fs::BackgroundConfig {
+                    delay: silence,
+                    period: Duration::from_millis(bg.fetch_period_msec),
+                    yield_to_demand: silence,
+                    slots: self.background_slots.clone(),
+                })
+                .instrument(span),
+            );
         }
         self.mounts.lock().expect("mounts").insert(id, mounted);
         self.layers_lazy
