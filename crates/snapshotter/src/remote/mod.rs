@@ -451,7 +451,8 @@ impl Remote {
             let spans = z
                 .spans()
                 .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
-            let tree = tokio::task::spawn_blocking(move || LayerTree::build(&z))
+            let span = tracing::Span::current();
+            let tree = tokio::task::spawn_blocking(move || span.in_scope(|| LayerTree::build(&z)))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("zTOC {}: {e}", ztoc.digest))?;
@@ -508,15 +509,19 @@ impl Remote {
         let dir = fs_dir.to_path_buf();
         let held = self.held.lock().expect("held").remove(&id);
         let resumed = held.is_some();
-        let mounted = tokio::task::spawn_blocking(move || match held {
-            Some(h) => {
-                let session = soci_fs::Session {
-                    minor: h.minor,
-                    resend: h.resend,
-                };
-                soci_fs::resume(served, h.fd, session, &dir)
+        let span = tracing::Span::current();
+        let mounted = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
+            match held {
+                Some(h) => {
+                    let session = soci_fs::Session {
+                        minor: h.minor,
+                        resend: h.resend,
+                    };
+                    soci_fs::resume(served, h.fd, session, &dir)
+                }
+                None => soci_fs::mount(served, &dir),
             }
-            None => soci_fs::mount(served, &dir),
         })
         .await
         .map_err(|e| e.to_string())?
@@ -529,7 +534,8 @@ impl Remote {
         if !self.cfg.background_fetch.disable {
             let bg = &self.cfg.background_fetch;
             let silence = Duration::from_millis(bg.silence_period_msec);
-            let span = tracing::debug_span!("background_fetch", layer = %layer.digest);
+            // No parent: it outlives the Prepare.
+            let span = tracing::debug_span!(parent: None, "background_fetch", layer = %layer.digest);
             tokio::spawn(
                 mgr.background_fill(soci_fs::BackgroundConfig {
                     delay: silence,
