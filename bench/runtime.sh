@@ -83,8 +83,10 @@ cp -a /usr/lib/python3.11 "$P/usr/lib/"
 R=$W/root
 mkdir -p "$R"; cp -a "$B/." "$R/"; cp -a "$P/." "$R/"
 strace -f -qq -e trace=openat,open,execve -o "$W/strace" chroot "$R" "${WORK[@]}"
-grep -v ENOENT "$W/strace" | grep -o '"/[^"]*"' | tr -d '"' | sort -u | while read -r f; do
-  [ -f "$R$f" ] && [ ! -L "$R$f" ] && echo "$f"
+# Paths as stored in the layers: the top-level links (bin, lib, lib64, sbin) lead into /usr.
+grep -v ENOENT "$W/strace" | grep -o '"/[^"]*"' | tr -d '"' |
+  sed -E 's#^/(bin|lib|lib64|sbin)/#/usr/\1/#' | sort -u | while read -r f; do
+  if [ -f "$R$f" ] && [ ! -L "$R$f" ]; then echo "$f"; fi
 done | python3 -c 'import json,sys; print(json.dumps([l.strip() for l in sys.stdin if l.strip()]))' > "$W/prefetch.json"
 nfiles=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$W/prefetch.json")
 rm -rf "$R"
@@ -180,6 +182,27 @@ measure() { # measure KIND PROFILE -> "seconds bytes"
   echo "$(echo "$t1 - $t0" | bc -l) $(( $(served) - b0 ))"
   stop_soci_containerd run
 }
+# trace_run PROFILE: one soci-rs start (no prefetch) with the daemon's timeline on, drawn as
+# bench/results/waterfall-runtime-PROFILE.png (+ .md).
+trace_run() {
+  local p=$1 a d t0 t1 t2 ctd
+  a=$(addr "$p"); d=$W/trace-$p
+  mkdir -p "$d"
+  SOCI_SNAPSHOTTER_TIMELINE=$d/timeline.jsonl start_soci_containerd run "$a"
+  ctd=$W/run/ctd.sock
+  t0=$(now)
+  "$BIN/soci" -a "$ctd" image rpull --plain-http "$a/py:soci" > /dev/null
+  t1=$(now)
+  ctr -a "$ctd" run --rm --snapshotter soci "$a/py:soci" c "${WORK[@]}" > /dev/null
+  t2=$(now)
+  stop_soci_containerd run
+  printf 'rpull %s %s\nrun %s %s\n' "$t0" "$t1" "$t1" "$t2" > "$d/markers"
+  mkdir -p bench/results
+  python3 bench/waterfall.py "$d/timeline.jsonl" --markers "$d/markers" \
+    --title "soci-rs lazy start, python3.11 imports, $p profile" \
+    --png "bench/results/waterfall-runtime-$p.png" --md "bench/results/waterfall-runtime-$p.md" >&2
+}
+
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 : > "$W/results"
@@ -190,6 +213,7 @@ for p in $PROFILES; do
       echo "$p $kind $(measure "$kind" "$p")" | tee -a "$W/results" >&2
     done
   done
+  [ "${WATERFALL:-1}" = 1 ] && trace_run "$p"
 done
 shape near
 
