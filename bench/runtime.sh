@@ -66,7 +66,7 @@ to_usr() { local p=${1#/usr}; echo "usr/${p#/}"; } # /lib/x/y and /usr/lib/x/y -
   awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/lib/ {print $1}' | sort -u > "$W/libs"
 # A distro base carries more than one program needs: other libraries up to ~60 MiB.
 find /usr/lib/x86_64-linux-gnu -maxdepth 1 -type f -name 'lib*.so*' -size -16M -printf '%s %p\n' | sort -k2 |
-  awk '{ s += $1; print $2; if (s > 60 * 1048576) exit }' >> "$W/libs"
+  awk '{ s += $1; print $2; if (s > 60 * 1048576) exit }' >> "$W/libs" || true
 sort -u "$W/libs" | while read -r l; do
   t=$B/$(to_usr "$l"); mkdir -p "$(dirname "$t")"; [ -e "$t" ] || cp -L "$l" "$t"
 done
@@ -127,7 +127,9 @@ size=${blobs% *}; nlayers=${blobs#* }
 
 notes=()
 KINDS_ALL="overlayfs"
-if [ -x "$STARGZ" ] && [ -n "$CTR_REMOTE" ]; then
+if [ -n "${KINDS:-}" ] && [[ " $KINDS " != *" stargz"* ]]; then
+  : # stargz not asked for: no eStargz conversions
+elif [ -x "$STARGZ" ] && [ -n "$CTR_REMOTE" ]; then
   bash bench/stargz.sh convert "$NEAR/py:v1" "$NEAR/py:esgz"
   KINDS_ALL+=" stargz"
   if bash bench/stargz.sh convert-opt "$NEAR/py:v1" "$NEAR/py:esgz-opt" > "$W/optimize.log" 2>&1; then
@@ -142,7 +144,9 @@ KINDS_ALL+=" soci soci-pf"
 # --- HOOK: recorded prefetch (soci prefetch record, issue 16 part 2) ---------------------------
 # Runs only when the command exists: one recording run of py:soci under a soci daemon (near
 # profile), the new SOCI index bound to the image as py:soci-rec.
-if "$BIN/soci" prefetch record --help >/dev/null 2>&1; then
+if [ -n "${KINDS:-}" ] && [[ " $KINDS " != *" soci-rec "* ]]; then
+  :
+elif "$BIN/soci" prefetch record --help >/dev/null 2>&1; then
   start_soci_containerd rec "$NEAR"
   if "$BIN/soci" -a "$W/rec/ctd.sock" prefetch record --plain-http --daemon-root "$W/rec/soci" \
       --dst "docker://$NEAR/py:soci-rec" "docker://$NEAR/py:soci" -- "${WORK[@]}" > "$W/record.log" 2>&1; then

@@ -17,6 +17,9 @@ use crate::soci::{
     ARTIFACT_TYPE_V1, ARTIFACT_TYPE_V2,
 };
 
+/// Connections opened while discovery fetches the manifest (see `Client::warm_connections`).
+const WARM_CONNECTIONS: usize = 4;
+
 /// Largest zTOC blob accepted.
 pub const MAX_ZTOC_BYTES: u64 = 512 << 20;
 
@@ -183,6 +186,9 @@ pub async fn discover(
     opts: &DiscoverOptions,
 ) -> Result<SociImage, NoSoci> {
     let repo = &reference.repository;
+    // The SOCI index and every zTOC are fetched concurrently right after the manifest: have
+    // connections ready for them (handshakes off the critical path).
+    client.warm_connections(repo, WARM_CONNECTIONS);
     let (root_desc, root) = client.get_manifest(repo, &reference.object()).await?;
     let mut image_index: Option<ImageIndex> = None;
     let manifest_desc = if is_index(&root_desc.media_type) {

@@ -172,7 +172,7 @@ impl Client {
         &self.opts
     }
 
-    fn http(&self, ep: &Endpoint) -> &reqwest::Client {
+    pub(crate) fn http(&self, ep: &Endpoint) -> &reqwest::Client {
         if ep.skip_verify {
             &self.http_insecure
         } else {

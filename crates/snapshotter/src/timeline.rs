@@ -45,7 +45,8 @@ impl Visit for Fields<'_> {
             .insert(field.name().into(), Value::String(format!("{value:?}")));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), Value::String(value.into()));
+        self.0
+            .insert(field.name().into(), Value::String(value.into()));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.0.insert(field.name().into(), Value::from(value));
@@ -144,7 +145,8 @@ mod tests {
         let sub = tracing_subscriber::registry()
             .with(layer.with_filter(tracing_subscriber::filter::filter_fn(Timeline::wants)));
         tracing::subscriber::with_default(sub, || {
-            let outer = tracing::debug_span!("outer", layer = "sha256:ab", bytes = tracing::field::Empty);
+            let outer =
+                tracing::debug_span!("outer", layer = "sha256:ab", bytes = tracing::field::Empty);
             let _g = outer.enter();
             tracing::trace_span!("inner", n = 3u64).in_scope(|| {});
             outer.record("bytes", 7u64);

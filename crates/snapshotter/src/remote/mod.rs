@@ -535,7 +535,8 @@ impl Remote {
             let bg = &self.cfg.background_fetch;
             let silence = Duration::from_millis(bg.silence_period_msec);
             // No parent: it outlives the Prepare.
-            let span = tracing::debug_span!(parent: None, "background_fetch", layer = %layer.digest);
+            let span =
+                tracing::debug_span!(parent: None, "background_fetch", layer = %layer.digest);
             tokio::spawn(
                 mgr.background_fill(soci_fs::BackgroundConfig {
                     delay: silence,
