@@ -95,8 +95,8 @@ mod tests {
             },
             ..Default::default()
         };
-        let c = Client::with_credentials(opts, crate::auth::DockerConfig::default())
-            .expect("client");
+        let c =
+            Client::with_credentials(opts, crate::auth::DockerConfig::default()).expect("client");
         let repo = Repository {
             registry: addr,
             name: "r".into(),
