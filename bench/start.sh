@@ -129,6 +129,7 @@ trace_run() {
     --title "soci-rs lazy start, $p profile, workload small" \
     --png "bench/results/waterfall-$p.png" --md "bench/results/waterfall-$p.md" >&2
   cp "$d/timeline.jsonl" "bench/results/timeline-$p.jsonl"
+  cp "$d/markers" "bench/results/markers-$p"
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

@@ -60,6 +60,15 @@ def main():
         a = s["start_us"] / 1e3 - t0
         return a, a + s["dur_us"] / 1e3
 
+    # Steps run on blocking threads (tree build, mount) take the layer of their parent step.
+    by_seq = {s["seq"]: s for s in spans}
+    for s in spans:
+        p = by_seq.get(s.get("parent"))
+        while "layer" not in s["fields"] and p is not None:
+            if "layer" in p["fields"]:
+                s["fields"]["layer"] = p["fields"]["layer"]
+            p = by_seq.get(p.get("parent"))
+
     rows = {}  # label -> list of (start, end, kind)
 
     def add(label, a, b, kind):
