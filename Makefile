@@ -27,12 +27,19 @@ integration: deps
 demo: build
 	bash scripts/demo.sh
 
-# Benchmarks: prints ratios measured side by side in one run.
+# Benchmarks: prints ratios measured side by side in one run. Results in bench/results/
+# (tables, charts, start-path waterfalls per profile); the charts the README shows are copied
+# next to the scripts.
 bench: build
 	bash bench/ztoc.sh
 	bash bench/stargz.sh build
 	bash bench/start.sh 3
+	bash bench/runtime.sh 3
 	bash bench/micro.sh
+	cp bench/results/start.png bench/start-latest.png
+	cp bench/results/runtime.png bench/runtime-latest.png
+	cp bench/results/waterfall-far.png bench/waterfall-far.png
+	cp bench/results/waterfall-runtime-far.png bench/waterfall-runtime-far.png
 
 # Fuzz every parser for FUZZ_SECONDS each (needs nightly-free cargo-fuzz; not part of CI).
 FUZZ_SECONDS ?= 60

@@ -4,6 +4,7 @@
 #                                         Debian's golang-github-containerd-stargz-snapshotter-dev
 #                                         sources + the small launcher bench/stargz-launcher.go)
 #   bench/stargz.sh convert SRC DST       eStargz copy of an image (Debian's ctr-remote)
+#   bench/stargz.sh convert-opt SRC DST   the same with prioritized files recorded from a run
 #   bench/stargz.sh start DIR PLAIN_HOST  daemon + containerd under DIR (sourced env: W, PIDS)
 # Debian ships only ctr-remote; the daemon's CRI-only files need k8s cri-api (not in Debian)
 # and are left out of a copy of the tree placed first on GOPATH.
@@ -42,8 +43,11 @@ build() {
   echo "built $OUT/stargz-snapshotter"
 }
 
-convert() {
-  local tmp
+convert() { # convert SRC DST [optimize flags]: default --no-optimize (no prioritized files)
+  local src=$1 dst=$2 tmp
+  shift 2
+  local flags=("$@")
+  [ ${#flags[@]} -gt 0 ] || flags=(--no-optimize)
   tmp=$(mktemp -d)
   cat > "$tmp/ctd.toml" <<TOML
 version = 2
@@ -52,14 +56,20 @@ state = "$tmp/state"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "$tmp/ctd.sock"
+[ttrpc]
+  address = "$tmp/ctd.sock.ttrpc"
 TOML
   containerd --config "$tmp/ctd.toml" > "$tmp/log" 2>&1 & local pid=$!
   for _ in $(seq 100); do ctr -a "$tmp/ctd.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
-  ctr -a "$tmp/ctd.sock" image pull --plain-http "$1" >/dev/null
-  ctr-remote -a "$tmp/ctd.sock" image optimize --no-optimize --oci "$1" "$2" >/dev/null
-  ctr -a "$tmp/ctd.sock" image push --plain-http "$2" >/dev/null
+  local rc=0
+  { ctr -a "$tmp/ctd.sock" image pull --plain-http "$src" >/dev/null &&
+    ctr-remote -a "$tmp/ctd.sock" image optimize "${flags[@]}" --oci "$src" "$dst" >/dev/null &&
+    ctr -a "$tmp/ctd.sock" image push --plain-http "$dst" >/dev/null; } || rc=$?
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  [ $rc = 0 ] || tail -20 "$tmp/log" >&2
+  { grep " $tmp/" /proc/self/mountinfo || true; } | awk '{print $5}' | sort -r | xargs -r -n1 umount -l
   rm -rf "$tmp"
+  return $rc
 }
 
 # start DIR HOST: stargz daemon + containerd with a proxy plugin "stargz", like env.sh's pair.
@@ -75,6 +85,9 @@ start() {
 case ${1:-} in
   build) build ;;
   convert) convert "$2" "$3" ;;
+  # eStargz with prioritized files: optimize runs the image's command once and records the
+  # files it opens (stargz's own "optimize"). The run needs runc and a working overlayfs here.
+  convert-opt) convert "$2" "$3" --period 20 ;;
   start) start "$2" "$3" ;;
-  *) echo "usage: $0 build | convert SRC DST | start DIR HOST" >&2; exit 2 ;;
+  *) echo "usage: $0 build | convert SRC DST | convert-opt SRC DST | start DIR HOST" >&2; exit 2 ;;
 esac

@@ -18,50 +18,18 @@ PROFILES=${PROFILES:-near far}
 WORKLOADS=${WORKLOADS:-true small quarter}
 W1=${WORKLOADS%% *}
 BIN=$PWD/target/release
-[ -x "$BIN/soci-delay-proxy" ] || cargo build --release -p integration-tests --bin soci-delay-proxy
 command -v gnuplot >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gnuplot-nox >/dev/null; }
 STARGZ=${STARGZ:-$PWD/target/stargz/stargz-snapshotter}
 CTR_REMOTE=$(command -v ctr-remote || true)
 W=$(mktemp -d /tmp/soci-bench.XXXXXX)
 source scripts/env.sh
-NS=socibench$$
 cleanup() {
   env_cleanup
-  ip netns del "$NS" 2>/dev/null || true
+  net_cleanup
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-# Namespaces left by an interrupted run would shadow our addresses.
-for ns in $(ip netns list | awk '/^socibench/ {print $1}'); do
-  kill -0 "${ns#socibench}" 2>/dev/null && continue
-  ip netns pids "$ns" | xargs -r kill -9
-  ip netns del "$ns"
-done
-
-# --- network: registry in a namespace, reached over veth ------------------------------------
-VH=sbh$$ VN=sbn$$
-ip netns add "$NS"
-ip link add "$VH" type veth peer name "$VN"
-ip link set "$VN" netns "$NS"
-ip addr add 10.213.0.1/30 dev "$VH"
-ip link set "$VH" up
-nsenter --net=/var/run/netns/"$NS" sh -c "ip link set lo up; ip addr add 10.213.0.2/30 dev $VN; ip link set $VN up"
-NEAR=10.213.0.2:5000
-REG_WRAP="nsenter --net=/var/run/netns/$NS" start_registry "$NEAR"
-FAR=127.0.0.1:$(free_port)
-"$BIN/soci-delay-proxy" "$FAR" "$NEAR" 10 > "$W/proxy.log" 2>&1 & PIDS+=($!)
-for _ in $(seq 50); do grep -q ready "$W/proxy.log" && break; sleep 0.1; done
-shape() { # shape near|far
-  local q="tbf rate 200mbit burst 256kb latency 100ms"
-  if [ "$1" = far ]; then
-    tc qdisc replace dev "$VH" root $q
-    nsenter --net=/var/run/netns/"$NS" tc qdisc replace dev "$VN" root $q
-  else
-    tc qdisc del dev "$VH" root 2>/dev/null || true
-    nsenter --net=/var/run/netns/"$NS" tc qdisc del dev "$VN" root 2>/dev/null || true
-  fi
-}
-addr() { [ "$1" = far ] && echo "$FAR" || echo "$NEAR"; }
+source bench/net.sh
 
 # --- image: >= 400 MiB in 5 gzip layers, from local files ------------------------------------
 L=$W/layout
@@ -141,6 +109,29 @@ measure() { # measure KIND PROFILE WORKLOAD -> "seconds bytes"
   echo "$(echo "$t1 - $t0" | bc -l) $(( $(served) - b0 ))"
   stop_soci_containerd run
 }
+# trace_run PROFILE: one soci-rs start of the `small` workload with the daemon's timeline on,
+# drawn as bench/results/waterfall-PROFILE.png (+ .md): every step of the lazy start.
+trace_run() {
+  local p=$1 a d t0 t1 t2 ctd
+  a=$(addr "$p"); d=$W/trace-$p
+  mkdir -p "$d"
+  SOCI_SNAPSHOTTER_TIMELINE=$d/timeline.jsonl start_soci_containerd run "$a"
+  ctd=$W/run/ctd.sock
+  t0=$(now)
+  "$BIN/soci" -a "$ctd" image rpull --plain-http "$a/bench:soci" > /dev/null
+  t1=$(now)
+  ctr -a "$ctd" run --rm --snapshotter soci "$a/bench:soci" c /bin/cat /etc/demo-message > /dev/null
+  t2=$(now)
+  stop_soci_containerd run
+  printf 'rpull %s %s\nrun %s %s\n' "$t0" "$t1" "$t1" "$t2" > "$d/markers"
+  mkdir -p bench/results
+  python3 bench/waterfall.py "$d/timeline.jsonl" --markers "$d/markers" \
+    --title "soci-rs lazy start, $p profile, workload small" \
+    --png "bench/results/waterfall-$p.png" --md "bench/results/waterfall-$p.md" >&2
+  cp "$d/timeline.jsonl" "bench/results/timeline-$p.jsonl"
+  cp "$d/markers" "bench/results/markers-$p"
+}
+
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 : > "$W/results"
@@ -153,7 +144,8 @@ for p in $PROFILES; do
       done
     done
   done
-  if [ "$p" = far ]; then
+  [ "${WATERFALL:-1}" = 1 ] && [[ " $KINDS " == *" soci "* ]] && trace_run "$p"
+  if [ "$p" = far ] && [[ " $KINDS " == *" overlayfs "* ]]; then
     for i in $(seq "$RUNS"); do
       echo "$p $W1 soci-full $(measure soci-full "$p" "$W1")" | tee -a "$W/results" >&2
     done
@@ -162,25 +154,26 @@ done
 shape near
 
 med() { awk -v p="$1" -v w="$2" -v k="$3" -v c="$4" '$1==p && $2==w && $3==k {print $c}' "$W/results" | median; }
+ratio() { [ -n "$2" ] && printf '%.3f' "$(echo "$1 / $2" | bc -l)" || echo -; }
 mkdir -p bench/results
 {
   echo "Cold start: pull start to container exit (s), median of $RUNS runs; registry bytes served."
   echo "Image: $((usize >> 20)) MiB unpacked, $((size >> 20)) MiB in $nlayers gzip layers; registry in a"
   echo "network namespace; near = veth, far = 20 ms RTT + 200 Mbit/s. Fresh containerd + snapshotter each run."
   echo
-  echo "| profile | workload | snapshotter | time (s) | bytes served | time / overlayfs |"
-  echo "|---|---|---|---|---|---|"
+  echo "| profile | workload | snapshotter | time (s) | bytes served | time / overlayfs | time / stargz |"
+  echo "|---|---|---|---|---|---|---|"
   for p in $PROFILES; do for wl in $WORKLOADS; do
-    o=$(med "$p" "$wl" overlayfs 4)
+    o=$(med "$p" "$wl" overlayfs 4); g=$(med "$p" "$wl" stargz 4)
     for kind in $KINDS; do
       t=$(med "$p" "$wl" "$kind" 4); b=$(med "$p" "$wl" "$kind" 5)
-      printf '| %s | %s | %s | %.2f | %d MiB (%.1f%%) | %.3f |\n' "$p" "$wl" "$kind" "$t" $((b >> 20)) \
-        "$(echo "100 * $b / $size" | bc -l)" "$(echo "$t / $o" | bc -l)"
+      printf '| %s | %s | %s | %.2f | %d MiB (%.1f%%) | %s | %s |\n' "$p" "$wl" "$kind" "$t" $((b >> 20)) \
+        "$(echo "100 * $b / $size" | bc -l)" "$(ratio "$t" "$o")" "$(ratio "$t" "$g")"
     done
   done; done
-  if [[ " $PROFILES " == *" far "* ]]; then
+  if [[ " $PROFILES " == *" far "* ]] && [[ " $KINDS " == *" overlayfs "* ]]; then
     o=$(med far "$W1" overlayfs 4); f=$(med far "$W1" soci-full 4)
-    printf '| far | %s | soci-rs fallback (no index, full pull) | %.2f | %d MiB | %.3f |\n' "$W1" "$f" \
+    printf '| far | %s | soci-rs fallback (no index, full pull) | %.2f | %d MiB | %.3f | |\n' "$W1" "$f" \
       $(( $(med far "$W1" soci-full 5) >> 20 )) "$(echo "$f / $o" | bc -l)"
   fi
   echo

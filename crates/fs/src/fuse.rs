@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use tokio::runtime::Handle;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, warn, Instrument};
 use zerocopy::IntoBytes;
 
 use crate::kernel::abi::{
@@ -452,7 +452,8 @@ impl LayerFs {
             let _inflight = inflight;
             // Its own task, so that a panic still gets an answer: a READ left unanswered
             // blocks its caller and every reader of the page it fills.
-            match tokio::spawn(async move { spans.read(range).await }).await {
+            let span = tracing::debug_span!("fuse_read", ino, offset, len);
+            match tokio::spawn(async move { spans.read(range).await }.instrument(span)).await {
                 Ok(Ok(data)) => {
                     let header = out_header(unique, 0, data.len());
                     sink.send(&[IoSlice::new(header.as_bytes()), IoSlice::new(&data)]);

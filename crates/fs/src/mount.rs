@@ -173,6 +173,7 @@ fn start(
 /// Mounts a layer at `mountpoint` (read-only, `allow_other`, `default_permissions`, devices
 /// and setuid allowed as in an image) and serves it; returns once the kernel's INIT is
 /// answered.
+#[tracing::instrument(level = "debug", name = "fuse_mount", skip_all)]
 pub fn mount(served: Served, mountpoint: &Path) -> std::io::Result<MountedLayer> {
     let fd: OwnedFd = nix::fcntl::open(
         "/dev/fuse",

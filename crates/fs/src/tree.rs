@@ -249,6 +249,7 @@ pub const MAX_ENTRIES: usize = 4_000_000;
 
 impl LayerTree {
     /// Builds the tree of a zTOC.
+    #[tracing::instrument(level = "debug", name = "layer_tree", skip_all, fields(files = z.entries.len()))]
     pub fn build(z: &Ztoc) -> Result<LayerTree, TreeError> {
         if z.entries.len() > MAX_ENTRIES {
             return Err(TreeError::TooManyEntries(MAX_ENTRIES));

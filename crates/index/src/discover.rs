@@ -17,6 +17,9 @@ use crate::soci::{
     ARTIFACT_TYPE_V1,
 };
 
+/// Connections opened while discovery fetches the manifest (see `Client::warm_connections`).
+const WARM_CONNECTIONS: usize = 4;
+
 /// Largest zTOC blob accepted.
 pub const MAX_ZTOC_BYTES: u64 = 512 << 20;
 
@@ -125,6 +128,7 @@ impl SociImage {
     }
 
     /// Fetches, verifies and parses the zTOC of a layer, checking it belongs to that layer.
+    #[tracing::instrument(level = "debug", name = "fetch_ztoc", skip_all, fields(ztoc = %ztoc.digest, layer = %layer.digest, size = ztoc.size))]
     pub async fn fetch_ztoc(
         &self,
         client: &Client,
@@ -149,6 +153,7 @@ impl SociImage {
                 }
                 e => NoSoci::Registry(e.to_string()),
             })?;
+        let _parse = tracing::debug_span!("ztoc_parse", layer = %layer.digest).entered();
         let z = Ztoc::from_bytes(&bytes)
             .map_err(|e| NoSoci::CorruptZtoc(ztoc.digest.to_string(), e.to_string()))?;
         if z.compressed_archive_size != layer.size {
@@ -167,12 +172,16 @@ impl SociImage {
 }
 
 /// Finds the SOCI index of `reference` for `opts.platform`.
+#[tracing::instrument(level = "debug", name = "discover", skip_all, fields(image = %reference))]
 pub async fn discover(
     client: &Client,
     reference: &Reference,
     opts: &DiscoverOptions,
 ) -> Result<SociImage, NoSoci> {
     let repo = &reference.repository;
+    // The SOCI index and every zTOC are fetched concurrently right after the manifest: have
+    // connections ready for them (handshakes off the critical path).
+    client.warm_connections(repo, WARM_CONNECTIONS);
     let (root_desc, root) = client.get_manifest(repo, &reference.object()).await?;
     let mut image_index: Option<ImageIndex> = None;
     let manifest_desc = if is_index(&root_desc.media_type) {

@@ -419,6 +419,7 @@ impl crate::soci::SociIndex {
 impl SociImage {
     /// Fetches, verifies (digest, size limit) and parses the prefetch artifact `desc` of
     /// `layer`, whose zTOC has `span_count` spans.
+    #[tracing::instrument(level = "debug", name = "fetch_prefetch", skip_all, fields(artifact = %desc.digest, layer = %layer))]
     pub async fn fetch_prefetch(
         &self,
         client: &Client,

@@ -158,6 +158,7 @@ impl Client {
     /// Fetches a whole blob into memory and verifies it. Blobs over
     /// [`MAX_BLOB_IN_MEMORY`] are refused before any request; the buffer grows as bytes
     /// arrive (never sized from the descriptor alone).
+    #[tracing::instrument(level = "debug", name = "get_blob", skip_all, fields(digest = %desc.digest, size = desc.size))]
     pub async fn get_blob(&self, repo: &Repository, desc: &Descriptor) -> Result<Bytes> {
         if desc.size > MAX_BLOB_IN_MEMORY {
             return Err(RegistryError::TooLarge {
@@ -247,6 +248,7 @@ impl Client {
     /// `Content-Length` is not the range asked for, or whose body runs past it, is an error
     /// at once. A 200 (range ignored) is read only up to the range end, then dropped, and the
     /// registry is remembered as one without range support.
+    #[tracing::instrument(level = "debug", name = "get_range", skip_all, fields(digest = %digest, start = range.start, len = range.end - range.start))]
     pub async fn get_blob_range_until(
         &self,
         repo: &Repository,

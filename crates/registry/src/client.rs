@@ -172,7 +172,7 @@ impl Client {
         &self.opts
     }
 
-    fn http(&self, ep: &Endpoint) -> &reqwest::Client {
+    pub(crate) fn http(&self, ep: &Endpoint) -> &reqwest::Client {
         if ep.skip_verify {
             &self.http_insecure
         } else {
@@ -232,6 +232,7 @@ impl Client {
     /// [`Client::send`] within `deadline`: every attempt's timeout and every backoff fit
     /// before it; past it the request fails at once (no attempt is started that could not end
     /// in time).
+    #[tracing::instrument(level = "debug", name = "http", skip_all, fields(what = %what, attempts = tracing::field::Empty, status = tracing::field::Empty))]
     pub(crate) async fn send_until(
         &self,
         ep: &Endpoint,
@@ -315,7 +316,12 @@ impl Client {
                 Ok(resp) => Attempt::Done(resp),
             };
             match outcome {
-                Attempt::Done(resp) => return Ok(resp),
+                Attempt::Done(resp) => {
+                    let span = tracing::Span::current();
+                    span.record("status", resp.status().as_u16());
+                    span.record("attempts", attempt + 1);
+                    return Ok(resp);
+                }
                 Attempt::Retry(why, hint) => {
                     last_why = why.clone();
                     if attempt >= self.opts.max_retries {
@@ -338,6 +344,7 @@ impl Client {
     }
 
     /// Answers a 401 challenge: basic credentials, or a bearer token from the realm.
+    #[tracing::instrument(level = "debug", name = "auth", skip_all, fields(what = %what))]
     async fn authenticate(
         &self,
         ep: &Endpoint,
@@ -539,6 +546,7 @@ impl Client {
 
     /// Fetches a manifest or index by tag or digest. The returned bytes match the returned
     /// descriptor's digest (checked against the requested digest or `Docker-Content-Digest`).
+    #[tracing::instrument(level = "debug", name = "get_manifest", skip_all, fields(repo = %repo.name, object = %object))]
     pub async fn get_manifest(
         &self,
         repo: &Repository,
@@ -611,6 +619,7 @@ impl Client {
 
     /// The referrers of `digest` (OCI 1.1 referrers API, then the `sha256-<hex>` tag
     /// fallback), filtered by artifact type. `None` when the registry has neither.
+    #[tracing::instrument(level = "debug", name = "referrers", skip_all, fields(repo = %repo.name, digest = %digest))]
     pub async fn referrers(
         &self,
         repo: &Repository,

@@ -15,6 +15,7 @@ pub mod keychain;
 pub mod oci;
 mod push;
 pub mod reference;
+mod warm;
 
 pub use blobs::{BlobStream, MAX_BLOB_IN_MEMORY};
 pub use chunked::{ChunkedDownload, ChunkedStats};

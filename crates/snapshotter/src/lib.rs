@@ -11,6 +11,7 @@ pub mod proto;
 pub mod remote;
 pub mod service;
 pub mod store;
+pub mod timeline;
 pub mod unpack;
 
 pub use config::Config;

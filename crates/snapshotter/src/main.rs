@@ -37,6 +37,10 @@ struct Args {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// Start-path timeline: append every closed span of the lazy start path as a JSON line to
+    /// this file (`bench/waterfall.py` draws it).
+    #[arg(long, env = "SOCI_SNAPSHOTTER_TIMELINE")]
+    timeline: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -67,18 +71,36 @@ enum ConfigCommand {
     Default,
 }
 
-fn init_logging(level: &str, format: &str) -> Result<()> {
+fn init_logging(level: &str, format: &str, timeline: Option<&std::path::Path>) -> Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .with_context(|| format!("invalid log level {level:?}"))?;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let b = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false);
-    match format {
-        "json" => b.json().init(),
-        "text" => b.init(),
+    let fmt = match format {
+        "json" => b.json().with_filter(filter).boxed(),
+        "text" => b.with_filter(filter).boxed(),
         other => anyhow::bail!("invalid log format {other:?} (text or json)"),
-    }
+    };
+    let timeline = timeline
+        .map(|p| {
+            soci_snapshotter::timeline::Timeline::open(p)
+                .with_context(|| format!("timeline file {}", p.display()))
+        })
+        .transpose()?
+        .map(|t| {
+            t.with_filter(tracing_subscriber::filter::filter_fn(
+                soci_snapshotter::timeline::Timeline::wants,
+            ))
+        });
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(timeline)
+        .try_init()
+        .context("logging")?;
     Ok(())
 }
 
@@ -127,7 +149,7 @@ fn run() -> Result<()> {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    init_logging(&cfg.log_level, &cfg.log_format)?;
+    init_logging(&cfg.log_level, &cfg.log_format, args.timeline.as_deref())?;
     for n in &notes {
         warn!("{n}");
     }

@@ -260,6 +260,7 @@ type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, St
 
 #[tonic::async_trait]
 impl Snapshots for Service {
+    #[tracing::instrument(level = "debug", name = "prepare", skip_all, fields(key = %r.get_ref().key, image = r.get_ref().labels.get(soci_index::labels::IMAGE_REF).map(String::as_str).unwrap_or(""), layer = r.get_ref().labels.get(soci_index::labels::LAYER_DIGEST).map(String::as_str).unwrap_or("")))]
     async fn prepare(
         &self,
         r: Request<pb::PrepareSnapshotRequest>,

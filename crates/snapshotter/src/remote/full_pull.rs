@@ -302,6 +302,7 @@ impl Remote {
         Ok(manifest.layers)
     }
     /// Downloads a layer (digest-verified) and unpacks it into `fs_dir`.
+    #[tracing::instrument(level = "debug", name = "full_pull", skip_all, fields(layer = %layer.digest))]
     pub async fn unpack_full(
         &self,
         fs_dir: &Path,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use soci_fs::{RangeReader, SpanConfig, SpanManager};
 use soci_index::SociImage;
 use soci_registry::{Client, Descriptor, Repository};
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use super::mounter::{LazyMount, Mounter};
 use super::resolver::PreparedLayer;
@@ -132,12 +132,15 @@ impl Remote {
         let held = self.lazy.held.lock().expect("held").remove(&id);
         let resumed = held.is_some();
         let mounter = self.lazy.mounter.clone();
-        let mounted = tokio::task::spawn_blocking(move || mounter.mount(served, &dir, held))
-            .await?
-            .map_err(|e| RemoteError::Mount {
-                path: fs_dir.to_path_buf(),
-                source: Arc::new(e),
-            })?;
+        let span = tracing::Span::current();
+        let mounted = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| mounter.mount(served, &dir, held))
+        })
+        .await?
+        .map_err(|e| RemoteError::Mount {
+            path: fs_dir.to_path_buf(),
+            source: Arc::new(e),
+        })?;
         if resumed {
             info!(id, mountpoint = %fs_dir.display(), "serving the mount kept by the fd holder again");
         } else {
@@ -146,12 +149,18 @@ impl Remote {
         if !self.cfg.background_fetch.disable {
             let bg = &self.cfg.background_fetch;
             let silence = Duration::from_millis(bg.silence_period_msec);
-            tokio::spawn(mgr.background_fill(soci_fs::BackgroundConfig {
-                delay: silence,
-                period: Duration::from_millis(bg.fetch_period_msec),
-                yield_to_demand: silence,
-                slots: self.lazy.background_slots.clone(),
-            }));
+            // No parent: it outlives the Prepare.
+            let span =
+                tracing::debug_span!(parent: None, "background_fetch", layer = %layer.digest);
+            tokio::spawn(
+                mgr.background_fill(soci_fs::BackgroundConfig {
+                    delay: silence,
+                    period: Duration::from_millis(bg.fetch_period_msec),
+                    yield_to_demand: silence,
+                    slots: self.lazy.background_slots.clone(),
+                })
+                .instrument(span),
+            );
         }
         self.lazy.mounts.lock().expect("mounts").insert(id, mounted);
         self.layers_lazy

@@ -22,6 +22,7 @@ impl Remote {
     /// Mounts a layer lazily at `fs_dir` for snapshot `id`, counted as upstream counts it:
     /// `mount` latency, `fuse_mount_failure_count` on failure (the layer is then pulled in
     /// full), and the layer's size and fetched bytes while it is mounted.
+    #[tracing::instrument(level = "debug", name = "mount_lazy", skip_all, fields(id = id, image = %img.reference, layer = %layer.digest))]
     pub async fn mount_lazy(
         &self,
         id: u64,

@@ -54,6 +54,7 @@ impl PrefetchState {
 impl Remote {
     /// Prefetches `layer`'s spans named by its prefetch artifact, if prefetch is enabled and the
     /// index lists one. Never fails; logs once per layer when it does not complete.
+    #[tracing::instrument(level = "debug", name = "prefetch", skip_all, fields(layer = %layer.digest))]
     pub(super) async fn prefetch_layer(
         &self,
         img: &SociImage,

@@ -219,6 +219,7 @@ impl Remote {
     }
 
     /// Fetches, verifies and parses a layer's zTOC and builds its tree, once per zTOC.
+    #[tracing::instrument(level = "debug", name = "prepare_layer", skip_all, fields(image = %img.reference, layer = %layer.digest))]
     pub(super) async fn prepare_layer(
         &self,
         img: &SociImage,
@@ -237,9 +238,11 @@ impl Remote {
                 let spans = z
                     .spans()
                     .map_err(|e| RemoteError::Ztoc(format!("zTOC {}: {e}", ztoc.digest)))?;
-                let tree = tokio::task::spawn_blocking(move || LayerTree::build(&z))
-                    .await?
-                    .map_err(|e| RemoteError::Ztoc(format!("zTOC {}: {e}", ztoc.digest)))?;
+                let span = tracing::Span::current();
+                let tree =
+                    tokio::task::spawn_blocking(move || span.in_scope(|| LayerTree::build(&z)))
+                        .await?
+                        .map_err(|e| RemoteError::Ztoc(format!("zTOC {}: {e}", ztoc.digest)))?;
                 Ok(PreparedLayer {
                     spans,
                     tree: Arc::new(tree),
