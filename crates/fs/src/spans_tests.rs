@@ -405,3 +405,28 @@ async fn whole_blob_with_a_bad_span_serves_the_others() {
     );
     assert_eq!(reader.whole_calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_succeed_while_a_tiny_cache_evicts_their_spans() {
+    // Memory holds about one span, nothing fits on disk: concurrent reads evict each other's
+    // spans between the fetch and the copy. Each read keeps the buffers it fetched.
+    for memory in [70_000usize, 1_000] {
+        let (m, _reader, blob, _d) = build(false, FakeReader::default(), |c| {
+            c.memory = MemoryCache::new(memory);
+            c.disk = DiskBudget::new(1);
+        });
+        let tasks: Vec<_> = (0..24u64)
+            .map(|i| {
+                let m = m.clone();
+                let start = (i * 12_345) % 150_000;
+                let r = start..start + 120_000;
+                tokio::spawn(async move { (r.clone(), m.read(r).await) })
+            })
+            .collect();
+        for t in tasks {
+            let (r, got) = t.await.unwrap();
+            let got = got.unwrap_or_else(|e| panic!("memory {memory}: read {r:?}: {e}"));
+            assert_eq!(got, &blob[r.start as usize..r.end as usize]);
+        }
+    }
+}
