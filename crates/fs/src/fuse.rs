@@ -414,6 +414,7 @@ impl LayerFs {
         }
         let len = u64::from(size).min(n.size - offset);
         let range = n.offset + offset..n.offset + offset + len;
+        let file = n.offset..n.offset + n.size;
         let (spans, metrics, sink) = (self.spans.clone(), self.metrics.clone(), sink.clone());
         let inflight = self.inflight.enter();
         let started = Instant::now();
@@ -421,7 +422,7 @@ impl LayerFs {
             let _inflight = inflight;
             // Its own task, so that a panic still gets an answer: a READ left unanswered
             // blocks its caller and every reader of the page it fills.
-            match tokio::spawn(async move { spans.read(range).await }).await {
+            match tokio::spawn(async move { spans.read_in_file(range, file).await }).await {
                 Ok(Ok(data)) => {
                     let header = out_header(unique, 0, data.len());
                     sink.send(&[IoSlice::new(header.as_bytes()), IoSlice::new(&data)]);

@@ -216,7 +216,11 @@ mod tests {
         let bufs: Vec<Vec<u8>> = plan
             .spans
             .clone()
-            .map(|id| spans.decode_span(id, data, run.compressed.start, true).unwrap())
+            .map(|id| {
+                spans
+                    .decode_span(id, data, run.compressed.start, true)
+                    .unwrap()
+            })
             .collect();
         assert_eq!(plan.assemble(&spans, &bufs).unwrap(), &blob[5000..20_000]);
     }

@@ -160,10 +160,8 @@ pub struct Remote {
     /// Mounts an earlier daemon left to the holder, not resumed yet.
     held: Mutex<BTreeMap<u64, Held>>,
     logged: Mutex<HashSet<String>>,
-    /// Decompressed spans in memory, all layers.
-    memory: Arc<soci_fs::MemoryCache>,
-    /// Span files on disk, all layers.
-    pub disk: Arc<soci_fs::DiskBudget>,
+    /// Decompressed spans in memory and on disk, all layers.
+    pub cache: Arc<soci_fs::SpanCache>,
     /// Shared bound on background span fetches.
     background_slots: Arc<tokio::sync::Semaphore>,
     /// FUSE and span counters.
@@ -207,7 +205,8 @@ impl Remote {
         };
         let opts = ClientOptions {
             hosts,
-            request_timeout: Duration::from_secs(cfg.blob.fetching_timeout_sec.max(1) * 10),
+            // Span reads carry their own deadline (`fetching_timeout_sec`); the client's
+            // request timeout bounds the other requests (manifests, whole blobs).
             ..Default::default()
         };
         let (keychain, cri_credentials) = crate::cri::keychain(root, cfg);
@@ -234,8 +233,10 @@ impl Remote {
             holder_path: root.join("fuse-holder.sock"),
             held: Mutex::new(BTreeMap::new()),
             logged: Mutex::new(HashSet::new()),
-            memory: soci_fs::MemoryCache::new(cfg.blob.memory_cache_mb << 20),
-            disk: soci_fs::DiskBudget::new(cfg.blob.disk_cache_mb << 20),
+            cache: soci_fs::SpanCache::new(
+                cfg.blob.memory_cache_mb << 20,
+                cfg.blob.disk_cache_mb << 20,
+            ),
             background_slots: Arc::new(tokio::sync::Semaphore::new(
                 cfg.background_fetch.max_concurrent_fetches.max(1),
             )),
@@ -485,8 +486,8 @@ impl Remote {
             max_verification_retries: self.cfg.blob.max_span_verification_retries,
             fetch_timeout: Duration::from_secs(self.cfg.blob.fetching_timeout_sec.max(1)),
             poisoned_ttl: soci_fs::POISONED_SPAN_TTL,
-            memory: self.memory.clone(),
-            disk: self.disk.clone(),
+            cache: self.cache.clone(),
+            read_ahead_spans: self.cfg.blob.read_ahead_spans,
         };
         let mgr = SpanManager::new(
             layer.digest.to_string(),
@@ -678,7 +679,7 @@ impl Remote {
 
     /// Bytes of decompressed spans in memory.
     pub fn memory_bytes(&self) -> usize {
-        self.memory.bytes()
+        self.cache.memory_bytes()
     }
 
     /// Span cache size on disk for snapshot `id`.
