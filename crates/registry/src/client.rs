@@ -1,6 +1,7 @@
 //! The registry client.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -241,10 +242,29 @@ impl Client {
         build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
         deadline: Option<Instant>,
     ) -> Result<Response> {
+        let retries = AtomicU32::new(0);
+        self.send_counted(ep, repo, push, what, build, deadline, &retries)
+            .await
+    }
+
+    /// [`Client::send_until`] drawing on a retry budget shared with the caller: `retries`
+    /// counts the retries made so far (here and by the caller, e.g. after a broken body), and
+    /// no retry is made once it reaches `max_retries`. This is the one place transport
+    /// retries happen: a request costs at most `max_retries + 1` attempts, whoever retries.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send_counted(
+        &self,
+        ep: &Endpoint,
+        repo: &Repository,
+        push: bool,
+        what: &str,
+        build: &(dyn Fn(&reqwest::Client) -> RequestBuilder + Sync),
+        deadline: Option<Instant>,
+        retries: &AtomicU32,
+    ) -> Result<Response> {
         let key = format!("{} {}", ep.base, scope(repo, push));
         let mut authed_once = false;
         let mut refreshed_after_403 = false;
-        let mut attempt = 0u32;
         let late = |attempts: u32, why: &str| RegistryError::Transport {
             what: what.into(),
             url: ep.base.clone(),
@@ -252,6 +272,7 @@ impl Client {
         };
         let mut last_why = String::from("no answer");
         loop {
+            let attempt = retries.load(Ordering::Acquire);
             let mut req = build(self.http(ep));
             if let Some(left) = remaining(deadline) {
                 if left.is_zero() {
@@ -331,7 +352,7 @@ impl Client {
                     }
                     debug!(what, %why, ?wait, "retrying registry request");
                     tokio::time::sleep(wait).await;
-                    attempt += 1;
+                    retries.fetch_add(1, Ordering::AcqRel);
                 }
             }
         }

@@ -115,10 +115,12 @@ impl SpanManager {
                     guards.push(g);
                     locked.push(id);
                 }
-                Err(_) => return Err(eio(format!(
+                Err(_) => {
+                    return Err(eio(format!(
                     "layer {}: span {id}: timed out after {:?} (waiting for another fetch of it)",
                     self.layer, self.cfg.fetch_timeout
-                ))),
+                )))
+                }
             }
         }
         let held = self.cache.lookup(&locked, bytes).await.map_err(layer_err)?;
