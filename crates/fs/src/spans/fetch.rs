@@ -167,7 +167,7 @@ impl SpanManager {
         deadline: Instant,
     ) -> io::Result<Vec<Bytes>> {
         if self.reader.whole_only() {
-            return self.from_whole(run.spans, prio, deadline).await;
+            return self.spans_from_whole(run.spans, prio, deadline).await;
         }
         // A span whose refusal just expired gets one try, not a round of retries.
         let retries = if run
@@ -331,7 +331,7 @@ impl SpanManager {
     }
 
     /// Spans `ids` from the whole-blob fetch (sources without range support).
-    async fn from_whole(
+    async fn spans_from_whole(
         &self,
         ids: Range<SpanId>,
         prio: Priority,
