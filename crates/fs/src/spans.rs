@@ -167,6 +167,9 @@ pub struct SpanManager {
     negative: NegativeCache,
     /// Read-ahead fetches running now (bounded by [`MAX_READ_AHEAD_TASKS`]).
     read_ahead_running: AtomicU64,
+    /// A range request of this layer was answered: read-ahead may start (it never probes a
+    /// registry that may ignore ranges or be failing).
+    ranges_work: AtomicBool,
     /// The whole-blob fetch (sources without range support).
     whole: Mutex<WholeState>,
     /// Bumped whenever the whole-blob fetch stores a span or ends.
@@ -214,6 +217,7 @@ impl SpanManager {
             born: std::time::Instant::now(),
             negative,
             read_ahead_running: AtomicU64::new(0),
+            ranges_work: AtomicBool::new(false),
             whole: Mutex::new(WholeState::default()),
             progress: watch::channel(0).0,
             me: me.clone(),

@@ -429,3 +429,39 @@ async fn reads_succeed_while_a_tiny_cache_evicts_their_spans() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_fetches_the_files_next_spans_in_one_request() {
+    let (m, reader, blob, _d) = build(false, FakeReader::default(), |c| c.read_ahead_spans = 3);
+    let file = 512..300_512u64;
+    let span = |id: usize| m.spans.span(id).unwrap().compressed;
+    // The layer's first fetch only reads (no read-ahead before ranges are known to work).
+    assert_eq!(
+        m.read_in_file(600..700, file.clone()).await.unwrap(),
+        &blob[600..700]
+    );
+    assert_eq!(reader.calls.lock().unwrap().clone(), vec![span(0)]);
+    // Span 1 is read; spans 2..5 come in one request, in parallel.
+    let r = 70_000..70_100u64;
+    assert_eq!(
+        m.read_in_file(r.clone(), file.clone()).await.unwrap(),
+        &blob[70_000..70_100]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut calls = reader.calls.lock().unwrap().clone();
+    calls.sort_by_key(|c| c.start);
+    assert_eq!(calls, vec![span(0), span(1), span(2).start..span(4).end]);
+    assert_eq!(m.cached_count(), 5);
+    // Within the file only: the last span read ahead stops at the file's end.
+    let before = reader.calls.lock().unwrap().len();
+    let tail = file.end - 10..file.end;
+    m.read_in_file(tail, file.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(reader.calls.lock().unwrap().len() <= before + 1);
+    // Off: nothing but the read.
+    let (m, reader, _blob, _d) = build(false, FakeReader::default(), |c| c.read_ahead_spans = 0);
+    m.read_in_file(600..700, file.clone()).await.unwrap();
+    m.read_in_file(70_000..70_100, file).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(reader.calls.lock().unwrap().len(), 2);
+}

@@ -267,6 +267,7 @@ impl SpanManager {
                 range.end - range.start
             )));
         }
+        self.ranges_work.store(true, Ordering::Relaxed);
         let counter = match prio {
             Priority::Demand => &self.metrics.demand_bytes,
             Priority::Background => &self.metrics.background_bytes,

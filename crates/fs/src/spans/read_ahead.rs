@@ -6,8 +6,9 @@
 //! are merged, up to [`MAX_READ_AHEAD_BYTES`]), fetched under the same per-span locks as any
 //! fetch, so the read that reaches span k+1 waits for the read-ahead's fetch instead of
 //! starting its own. Bounded: spans already local or being fetched are skipped, at most
-//! [`MAX_READ_AHEAD_TASKS`] per layer run at once, and only spans of the same file are
-//! fetched (a reader of a small file never pulls its neighbours).
+//! [`MAX_READ_AHEAD_TASKS`] per layer run at once, only spans of the same file are fetched (a
+//! reader of a small file never pulls its neighbours), and only once a range request of the
+//! layer has been answered (no read-ahead into a registry that ignores ranges or is failing).
 
 use std::io;
 use std::ops::Range;
@@ -78,7 +79,10 @@ impl SpanManager {
     }
 
     fn start_read_ahead(&self, range: &Range<u64>, file: &Range<u64>) {
-        if self.closed.load(Ordering::Relaxed) || self.reader.whole_only() {
+        if self.closed.load(Ordering::Relaxed)
+            || self.reader.whole_only()
+            || !self.ranges_work.load(Ordering::Relaxed)
+        {
             return;
         }
         let ids = self.read_ahead_spans(range, file);
