@@ -1,59 +1,112 @@
-//! What the span manager remembers between reads: decompressed spans in memory for all
-//! layers (bounded by bytes), the disk budget, and, per layer, spans that recently failed
-//! verification (so a poisoned span costs one fetch per few seconds, not one per read).
+//! The span cache: verified, decompressed spans of every layer, in memory (an LRU bounded by
+//! bytes) and on disk (one file per span, bounded by a byte budget).
+//!
+//! Why one type: memory, disk budget and span files answer one question together ("do we
+//! hold span k of layer L, and where?") and must stay consistent (a file counted in the
+//! budget exists; a span over the budget lives in memory only). Callers get a narrow API:
+//! [`LayerCache::lookup`] hands back the bytes of the spans held, [`LayerCache::store`] keeps
+//! freshly verified spans and hands them back. What a caller holds stays valid whatever is
+//! evicted meanwhile (buffers are reference counted), so a read never has to look again.
+//!
+//! Disk I/O never runs on the async workers: reads and the start-up scan go to the blocking
+//! pool, at most [`DISK_READS`] reads at once; writes happen in the caller's blocking
+//! decompression task ([`LayerCache::write_blocking`]).
 
-use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use tokio::time::Instant;
-
+use bytes::Bytes;
 use lru::LruCache;
-use soci_ztoc::SpanId;
+use soci_ztoc::{SpanId, Spans};
 
-type SpanLru = LruCache<(u64, SpanId), Arc<Vec<u8>>>;
+pub use crate::spans::negative::{FAILED_FETCH_MEMO, POISONED_SPAN_TTL};
 
-/// Decompressed spans kept in memory for all layers, bounded by bytes (least recently used
-/// spans go first; they stay on disk).
-pub struct MemoryCache {
+type SpanLru = LruCache<(u64, SpanId), Bytes>;
+
+/// Span file reads on the blocking pool at once (all layers).
+pub const DISK_READS: usize = 16;
+
+static NEXT_LAYER_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// Verified, decompressed spans of all layers: memory LRU, disk budget and span files.
+pub struct SpanCache {
     /// Spans by (layer key, span id), and the bytes they hold.
-    inner: Mutex<(SpanLru, usize)>,
-    budget: usize,
+    memory: Mutex<(SpanLru, usize)>,
+    memory_budget: usize,
+    disk_limit: u64,
+    disk_used: AtomicU64,
+    disk_reads: tokio::sync::Semaphore,
 }
 
-impl MemoryCache {
-    /// A cache of at most `budget` bytes.
-    pub fn new(budget: usize) -> Arc<MemoryCache> {
-        Arc::new(MemoryCache {
-            inner: Mutex::new((LruCache::unbounded(), 0)),
-            budget,
+impl SpanCache {
+    /// A cache of at most `memory_bytes` in memory and `disk_bytes` of span files on disk
+    /// (0: no disk limit).
+    pub fn new(memory_bytes: usize, disk_bytes: u64) -> Arc<SpanCache> {
+        Arc::new(SpanCache {
+            memory: Mutex::new((LruCache::unbounded(), 0)),
+            memory_budget: memory_bytes,
+            disk_limit: disk_bytes,
+            disk_used: AtomicU64::new(0),
+            disk_reads: tokio::sync::Semaphore::new(DISK_READS),
         })
     }
 
-    pub(crate) fn get(&self, key: (u64, SpanId)) -> Option<Arc<Vec<u8>>> {
-        self.inner
-            .lock()
-            .expect("memory cache")
-            .0
-            .get(&key)
-            .cloned()
+    /// Bytes of spans held in memory (gauge `soci_span_cache_bytes{place="memory"}`).
+    pub fn memory_bytes(&self) -> usize {
+        self.lock_memory().1
     }
 
-    pub(crate) fn contains(&self, key: (u64, SpanId)) -> bool {
-        self.inner.lock().expect("memory cache").0.contains(&key)
+    /// Bytes of span files on disk (gauge `soci_span_cache_bytes{place="disk"}`).
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk_used.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn put(&self, key: (u64, SpanId), data: Arc<Vec<u8>>) {
-        if data.len() > self.budget {
+    /// Whether `n` more bytes of span files would fit on disk.
+    pub fn disk_fits(&self, n: u64) -> bool {
+        self.disk_limit == 0 || self.disk_bytes().saturating_add(n) <= self.disk_limit
+    }
+
+    /// The view of one layer whose span files live in `dir`.
+    pub(crate) fn layer(self: &Arc<Self>, dir: PathBuf, spans: &Spans) -> Arc<LayerCache> {
+        Arc::new(LayerCache {
+            shared: self.clone(),
+            key: NEXT_LAYER_KEY.fetch_add(1, Ordering::Relaxed),
+            dir,
+            sizes: (0..spans.len())
+                .map(|id| {
+                    spans
+                        .span(id)
+                        .map_or(0, |s| s.uncompressed.end - s.uncompressed.start)
+                })
+                .collect(),
+            on_disk: (0..spans.len()).map(|_| AtomicBool::new(false)).collect(),
+            disk_bytes: AtomicU64::new(0),
+            scanned: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    fn lock_memory(&self) -> std::sync::MutexGuard<'_, (SpanLru, usize)> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn memory_get(&self, key: (u64, SpanId)) -> Option<Bytes> {
+        self.lock_memory().0.get(&key).cloned()
+    }
+
+    fn memory_put(&self, key: (u64, SpanId), data: Bytes) {
+        if data.len() > self.memory_budget {
             return;
         }
-        let mut g = self.inner.lock().expect("memory cache");
+        let mut g = self.lock_memory();
         let (lru, bytes) = &mut *g;
         *bytes += data.len();
         if let Some(old) = lru.put(key, data) {
             *bytes -= old.len();
         }
-        while *bytes > self.budget {
+        while *bytes > self.memory_budget {
             match lru.pop_lru() {
                 Some((_, d)) => *bytes -= d.len(),
                 None => break,
@@ -61,13 +114,224 @@ impl MemoryCache {
         }
     }
 
-    /// Drops every span of layer `layer`.
-    pub(crate) fn forget(&self, layer: u64) {
-        let mut g = self.inner.lock().expect("memory cache");
+    fn try_reserve_disk(&self, n: u64) -> bool {
+        self.disk_used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                let after = u.saturating_add(n);
+                (self.disk_limit == 0 || after <= self.disk_limit).then_some(after)
+            })
+            .is_ok()
+    }
+
+    fn release_disk(&self, n: u64) {
+        let _ = self
+            .disk_used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+}
+
+impl std::fmt::Debug for SpanCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SpanCache(memory {} of {} bytes, disk {} of {} bytes)",
+            self.memory_bytes(),
+            self.memory_budget,
+            self.disk_bytes(),
+            self.disk_limit
+        )
+    }
+}
+
+/// One layer's spans in the [`SpanCache`].
+pub(crate) struct LayerCache {
+    shared: Arc<SpanCache>,
+    /// This layer's key in the shared memory LRU.
+    key: u64,
+    dir: PathBuf,
+    /// Uncompressed size of each span (the size of its file).
+    sizes: Vec<u64>,
+    on_disk: Vec<AtomicBool>,
+    /// Bytes of this layer's span files counted in the disk budget.
+    disk_bytes: AtomicU64,
+    /// The directory exists and files left by an earlier run are counted.
+    scanned: tokio::sync::OnceCell<()>,
+}
+
+/// Where [`LayerCache::lookup`] found a span.
+#[derive(Debug, Clone)]
+pub(crate) enum Held {
+    /// Its bytes (when asked for).
+    Bytes(Bytes),
+    /// Held, bytes not read (a caller that only wants the span local).
+    Local,
+    /// Not held.
+    Missing,
+}
+
+impl LayerCache {
+    /// Creates the directory and counts span files an earlier run left (once; blocking
+    /// pool). Files of the wrong size are removed.
+    pub(crate) async fn ready(self: &Arc<Self>) -> io::Result<()> {
+        let me = self.clone();
+        self.scanned
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || me.scan())
+                    .await
+                    .map_err(|e| io::Error::other(format!("span cache scan task: {e}")))?
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn scan(&self) -> io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut found = 0;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<SpanId>().ok())
+                .filter(|&id| id < self.sizes.len())
+            else {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            };
+            match entry.metadata() {
+                Ok(m) if m.len() == self.sizes[id] => {
+                    self.on_disk[id].store(true, Ordering::Release);
+                    found += m.len();
+                }
+                _ => {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        self.shared.disk_used.fetch_add(found, Ordering::AcqRel);
+        self.disk_bytes.fetch_add(found, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Whether span `id` is held (memory or disk).
+    pub(crate) fn is_local(&self, id: SpanId) -> bool {
+        self.on_disk
+            .get(id)
+            .is_some_and(|b| b.load(Ordering::Acquire))
+            || self.shared.lock_memory().0.contains(&(self.key, id))
+    }
+
+    /// Spans with a file on disk.
+    pub(crate) fn on_disk_count(&self) -> usize {
+        self.on_disk
+            .iter()
+            .filter(|b| b.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// What is held of spans `ids`: their bytes when `bytes` (memory first, then the span
+    /// file on the blocking pool), else only whether they are held.
+    pub(crate) async fn lookup(
+        self: &Arc<Self>,
+        ids: &[SpanId],
+        bytes: bool,
+    ) -> io::Result<Vec<Held>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if !bytes {
+                out.push(if self.is_local(id) {
+                    Held::Local
+                } else {
+                    Held::Missing
+                });
+                continue;
+            }
+            if let Some(b) = self.shared.memory_get((self.key, id)) {
+                out.push(Held::Bytes(b));
+                continue;
+            }
+            if !self.on_disk[id].load(Ordering::Acquire) {
+                out.push(Held::Missing);
+                continue;
+            }
+            out.push(match self.read_file(id).await? {
+                Some(b) => Held::Bytes(b),
+                None => Held::Missing,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Reads span `id`'s file (blocking pool, bounded); `None` if it is gone.
+    async fn read_file(self: &Arc<Self>, id: SpanId) -> io::Result<Option<Bytes>> {
+        let _permit = self
+            .shared
+            .disk_reads
+            .acquire()
+            .await
+            .map_err(|_| io::Error::other("span cache closed"))?;
+        let me = self.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let path = me.dir.join(id.to_string());
+            let f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut buf = vec![0u8; me.sizes[id] as usize];
+            f.read_exact_at(&mut buf, 0)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            Ok(Some(Bytes::from(buf)))
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("span file read task: {e}")))??;
+        if let Some(b) = &read {
+            self.shared.memory_put((self.key, id), b.clone());
+        }
+        Ok(read)
+    }
+
+    /// Writes span `id`'s file if the disk budget allows (blocking: call from a blocking
+    /// task). Returns whether it was written; over the budget the span stays in memory only.
+    pub(crate) fn write_blocking(&self, id: SpanId, plain: &[u8]) -> io::Result<bool> {
+        let n = plain.len() as u64;
+        if !self.shared.try_reserve_disk(n) {
+            return Ok(false);
+        }
+        let tmp = self.dir.join(format!("{id}.tmp"));
+        let written = std::fs::write(&tmp, plain)
+            .and_then(|()| std::fs::rename(&tmp, self.dir.join(id.to_string())));
+        if let Err(e) = written {
+            self.shared.release_disk(n);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("span cache file {}: {e}", tmp.display()),
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Keeps a verified span (its file, if any, already written by
+    /// [`LayerCache::write_blocking`]) and hands its bytes back.
+    pub(crate) fn store(&self, id: SpanId, plain: Vec<u8>, on_disk: bool) -> Bytes {
+        let b = Bytes::from(plain);
+        if on_disk {
+            self.disk_bytes.fetch_add(b.len() as u64, Ordering::AcqRel);
+            self.on_disk[id].store(true, Ordering::Release);
+        }
+        self.shared.memory_put((self.key, id), b.clone());
+        b
+    }
+
+    /// Drops this layer's spans from memory.
+    pub(crate) fn forget_memory(&self) {
+        let mut g = self.shared.lock_memory();
         let (lru, bytes) = &mut *g;
         let keys: Vec<(u64, SpanId)> = lru
             .iter()
-            .filter(|(k, _)| k.0 == layer)
+            .filter(|(k, _)| k.0 == self.key)
             .map(|(k, _)| *k)
             .collect();
         for k in keys {
@@ -77,191 +341,44 @@ impl MemoryCache {
         }
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.inner.lock().expect("memory cache").1
-    }
-}
-
-impl std::fmt::Debug for MemoryCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MemoryCache({} of {} bytes)", self.bytes(), self.budget)
-    }
-}
-
-/// A byte budget for decompressed spans on disk, shared by every layer. Spans that do not fit
-/// are served from memory only (and fetched again when evicted); background fetch stops.
-#[derive(Debug)]
-pub struct DiskBudget {
-    limit: u64,
-    used: std::sync::atomic::AtomicU64,
-}
-
-impl DiskBudget {
-    /// A budget of `limit` bytes; 0 means no limit.
-    pub fn new(limit: u64) -> Arc<DiskBudget> {
-        Arc::new(DiskBudget {
-            limit,
-            used: Default::default(),
-        })
-    }
-
-    /// Bytes of span files on disk now.
-    pub fn used(&self) -> u64 {
-        self.used.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Whether `n` more bytes would fit.
-    pub fn fits(&self, n: u64) -> bool {
-        self.limit == 0 || self.used().saturating_add(n) <= self.limit
-    }
-
-    /// Takes `n` bytes of the budget if they fit.
-    pub(crate) fn try_reserve(&self, n: u64) -> bool {
-        use std::sync::atomic::Ordering;
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                let after = u.saturating_add(n);
-                (self.limit == 0 || after <= self.limit).then_some(after)
-            })
-            .is_ok()
-    }
-
-    /// Counts `n` bytes already on disk (found at start-up), limit or not.
-    pub(crate) fn add(&self, n: u64) {
-        self.used.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
-    }
-
-    /// Gives back `n` bytes.
-    pub(crate) fn release(&self, n: u64) {
-        use std::sync::atomic::Ordering;
-        let _ = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                Some(u.saturating_sub(n))
-            });
-    }
-}
-
-/// How long a span that failed verification answers EIO at once before one fresh try.
-pub const POISONED_SPAN_TTL: Duration = Duration::from_secs(5);
-
-/// How long a span whose fetch just failed (timeout, transport) answers EIO at once. Only
-/// long enough for the kernel's immediate retry: a failed readahead page is read again
-/// synchronously inside the same `read(2)` (microseconds after our EIO reply), which must
-/// not cost a second fetch deadline. Kept short so that later reads, e.g. a new container
-/// started right after, fetch afresh (the registry may have recovered).
-pub const FAILED_FETCH_MEMO: Duration = Duration::from_millis(100);
-
-/// Spans of one layer that failed verification, and until when they are refused; and spans
-/// whose fetch failed just now.
-#[derive(Debug)]
-pub(crate) struct NegativeCache {
-    ttl: Duration,
-    until: Mutex<HashMap<SpanId, Instant>>,
-    failed: Mutex<HashMap<SpanId, Instant>>,
-}
-
-/// What the negative cache says about a span.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Standing {
-    /// Never failed (or fetched fine since).
-    Clean,
-    /// Failed verification less than the TTL ago: refuse without fetching.
-    Poisoned,
-    /// Failed before, the TTL has passed: one fresh try, no verification retries.
-    Probation,
-}
-
-impl NegativeCache {
-    pub(crate) fn new(ttl: Duration) -> Self {
-        NegativeCache {
-            ttl,
-            until: Mutex::new(HashMap::new()),
-            failed: Mutex::new(HashMap::new()),
+    /// Removes this layer's span files and gives their bytes back to the disk budget.
+    pub(crate) fn remove_files(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        for b in &self.on_disk {
+            b.store(false, Ordering::Release);
         }
-    }
-
-    /// Notes that fetching `id` failed (not its verification).
-    pub(crate) fn fetch_failed(&self, id: SpanId) {
-        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        f.retain(|_, t| now.duration_since(*t) < FAILED_FETCH_MEMO);
-        f.insert(id, now);
-    }
-
-    /// Whether fetching `id` failed less than [`FAILED_FETCH_MEMO`] ago.
-    pub(crate) fn failed_just_now(&self, id: SpanId) -> bool {
-        self.failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .is_some_and(|t| t.elapsed() < FAILED_FETCH_MEMO)
-    }
-
-    pub(crate) fn standing(&self, id: SpanId) -> Standing {
-        match self
-            .until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-        {
-            None => Standing::Clean,
-            Some(&t) if Instant::now() < t => Standing::Poisoned,
-            Some(_) => Standing::Probation,
-        }
-    }
-
-    pub(crate) fn poison(&self, id: SpanId) {
-        let until = Instant::now() + self.ttl;
-        self.until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, until);
-    }
-
-    pub(crate) fn clear(&self, id: SpanId) {
-        self.until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        self.failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        self.shared
+            .release_disk(self.disk_bytes.swap(0, Ordering::AcqRel));
     }
 }
 
 #[cfg(test)]
-mod disk_tests {
-    use super::{DiskBudget, NegativeCache, Standing};
-    use std::time::Duration;
+mod tests {
+    use super::*;
 
-    #[tokio::test]
-    async fn poisoned_spans_expire_into_one_fresh_try() {
-        let n = NegativeCache::new(Duration::from_millis(300));
-        assert_eq!(n.standing(3), Standing::Clean);
-        n.poison(3);
-        assert_eq!(n.standing(3), Standing::Poisoned);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(n.standing(3), Standing::Poisoned);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        assert_eq!(n.standing(3), Standing::Probation);
-        n.clear(3);
-        assert_eq!(n.standing(3), Standing::Clean);
+    #[test]
+    fn disk_budget_bounds_and_releases() {
+        let c = SpanCache::new(0, 100);
+        assert!(c.try_reserve_disk(60));
+        assert!(!c.try_reserve_disk(50));
+        assert!(c.disk_fits(40) && !c.disk_fits(41));
+        c.release_disk(60);
+        assert!(c.try_reserve_disk(100));
+        let unlimited = SpanCache::new(0, 0);
+        assert!(unlimited.try_reserve_disk(u64::MAX / 2));
     }
 
     #[test]
-    fn budget_bounds_and_releases() {
-        let b = DiskBudget::new(100);
-        assert!(b.try_reserve(60));
-        assert!(!b.try_reserve(50));
-        assert!(b.fits(40) && !b.fits(41));
-        b.release(60);
-        assert!(b.try_reserve(100));
-        b.add(10);
-        assert_eq!(b.used(), 110);
-        let unlimited = DiskBudget::new(0);
-        assert!(unlimited.try_reserve(u64::MAX / 2));
+    fn memory_is_bounded_by_bytes_and_keeps_what_fits() {
+        let c = SpanCache::new(10, 0);
+        c.memory_put((1, 0), Bytes::from(vec![0u8; 6]));
+        c.memory_put((1, 1), Bytes::from(vec![0u8; 6]));
+        assert_eq!(c.memory_bytes(), 6);
+        assert!(c.memory_get((1, 0)).is_none() && c.memory_get((1, 1)).is_some());
+        c.memory_put((1, 2), Bytes::from(vec![0u8; 11]));
+        assert!(
+            c.memory_get((1, 2)).is_none(),
+            "larger than the budget: not kept"
+        );
     }
 }

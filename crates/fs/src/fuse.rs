@@ -445,6 +445,7 @@ impl LayerFs {
         let len = u64::from(size).min(n.size - offset);
         let range = n.offset + offset..n.offset + offset + len;
         self.spans.note_demand(&range);
+        let file = n.offset..n.offset + n.size;
         let (spans, metrics, sink) = (self.spans.clone(), self.metrics.clone(), sink.clone());
         let inflight = self.inflight.enter();
         let started = Instant::now();
@@ -453,7 +454,11 @@ impl LayerFs {
             // Its own task, so that a panic still gets an answer: a READ left unanswered
             // blocks its caller and every reader of the page it fills.
             let span = tracing::debug_span!("fuse_read", ino, offset, len);
-            match tokio::spawn(async move { spans.read(range).await }.instrument(span)).await {
+            match tokio::spawn(
+                async move { spans.read_in_file(range, file).await }.instrument(span),
+            )
+            .await
+            {
                 Ok(Ok(data)) => {
                     let header = out_header(unique, 0, data.len());
                     sink.send(&[IoSlice::new(header.as_bytes()), IoSlice::new(&data)]);

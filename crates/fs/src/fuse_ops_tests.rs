@@ -16,7 +16,7 @@ use crate::kernel::abi::*;
 use crate::kernel::test_util::request;
 use crate::kernel::{init, op, ReplySink, Session};
 use crate::mount::Served;
-use crate::spans::{DiskBudget, FsMetrics, MemoryCache, RangeReader, SpanConfig, SpanManager};
+use crate::spans::{FsMetrics, RangeReader, SpanCache, SpanConfig, SpanManager};
 use crate::tree::{LayerTree, ROOT_INO};
 
 /// Replies in the order sent, and a wait for the next one.
@@ -100,8 +100,8 @@ pub(crate) fn fixture(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (L
         max_verification_retries: 0,
         fetch_timeout: Duration::from_secs(5),
         poisoned_ttl: crate::cache::POISONED_SPAN_TTL,
-        memory: MemoryCache::new(1 << 20),
-        disk: DiskBudget::new(0),
+        cache: SpanCache::new(1 << 20, 0),
+        read_ahead_spans: 0,
     };
     let spans = SpanManager::new(
         "sha256:fixture".into(),

@@ -19,8 +19,8 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use crate::kernel::{notify_resend, UNIQUE_RESEND};
 use crate::kernel::{op, Session};
 use crate::mount::{resume, Served};
-use crate::spans::{DiskBudget, MemoryCache, RangeReader, SpanConfig};
 use crate::spans::{FsMetrics, SpanManager};
+use crate::spans::{RangeReader, SpanCache, SpanConfig};
 use crate::tree::LayerTree;
 
 /// The layer blob in memory; `panics` makes every read panic.
@@ -63,8 +63,8 @@ fn served_by(rt: &tokio::runtime::Runtime, dir: &Path, panics: bool) -> (Served,
         max_verification_retries: 0,
         fetch_timeout: Duration::from_secs(5),
         poisoned_ttl: crate::cache::POISONED_SPAN_TTL,
-        memory: MemoryCache::new(1 << 20),
-        disk: DiskBudget::new(0),
+        cache: SpanCache::new(1 << 20, 0),
+        read_ahead_spans: 0,
     };
     let spans = SpanManager::new(
         "sha256:test".into(),

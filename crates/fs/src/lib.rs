@@ -1,7 +1,8 @@
 //! soci-fs: the read-only FUSE filesystem of one image layer, served lazily.
 //!
 //! [`LayerTree`] turns a zTOC into inodes (overlay whiteouts and opaque directories included);
-//! [`SpanManager`] fetches, verifies, decompresses and caches spans through a [`RangeReader`];
+//! [`SpanManager`] fetches, verifies, decompresses and caches spans (in the [`SpanCache`])
+//! through a [`RangeReader`];
 //! [`mount`] serves both over FUSE (read-only, `allow_other`, `default_permissions`) and
 //! [`resume`] takes over a mount left by an earlier process.
 
@@ -18,8 +19,8 @@ pub use kernel::Session;
 pub use mount::{mount, resume, MountedLayer, Served};
 pub use spans::record::{DemandRecord, RecordSink};
 pub use spans::{
-    BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, PrefetchReport, Priority, RangeReader,
-    ReadFuture, SpanConfig, SpanManager, LATENCY_BUCKETS_MS, MAX_PREFETCH_REQUEST_BYTES,
-    POISONED_SPAN_TTL,
+    BackgroundConfig, FsMetrics, PrefetchReport, Priority, RangeReader, ReadFuture, SpanCache,
+    SpanConfig, SpanManager, DEFAULT_READ_AHEAD_SPANS, LATENCY_BUCKETS_MS,
+    MAX_PREFETCH_REQUEST_BYTES, MAX_READ_AHEAD_BYTES, MAX_READ_AHEAD_TASKS, POISONED_SPAN_TTL,
 };
 pub use tree::{Children, LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};

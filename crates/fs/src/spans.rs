@@ -1,16 +1,18 @@
 //! Span manager: turns uncompressed byte ranges of a layer into verified bytes.
 //!
-//! A read finds the spans it touches; spans not cached are fetched with one HTTP range request
-//! per run of consecutive missing spans, each span's compressed bytes are checked against the
-//! zTOC digest (re-fetched on mismatch up to a limit), decompressed, written to the on-disk
-//! cache and kept in a memory LRU. A per-span async lock makes concurrent readers of a span
-//! share one fetch. Nothing unverified is ever returned.
+//! The pipeline itself (range -> spans -> runs -> verify -> decompress -> clip) is
+//! soci-ztoc's ([`soci_ztoc::ReadPlan`], [`soci_ztoc::Spans::decode_span`]); this module adds
+//! what a daemon needs around it: the [`SpanCache`] (memory and disk), one fetch per span for
+//! concurrent readers (a per-span async lock), deadlines, negative caching and read-ahead.
+//! [`SpanManager::read`] asks [`SpanManager::acquire`] for the spans of a range and gets their
+//! verified bytes back, held by reference count: spans evicted meanwhile do not matter, and
+//! the bytes are copied once, into the answer.
 //!
 //! Failure rules, so a hostile or broken registry costs bounded time and never wrong bytes:
 //! - one deadline per read (`fetch_timeout`): waiting for another reader's fetch, every
 //!   attempt and the registry client's own retries all fit inside it;
 //! - transport failures are retried by the registry client only; here only digest
-//!   mismatches are fetched again (up to `max_verification_retries`);
+//!   mismatches are fetched again (up to `max_verification_retries`, from the bad span on);
 //! - a span that still fails verification is refused at once for `poisoned_ttl`, then gets
 //!   one fresh try; a failed fetch is shared only with reads arriving within
 //!   [`crate::cache::FAILED_FETCH_MEMO`] (the kernel's immediate retry of the same page);
@@ -22,7 +24,6 @@
 use std::future::Future;
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,10 +34,11 @@ use bytes::Bytes;
 use soci_ztoc::{SpanId, Spans};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
-pub use crate::cache::{DiskBudget, MemoryCache, POISONED_SPAN_TTL};
-use crate::cache::{NegativeCache, Standing};
-use tracing::{debug, error, warn};
+use crate::cache::LayerCache;
+pub use crate::cache::{SpanCache, POISONED_SPAN_TTL};
+use negative::NegativeCache;
 
 /// A boxed future borrowing the reader.
 pub type ReadFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
@@ -101,8 +103,6 @@ impl FsMetrics {
     }
 }
 
-static NEXT_LAYER_KEY: AtomicU64 = AtomicU64::new(1);
-
 /// Span manager settings.
 #[derive(Debug, Clone)]
 pub struct SpanConfig {
@@ -117,10 +117,27 @@ pub struct SpanConfig {
     /// How long a span that failed verification is refused before one fresh try
     /// (default [`POISONED_SPAN_TTL`]).
     pub poisoned_ttl: Duration,
-    /// Memory cache shared by all layers.
-    pub memory: Arc<MemoryCache>,
-    /// Disk budget shared by all layers.
-    pub disk: Arc<DiskBudget>,
+    /// Span cache shared by all layers.
+    pub cache: Arc<SpanCache>,
+    /// Spans of the same file fetched ahead of a read, in parallel with it (0: none; see
+    /// [`SpanManager::read_in_file`]).
+    pub read_ahead_spans: usize,
+}
+
+impl SpanConfig {
+    /// Settings with the defaults (30 s deadline, no verification retries,
+    /// [`DEFAULT_READ_AHEAD_SPANS`]).
+    pub fn new(cache_dir: PathBuf, cache: Arc<SpanCache>) -> SpanConfig {
+        SpanConfig {
+            cache_dir,
+            disable_verification: false,
+            max_verification_retries: 0,
+            fetch_timeout: Duration::from_secs(30),
+            poisoned_ttl: POISONED_SPAN_TTL,
+            cache,
+            read_ahead_spans: DEFAULT_READ_AHEAD_SPANS,
+        }
+    }
 }
 
 /// Why a span fetch is made.
@@ -128,7 +145,7 @@ pub struct SpanConfig {
 pub enum Priority {
     /// A reader is waiting.
     Demand,
-    /// Background fill.
+    /// Background fill, prefetch and read-ahead.
     Background,
 }
 
@@ -139,11 +156,8 @@ pub struct SpanManager {
     reader: Arc<dyn RangeReader>,
     cfg: SpanConfig,
     metrics: Arc<FsMetrics>,
-    /// This layer's key in the shared memory cache.
-    key: u64,
-    on_disk: Vec<AtomicBool>,
-    /// Bytes of this layer's span files counted in the disk budget.
-    disk_bytes: AtomicU64,
+    /// This layer's spans in the shared cache.
+    cache: Arc<LayerCache>,
     locks: Vec<tokio::sync::Mutex<()>>,
     closed: AtomicBool,
     /// When the last demand read started (ms since `born`).
@@ -151,6 +165,11 @@ pub struct SpanManager {
     born: std::time::Instant,
     /// Spans that recently failed verification.
     negative: NegativeCache,
+    /// Read-ahead fetches running now (bounded by [`MAX_READ_AHEAD_TASKS`]).
+    read_ahead_running: AtomicU64,
+    /// A range request of this layer was answered: read-ahead may start (it never probes a
+    /// registry that may ignore ranges or be failing).
+    ranges_work: AtomicBool,
     /// The whole-blob fetch (sources without range support).
     whole: Mutex<WholeState>,
     /// Bumped whenever the whole-blob fetch stores a span or ends.
@@ -171,7 +190,9 @@ impl SpanManager {
         &self.layer
     }
 
-    /// A manager for layer `layer` (its digest, for logs) with span table `spans`.
+    /// A manager for layer `layer` (its digest, for logs) with span table `spans`. Touches
+    /// no disk here: the cache directory is created and scanned on the blocking pool (started
+    /// now when called inside a runtime, else by the first read).
     pub fn new(
         layer: String,
         spans: Spans,
@@ -179,32 +200,31 @@ impl SpanManager {
         cfg: SpanConfig,
         metrics: Arc<FsMetrics>,
     ) -> io::Result<Arc<Self>> {
-        std::fs::create_dir_all(&cfg.cache_dir)?;
         let n = spans.len();
-        let mut found = 0u64;
-        let on_disk: Vec<AtomicBool> = (0..n)
-            .map(|i| {
-                let len = std::fs::metadata(cfg.cache_dir.join(i.to_string())).map(|m| m.len());
-                found += len.as_ref().copied().unwrap_or(0);
-                AtomicBool::new(len.is_ok())
-            })
-            .collect();
-        cfg.disk.add(found);
+        let cache = cfg.cache.layer(cfg.cache_dir.clone(), &spans);
         let negative = NegativeCache::new(cfg.poisoned_ttl);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let c = cache.clone();
+            rt.spawn(async move {
+                if let Err(e) = c.ready().await {
+                    tracing::warn!(error = %e, "span cache directory");
+                }
+            });
+        }
         Ok(Arc::new_cyclic(|me| SpanManager {
             layer,
             spans,
             reader,
             cfg,
             metrics,
-            key: NEXT_LAYER_KEY.fetch_add(1, Ordering::Relaxed),
-            on_disk,
-            disk_bytes: AtomicU64::new(found),
+            cache,
             locks: (0..n).map(|_| tokio::sync::Mutex::new(())).collect(),
             closed: AtomicBool::new(false),
             last_demand_ms: AtomicU64::new(0),
             born: std::time::Instant::now(),
             negative,
+            read_ahead_running: AtomicU64::new(0),
+            ranges_work: AtomicBool::new(false),
             whole: Mutex::new(WholeState::default()),
             progress: watch::channel(0).0,
             me: me.clone(),
@@ -217,81 +237,40 @@ impl SpanManager {
         self.spans.len()
     }
 
-    /// Spans already fetched.
+    /// Spans fetched and kept on disk.
     pub fn cached_count(&self) -> usize {
-        self.on_disk
-            .iter()
-            .filter(|b| b.load(Ordering::Relaxed))
-            .count()
+        self.cache.on_disk_count()
+    }
+
+    /// Whether every span holding uncompressed bytes `range` is local (memory or disk): a
+    /// read of it needs no fetch (unless memory evicts it first).
+    pub fn range_is_local(&self, range: Range<u64>) -> bool {
+        self.spans
+            .plan(range)
+            .is_ok_and(|p| p.spans.clone().all(|id| self.is_cached(id)))
     }
 
     /// Removes this layer's span files and gives their bytes back to the disk budget.
     pub fn remove_cache(&self) {
-        let _ = std::fs::remove_dir_all(&self.cfg.cache_dir);
-        for b in &self.on_disk {
-            b.store(false, Ordering::Release);
-        }
-        self.cfg
-            .disk
-            .release(self.disk_bytes.swap(0, Ordering::AcqRel));
+        self.cache.remove_files();
     }
 
     /// Stops background work (the layer is being unmounted).
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
-        self.cfg.memory.forget(self.key);
+        self.cache.forget_memory();
     }
 
     fn is_cached(&self, id: SpanId) -> bool {
-        self.on_disk[id].load(Ordering::Acquire) || self.cfg.memory.contains((self.key, id))
-    }
-
-    /// Appends bytes `rel` of span `id` to `out`: from memory, from disk, or fetched again if
-    /// it was evicted from memory without being on disk (over the disk budget).
-    async fn append_span(
-        &self,
-        id: SpanId,
-        rel: Range<u64>,
-        out: &mut Vec<u8>,
-        deadline: Instant,
-    ) -> io::Result<()> {
-        for _ in 0..3 {
-            if let Some(data) = self.cfg.memory.get((self.key, id)) {
-                let part = data
-                    .get(rel.start as usize..rel.end as usize)
-                    .ok_or_else(|| {
-                        eio(format!(
-                            "layer {}: span {id} holds {} bytes, bytes {rel:?} wanted",
-                            self.layer,
-                            data.len()
-                        ))
-                    })?;
-                out.extend_from_slice(part);
-                return Ok(());
-            }
-            match std::fs::File::open(self.cfg.cache_dir.join(id.to_string())) {
-                Ok(f) => {
-                    let at = out.len();
-                    out.resize(at + (rel.end - rel.start) as usize, 0);
-                    return f.read_exact_at(&mut out[at..], rel.start);
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-            self.ensure_until(id..id + 1, Priority::Demand, deadline)
-                .await?;
-        }
-        Err(eio(format!(
-            "layer {}: span {id} evicted from memory before it could be read (memory cache too small for the disk budget)",
-            self.layer
-        )))
+        self.cache.is_local(id)
     }
 
     /// Reads uncompressed bytes `range` of the layer: all of them within `fetch_timeout`,
     /// or EIO (never fewer bytes). Counted as a synchronous (FUSE) read in upstream's metrics.
     pub async fn read(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
         let started = Instant::now();
-        let r = self.read_uncounted(range).await;
+        let span = tracing::debug_span!("span_read", layer = %self.layer, ?range);
+        let r = self.read_uncounted(range).instrument(span).await;
         crate::metrics::count_read(&self.metrics.upstream, &self.layer, started, &r);
         r
     }
@@ -300,62 +279,21 @@ impl SpanManager {
         let deadline = Instant::now() + self.cfg.fetch_timeout;
         self.last_demand_ms
             .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let size = self.spans.uncompressed_size();
-        if range.start > range.end || range.end > size {
-            return Err(eio(format!(
-                "layer {}: bytes {range:?} are past the end of the layer ({size} bytes): the zTOC entry points outside the archive",
-                self.layer
-            )));
-        }
-        let want = range.end - range.start;
-        let ids = self.spans.spans_for(&range);
-        self.ensure_until(ids.clone(), Priority::Demand, deadline)
+        let plan = self
+            .spans
+            .plan(range)
+            .map_err(|e| eio(format!("layer {}: {e}", self.layer)))?;
+        let bufs = self
+            .acquire(plan.spans.clone(), Priority::Demand, deadline)
             .await?;
-        let mut out = Vec::with_capacity(want.min(1 << 20) as usize);
-        for id in ids {
-            let s = self.spans.span(id).map_err(|e| eio(e.to_string()))?;
-            let from = range.start.max(s.uncompressed.start);
-            let to = range.end.min(s.uncompressed.end);
-            if from >= to {
-                continue;
-            }
-            let rel = (from - s.uncompressed.start)..(to - s.uncompressed.start);
-            self.append_span(id, rel, &mut out, deadline).await?;
-        }
-        if out.len() as u64 != want {
-            return Err(eio(format!(
-                "layer {}: the spans cover {} of the {want} bytes {range:?}",
-                self.layer,
-                out.len()
-            )));
-        }
-        Ok(out)
+        plan.assemble(&self.spans, &bufs)
+            .map_err(|e| eio(format!("layer {}: {e}", self.layer)))
     }
 
     /// Makes sure spans `ids` are cached, fetching missing runs, within `fetch_timeout`.
     pub async fn ensure(&self, ids: Range<SpanId>, prio: Priority) -> io::Result<()> {
         self.ensure_until(ids, prio, Instant::now() + self.cfg.fetch_timeout)
             .await
-    }
-
-    fn refuse_poisoned(&self, ids: &[SpanId]) -> io::Result<()> {
-        if let Some(id) = ids.iter().find(|&&i| self.negative.failed_just_now(i)) {
-            return Err(eio(format!(
-                "layer {}: fetching span {id} failed less than {:?} ago",
-                self.layer,
-                crate::cache::FAILED_FETCH_MEMO
-            )));
-        }
-        match ids
-            .iter()
-            .find(|&&i| self.negative.standing(i) == Standing::Poisoned)
-        {
-            Some(id) => Err(eio(format!(
-                "layer {}: span {id} failed verification less than {:?} ago; not fetched again yet",
-                self.layer, self.cfg.poisoned_ttl
-            ))),
-            None => Ok(()),
-        }
     }
 
     /// [`SpanManager::ensure`] with the caller's deadline, which also bounds the wait for
@@ -366,241 +304,46 @@ impl SpanManager {
         prio: Priority,
         deadline: Instant,
     ) -> io::Result<()> {
-        let missing: Vec<SpanId> = ids.filter(|&i| !self.is_cached(i)).collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        self.refuse_poisoned(&missing)?;
-        // Lock in ascending order (no deadlock); whoever fetched first filled the cache.
-        let mut guards = Vec::with_capacity(missing.len());
-        for &id in &missing {
-            match tokio::time::timeout_at(deadline, self.locks[id].lock()).await {
-                Ok(g) => guards.push(g),
-                Err(_) => {
-                    return Err(eio(format!(
-                    "layer {}: span {id}: timed out after {:?} (waiting for another fetch of it)",
-                    self.layer, self.cfg.fetch_timeout
-                )))
-                }
-            }
-        }
-        let still: Vec<SpanId> = missing
-            .into_iter()
-            .filter(|&i| !self.is_cached(i))
-            .collect();
-        self.refuse_poisoned(&still)?;
-        let mut start = 0;
-        while start < still.len() {
-            let mut end = start + 1;
-            while end < still.len() && still[end] == still[end - 1] + 1 {
-                end += 1;
-            }
-            self.fetch_run(still[start]..still[end - 1] + 1, prio, deadline)
-                .await?;
-            start = end;
-        }
-        drop(guards);
-        Ok(())
+        self.gather(ids, prio, deadline, fetch::Want::Local)
+            .await
+            .map(drop)
     }
 
-    async fn fetch_run(
+    /// The verified bytes of spans `ids` (each whole, in order), fetching what is not
+    /// cached, by `deadline`. The buffers are the caller's: eviction cannot take them.
+    pub async fn acquire(
         &self,
-        run: Range<SpanId>,
+        ids: Range<SpanId>,
         prio: Priority,
         deadline: Instant,
-    ) -> io::Result<()> {
-        if self.reader.whole_only() {
-            return self.wait_for_whole(run, prio, deadline).await;
+    ) -> io::Result<Vec<Bytes>> {
+        let n = ids.len();
+        let held = self.gather(ids, prio, deadline, fetch::Want::Bytes).await?;
+        let bufs: Vec<Bytes> = held.into_iter().flatten().collect();
+        if bufs.len() != n {
+            return Err(eio(format!(
+                "layer {}: {} of {n} spans held after fetching",
+                self.layer,
+                bufs.len()
+            )));
         }
-        let first = self.spans.span(run.start).map_err(|e| eio(e.to_string()))?;
-        let last = self
-            .spans
-            .span(run.end - 1)
-            .map_err(|e| eio(e.to_string()))?;
-        let range = first.compressed.start..last.compressed.end;
-        // A span whose refusal just expired gets one try, not a round of retries.
-        let retries = if run
-            .clone()
-            .any(|i| self.negative.standing(i) == Standing::Probation)
-        {
-            0
-        } else {
-            self.cfg.max_verification_retries
-        };
-        let mut attempt = 0;
-        loop {
-            let get = crate::metrics::RegistryGet::start(&self.metrics.upstream, &self.layer, prio);
-            // Transport retries happen inside the reader, within the same deadline.
-            let data = match tokio::time::timeout_at(
-                deadline,
-                self.reader.read_range(range.clone(), deadline),
-            )
-            .await
-            {
-                Ok(Ok(d)) => d,
-                Ok(Err(e)) => {
-                    run.clone().for_each(|i| self.negative.fetch_failed(i));
-                    error!(layer = %self.layer, spans = ?run, error = %e, "span fetch failed");
-                    return Err(eio(format!(
-                        "layer {}: fetching spans {run:?}: {e}",
-                        self.layer
-                    )));
-                }
-                Err(_) => {
-                    run.clone().for_each(|i| self.negative.fetch_failed(i));
-                    error!(layer = %self.layer, spans = ?run, timeout = ?self.cfg.fetch_timeout, "span fetch timed out");
-                    return Err(eio(format!(
-                        "layer {}: fetching spans {run:?} timed out after {:?}",
-                        self.layer, self.cfg.fetch_timeout
-                    )));
-                }
-            };
-            drop(get);
-            if data.len() as u64 != range.end - range.start {
-                return Err(eio(format!(
-                    "layer {}: spans {run:?}: got {} of {} bytes",
-                    self.layer,
-                    data.len(),
-                    range.end - range.start
-                )));
-            }
-            match self.verify_and_store(&run, range.start, data, prio).await {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < retries && Instant::now() < deadline => {
-                    attempt += 1;
-                    warn!(layer = %self.layer, spans = ?run, attempt, error = %e, "span verification failed; fetching again");
-                }
-                Err(e) => {
-                    error!(layer = %self.layer, spans = ?run, error = %e, "span verification failed; giving up");
-                    return Err(e);
-                }
-            }
-        }
-    }
-
-    /// Verifies, decompresses and caches the spans of `run` from their compressed bytes
-    /// (starting at blob offset `base`). Spans before a bad one are kept; the bad one is
-    /// refused for a while if its digest or its decompression failed.
-    async fn verify_and_store(
-        &self,
-        run: &Range<SpanId>,
-        base: u64,
-        data: Bytes,
-        prio: Priority,
-    ) -> io::Result<()> {
-        let counter = match prio {
-            Priority::Demand => &self.metrics.demand_bytes,
-            Priority::Background => &self.metrics.background_bytes,
-        };
-        counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.metrics
-            .upstream
-            .add_fetched(&self.layer, data.len() as u64);
-        let spans = self.spans.clone();
-        let verify = !self.cfg.disable_verification;
-        let run2 = run.clone();
-        let layer = self.layer.clone();
-        let dir = self.cfg.cache_dir.clone();
-        let disk = self.cfg.disk.clone();
-        // Verification, decompression and the cache file writes are CPU and blocking I/O work:
-        // off the async workers.
-        type Failure = (SpanId, io::Error, bool);
-        type Decoded = Vec<(SpanId, Vec<u8>, bool)>;
-        let (decoded, failure): (Decoded, Option<Failure>) =
-            tokio::task::spawn_blocking(move || {
-                let mut out = Vec::new();
-                for id in run2 {
-                    match decode_one(&spans, id, &data, base, verify, &layer) {
-                        Ok(plain) => {
-                            // Over the disk budget the span is kept in memory only.
-                            let stored = disk.try_reserve(plain.len() as u64);
-                            if stored {
-                                let tmp = dir.join(format!("{id}.tmp"));
-                                let written = std::fs::write(&tmp, &plain)
-                                    .and_then(|()| std::fs::rename(&tmp, dir.join(id.to_string())));
-                                if let Err(e) = written {
-                                    disk.release(plain.len() as u64);
-                                    return (out, Some((id, e, false)));
-                                }
-                            }
-                            out.push((id, plain, stored));
-                        }
-                        Err(e) => return (out, Some((id, e, true))),
-                    }
-                }
-                (out, None)
-            })
-            .await
-            .map_err(|e| eio(format!("decompression task: {e}")))?;
-        for (id, plain, stored) in decoded {
-            if stored {
-                self.disk_bytes
-                    .fetch_add(plain.len() as u64, Ordering::AcqRel);
-                self.on_disk[id].store(true, Ordering::Release);
-            }
-            self.cfg.memory.put((self.key, id), Arc::new(plain));
-            self.negative.clear(id);
-            // Counted once the span is servable, so the metric never runs ahead of the cache.
-            self.metrics.spans_verified.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::count_span(&self.metrics.upstream, &self.layer, prio);
-        }
-        if let Some((id, e, bad_bytes)) = failure {
-            if bad_bytes {
-                self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
-                self.negative.poison(id);
-            }
-            return Err(e);
-        }
-        debug!(layer = %self.layer, spans = ?run, "spans fetched and verified");
-        Ok(())
+        Ok(bufs)
     }
 }
 
-/// Verifies and decompresses span `id` out of `data` (blob bytes from offset `base`).
-fn decode_one(
-    spans: &Spans,
-    id: SpanId,
-    data: &[u8],
-    base: u64,
-    verify: bool,
-    layer: &str,
-) -> io::Result<Vec<u8>> {
-    let s = spans.span(id).map_err(|e| eio(e.to_string()))?;
-    let slice = s
-        .compressed
-        .start
-        .checked_sub(base)
-        .zip(s.compressed.end.checked_sub(base))
-        .and_then(|(a, b)| data.get(a as usize..b as usize))
-        .ok_or_else(|| {
-            eio(format!(
-                "layer {layer}: span {id} is outside the fetched bytes"
-            ))
-        })?;
-    if verify {
-        spans
-            .verify(id, slice)
-            .map_err(|e| eio(format!("layer {layer}: {e}")))?;
-    }
-    let plain = spans
-        .decompress(id, slice)
-        .map_err(|e| eio(format!("layer {layer}: {e}")))?;
-    let want = s.uncompressed.end - s.uncompressed.start;
-    if plain.len() as u64 != want {
-        return Err(eio(format!(
-            "layer {layer}: span {id} decompressed to {} bytes, {want} expected",
-            plain.len()
-        )));
-    }
-    Ok(plain)
-}
+/// Default of [`SpanConfig::read_ahead_spans`].
+pub const DEFAULT_READ_AHEAD_SPANS: usize = 4;
 
 mod background;
+mod fetch;
+pub(crate) mod negative;
 mod prefetch;
+mod read_ahead;
 pub(crate) mod record;
 mod whole;
 pub use background::BackgroundConfig;
 pub use prefetch::{PrefetchReport, MAX_PREFETCH_REQUEST_BYTES};
+pub use read_ahead::{MAX_READ_AHEAD_BYTES, MAX_READ_AHEAD_TASKS};
 use whole::WholeState;
 
 #[cfg(test)]

@@ -99,10 +99,10 @@ type Setup = (
 );
 
 fn manager(corrupt: u32, retries: u32) -> Setup {
-    manager_with(corrupt, retries, DiskBudget::new(0))
+    manager_with(corrupt, retries, SpanCache::new(100_000, 0))
 }
 
-fn manager_with(corrupt: u32, retries: u32, disk: Arc<DiskBudget>) -> Setup {
+fn manager_with(corrupt: u32, retries: u32, cache: Arc<SpanCache>) -> Setup {
     build(
         false,
         FakeReader {
@@ -111,7 +111,7 @@ fn manager_with(corrupt: u32, retries: u32, disk: Arc<DiskBudget>) -> Setup {
         },
         |c| {
             c.max_verification_retries = retries;
-            c.disk = disk;
+            c.cache = cache;
         },
     )
 }
@@ -129,8 +129,8 @@ fn build(gzip: bool, mut reader: FakeReader, tweak: impl FnOnce(&mut SpanConfig)
         max_verification_retries: 0,
         fetch_timeout: Duration::from_secs(5),
         poisoned_ttl: POISONED_SPAN_TTL,
-        memory: MemoryCache::new(100_000),
-        disk: DiskBudget::new(0),
+        cache: SpanCache::new(100_000, 0),
+        read_ahead_spans: 0,
     };
     tweak(&mut cfg);
     let m = SpanManager::new(
@@ -174,12 +174,12 @@ async fn concurrent_readers_share_one_coalesced_fetch() {
     assert_eq!(m.read(100..150_000).await.unwrap(), &blob[100..150_000]);
     assert_eq!(reader.calls.lock().unwrap().len(), 1);
     assert!(
-        m.cfg.memory.bytes() <= 100_000,
+        m.cfg.cache.memory_bytes() <= 100_000,
         "memory cache stays within its budget"
     );
     m.close();
     assert_eq!(
-        m.cfg.memory.bytes(),
+        m.cfg.cache.memory_bytes(),
         0,
         "a closed layer leaves nothing in memory"
     );
@@ -226,17 +226,17 @@ async fn background_fill_caches_everything() {
 #[tokio::test]
 async fn disk_budget_bounds_the_span_files_and_is_given_back() {
     let one_span = 64 * 1024;
-    let disk = DiskBudget::new(2 * one_span);
+    let disk = SpanCache::new(100_000, 2 * one_span);
     let (m, _reader, blob, d) = manager_with(0, 0, disk.clone());
     let all = 0..blob.len() as u64 - 2048;
     assert_eq!(m.read(all.clone()).await.unwrap().len(), all.end as usize);
     assert!(m.cached_count() <= 2 && m.cached_count() >= 1);
-    assert!(disk.used() <= 2 * one_span);
+    assert!(disk.disk_bytes() <= 2 * one_span);
     let files: u64 = std::fs::read_dir(d.path().join("c"))
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
-    assert_eq!(files, disk.used());
+    assert_eq!(files, disk.disk_bytes());
     // Spans that did not fit are still served (from memory or fetched again).
     assert_eq!(m.read(all.clone()).await.unwrap().len(), all.end as usize);
     // A background fill stops at the budget instead of fetching for nothing.
@@ -249,7 +249,7 @@ async fn disk_budget_bounds_the_span_files_and_is_given_back() {
     m.clone().background_fill(cfg).await;
     assert!(m.cached_count() < m.span_count());
     m.remove_cache();
-    assert_eq!(disk.used(), 0);
+    assert_eq!(disk.disk_bytes(), 0);
     assert_eq!(m.cached_count(), 0);
 }
 
@@ -404,4 +404,64 @@ async fn whole_blob_with_a_bad_span_serves_the_others() {
         &plain[200_000..200_100]
     );
     assert_eq!(reader.whole_calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_succeed_while_a_tiny_cache_evicts_their_spans() {
+    // Memory holds about one span, nothing fits on disk: concurrent reads evict each other's
+    // spans between the fetch and the copy. Each read keeps the buffers it fetched.
+    for memory in [70_000usize, 1_000] {
+        let (m, _reader, blob, _d) = build(false, FakeReader::default(), |c| {
+            c.cache = SpanCache::new(memory, 1);
+        });
+        let tasks: Vec<_> = (0..24u64)
+            .map(|i| {
+                let m = m.clone();
+                let start = (i * 12_345) % 150_000;
+                let r = start..start + 120_000;
+                tokio::spawn(async move { (r.clone(), m.read(r).await) })
+            })
+            .collect();
+        for t in tasks {
+            let (r, got) = t.await.unwrap();
+            let got = got.unwrap_or_else(|e| panic!("memory {memory}: read {r:?}: {e}"));
+            assert_eq!(got, &blob[r.start as usize..r.end as usize]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_fetches_the_files_next_spans_in_one_request() {
+    let (m, reader, blob, _d) = build(false, FakeReader::default(), |c| c.read_ahead_spans = 3);
+    let file = 512..300_512u64;
+    let span = |id: usize| m.spans.span(id).unwrap().compressed;
+    // The layer's first fetch only reads (no read-ahead before ranges are known to work).
+    assert_eq!(
+        m.read_in_file(600..700, file.clone()).await.unwrap(),
+        &blob[600..700]
+    );
+    assert_eq!(reader.calls.lock().unwrap().clone(), vec![span(0)]);
+    // Span 1 is read; spans 2..5 come in one request, in parallel.
+    let r = 70_000..70_100u64;
+    assert_eq!(
+        m.read_in_file(r.clone(), file.clone()).await.unwrap(),
+        &blob[70_000..70_100]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut calls = reader.calls.lock().unwrap().clone();
+    calls.sort_by_key(|c| c.start);
+    assert_eq!(calls, vec![span(0), span(1), span(2).start..span(4).end]);
+    assert_eq!(m.cached_count(), 5);
+    // Within the file only: the last span read ahead stops at the file's end.
+    let before = reader.calls.lock().unwrap().len();
+    let tail = file.end - 10..file.end;
+    m.read_in_file(tail, file.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(reader.calls.lock().unwrap().len() <= before + 1);
+    // Off: nothing but the read.
+    let (m, reader, _blob, _d) = build(false, FakeReader::default(), |c| c.read_ahead_spans = 0);
+    m.read_in_file(600..700, file.clone()).await.unwrap();
+    m.read_in_file(70_000..70_100, file).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(reader.calls.lock().unwrap().len(), 2);
 }

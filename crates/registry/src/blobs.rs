@@ -7,6 +7,7 @@
 //! that callers fetch its blobs whole, once ([`Client::supports_ranges`]).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
@@ -130,12 +131,13 @@ impl Client {
         what: &str,
         range: Option<&Range<u64>>,
         deadline: Option<Instant>,
+        retries: &AtomicU32,
     ) -> Result<Response> {
         self.pull_endpoints(repo, false, |ep| async move {
             let url = Self::url(&ep, repo, &format!("blobs/{digest}"));
             let range_header = range.map(|r| format!("bytes={}-{}", r.start, r.end - 1));
             let resp = self
-                .send_until(
+                .send_counted(
                     &ep,
                     repo,
                     false,
@@ -148,6 +150,7 @@ impl Client {
                         }
                     },
                     deadline,
+                    retries,
                 )
                 .await?;
             Self::check_status(resp, what, &[StatusCode::OK, StatusCode::PARTIAL_CONTENT]).await
@@ -181,7 +184,14 @@ impl Client {
     ) -> Result<BlobStream> {
         let what = format!("blob {} in {}/{}", desc.digest, repo.registry, repo.name);
         let resp = self
-            .blob_response(repo, &desc.digest, &what, None, deadline)
+            .blob_response(
+                repo,
+                &desc.digest,
+                &what,
+                None,
+                deadline,
+                &AtomicU32::new(0),
+            )
             .await?;
         if resp.status() != StatusCode::OK {
             return Err(RegistryError::Status {
@@ -243,8 +253,9 @@ impl Client {
     }
 
     /// Reads exactly bytes `range` of a blob, all attempts within `deadline` (else each
-    /// attempt within the client's request timeout). Broken transfers (reset, truncated
-    /// body) are retried here, up to `max_retries`; a 206 whose `Content-Range` or
+    /// attempt within the client's request timeout). Failed requests (transport errors, 429,
+    /// 5xx) and broken transfers (reset, truncated body) share one budget of `max_retries`
+    /// retries, so a range costs at most `max_retries + 1` HTTP attempts; a 206 whose `Content-Range` or
     /// `Content-Length` is not the range asked for, or whose body runs past it, is an error
     /// at once. A 200 (range ignored) is read only up to the range end, then dropped, and the
     /// registry is remembered as one without range support.
@@ -263,13 +274,18 @@ impl Client {
         if range.start >= range.end {
             return Ok(Bytes::new());
         }
-        let mut attempt = 0u32;
+        let retries = AtomicU32::new(0);
         loop {
-            let failure = match self.range_once(repo, digest, &range, &what, deadline).await {
+            let failure = match self
+                .range_once(repo, digest, &range, &what, deadline, &retries)
+                .await
+            {
                 Ok(b) => return Ok(b),
                 Err(f) => f,
             };
+            let attempt = retries.load(Ordering::Acquire);
             let wait = self.backoff_for(attempt);
+            // A request error already used up the budget inside the client's send loop.
             if !failure.retry
                 || attempt >= self.options().max_retries
                 || remaining(deadline).is_some_and(|left| left <= wait)
@@ -278,7 +294,7 @@ impl Client {
             }
             tracing::debug!(what, error = %failure.error, "range read failed; retrying");
             tokio::time::sleep(wait).await;
-            attempt += 1;
+            retries.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -289,15 +305,14 @@ impl Client {
         range: &Range<u64>,
         what: &str,
         deadline: Option<Instant>,
+        retries: &AtomicU32,
     ) -> std::result::Result<Bytes, RangeFailure> {
         let want = range.end - range.start;
+        // The send loop retried request failures within the shared budget: not again here.
         let mut resp = self
-            .blob_response(repo, digest, what, Some(range), deadline)
+            .blob_response(repo, digest, what, Some(range), deadline, retries)
             .await
-            .map_err(|e| {
-                let retry = matches!(e, RegistryError::Transport { .. });
-                RangeFailure { error: e, retry }
-            })?;
+            .map_err(RangeFailure::fatal)?;
         let url = resp.url().to_string();
         let protocol = |msg: String| {
             RangeFailure::fatal(RegistryError::Status {

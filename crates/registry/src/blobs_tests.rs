@@ -441,3 +441,34 @@ async fn chunked_download_from_a_registry_ignoring_ranges_streams_the_rest_whole
         count.load(Ordering::SeqCst)
     );
 }
+
+#[tokio::test]
+async fn a_range_costs_at_most_max_retries_plus_one_requests() {
+    // The retries of failed requests (503) and of broken bodies come out of one budget
+    // (max_retries = 2 here): three HTTP attempts in all, not three per layer of retries.
+    for pattern in ["503", "short", "mixed"] {
+        let (addr, count) = server(Arc::new(move |n, _| {
+            let short = pattern == "short" || (pattern == "mixed" && n % 2 == 1);
+            if short {
+                reply(
+                    "206 Partial Content",
+                    &[
+                        "Content-Range: bytes 0-99/10000".into(),
+                        "Content-Length: 100".into(),
+                    ],
+                    &blob()[..40],
+                )
+            } else {
+                reply(
+                    "503 Service Unavailable",
+                    &["Content-Length: 0".into()],
+                    b"",
+                )
+            }
+        }))
+        .await;
+        let (c, repo, d) = client(&addr);
+        assert!(c.get_blob_range(&repo, &d, 0..100).await.is_err());
+        assert_eq!(count.load(Ordering::SeqCst), 3, "{pattern}");
+    }
+}

@@ -143,6 +143,10 @@ pub struct BlobConfig {
     /// the limit are kept in memory only and background fetch stops; a layer's spans are
     /// deleted with its snapshot. Default 20480.
     pub disk_cache_mb: u64,
+    /// Read-ahead within a file: when a read of a file needs span k, the file's next spans,
+    /// up to this many, are fetched in parallel (one range request, at most 16 MiB), without
+    /// making the read wait; 0 turns it off. Default 4.
+    pub read_ahead_spans: usize,
 }
 
 impl Default for BlobConfig {
@@ -152,6 +156,7 @@ impl Default for BlobConfig {
             max_span_verification_retries: 3,
             memory_cache_mb: 64,
             disk_cache_mb: 20480,
+            read_ahead_spans: soci_fs::DEFAULT_READ_AHEAD_SPANS,
         }
     }
 }

@@ -78,7 +78,7 @@ pub fn render(s: &Snapshotter) -> String {
     let _ = writeln!(
         o,
         "soci_span_cache_bytes{{place=\"disk\"}} {}",
-        r.disk.used()
+        r.cache.disk_bytes()
     );
     let _ = writeln!(
         o,

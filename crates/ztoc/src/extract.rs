@@ -6,11 +6,9 @@ use std::ops::Range;
 
 use crate::error::{Result, ZtocError};
 use crate::model::{TocEntry, Ztoc};
+use crate::pipeline::DecodeError;
 use crate::span::Spans;
 use crate::tar::EntryKind;
-
-/// Most bytes reserved ahead of a read; the rest grows as verified data arrives.
-const PREALLOC_MAX: u64 = 16 << 20;
 
 /// Where compressed layer bytes come from (a local blob, an HTTP range reader, ...).
 pub trait SpanSource {
@@ -39,44 +37,31 @@ impl SpanSource for &[u8] {
 }
 
 /// Reads the uncompressed bytes `range` of the layer: one read of the touched spans'
-/// compressed bytes, then verify and decompress each span.
+/// compressed bytes, then verify, decompress and clip each span (the pipeline the daemon's
+/// span manager uses too, see [`crate::ReadPlan`]).
 pub fn read_uncompressed(
     spans: &Spans,
     source: &mut dyn SpanSource,
     range: Range<u64>,
 ) -> Result<Vec<u8>> {
-    if range.end > spans.uncompressed_size() {
-        return Err(ZtocError::OutOfRange(format!(
-            "bytes {range:?} past the end of the layer ({})",
-            spans.uncompressed_size()
-        )));
-    }
-    let ids = spans.spans_for(&range);
-    if ids.is_empty() {
+    let plan = spans.plan(range)?;
+    if plan.spans.is_empty() {
         return Ok(Vec::new());
     }
-    let first = spans.span(ids.start)?;
-    let last = spans.span(ids.end - 1)?;
-    let base = first.compressed.start;
+    let run = spans.run(plan.spans.clone())?;
     let data = source
-        .read_range(base..last.compressed.end)
+        .read_range(run.compressed.clone())
         .map_err(ZtocError::Source)?;
-    // Capacity from the request, capped: the range comes from a zTOC entry, and the bytes are
-    // only there once the spans verify and decompress.
-    let mut out = Vec::with_capacity((range.end - range.start).min(PREALLOC_MAX) as usize);
-    for id in ids {
-        let s = spans.span(id)?;
-        let slice = &data[(s.compressed.start - base) as usize..(s.compressed.end - base) as usize];
-        spans.verify(id, slice)?;
-        let plain = spans.decompress(id, slice)?;
-        let from = range.start.max(s.uncompressed.start);
-        let to = range.end.min(s.uncompressed.end);
-        if from < to {
-            let a = (from - s.uncompressed.start) as usize;
-            out.extend_from_slice(&plain[a..a + (to - from) as usize]);
-        }
-    }
-    Ok(out)
+    let bufs = plan
+        .spans
+        .clone()
+        .map(|id| {
+            spans
+                .decode_span(id, &data, run.compressed.start, true)
+                .map_err(DecodeError::into_inner)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    plan.assemble(spans, &bufs)
 }
 
 /// Normalises a tar name: no leading `./` or `/`, no trailing `/`.

@@ -8,7 +8,9 @@
 //! - [`build`] makes a zTOC from a layer blob in one streaming pass.
 //! - [`Ztoc::from_bytes`] / [`Ztoc::to_bytes`] read and write the flatbuffer.
 //! - [`Spans`] gives span ranges, verifies span digests and decompresses spans;
-//!   [`read_uncompressed`] and [`Ztoc::read_file`] combine them over a [`SpanSource`].
+//!   [`ReadPlan`] and [`Spans::decode_span`] are the one read pipeline (range -> spans ->
+//!   verify -> decompress -> clip), used by [`read_uncompressed`] and [`Ztoc::read_file`] over
+//!   a [`SpanSource`] and by the daemon's span manager.
 
 mod builder;
 mod checkpoint;
@@ -19,6 +21,7 @@ mod fbs;
 mod flat;
 pub mod limits;
 mod model;
+mod pipeline;
 mod span;
 pub mod tar;
 mod time;
@@ -32,6 +35,7 @@ pub use model::{
     CompressionAlgorithm, CompressionInfo, SpanDigest, TocEntry, Ztoc,
     DEFAULT_BUILD_TOOL_IDENTIFIER, DEFAULT_SPAN_SIZE, XATTR_PAX_PREFIX, ZTOC_VERSION,
 };
+pub use pipeline::{DecodeError, ReadPlan, SpanRun};
 pub use span::{Span, SpanId, Spans, MAX_SPAN_BYTES};
 pub use tar::EntryKind;
 pub use time::{format_mod_time, parse_mod_time};

@@ -48,8 +48,8 @@ impl SpanManager {
                 .spans
                 .span(id)
                 .map(|s| s.uncompressed.end - s.uncompressed.start);
-            if !self.cfg.disk.fits(want.unwrap_or(0)) {
-                info!(layer = %self.layer, used = self.cfg.disk.used(), "span disk cache is full; background fetch stops");
+            if !self.cfg.cache.disk_fits(want.unwrap_or(0)) {
+                info!(layer = %self.layer, used = self.cfg.cache.disk_bytes(), "span disk cache is full; background fetch stops");
                 return;
             }
             let Ok(_permit) = cfg.slots.acquire().await else {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::spans::{DiskBudget, FsMetrics, MemoryCache, RangeReader, ReadFuture, SpanConfig};
+use crate::spans::{FsMetrics, RangeReader, ReadFuture, SpanCache, SpanConfig};
 
 /// An in-memory blob recording its range requests; can fail or stall them.
 #[derive(Default)]
@@ -56,8 +56,8 @@ fn manager(size: usize, span: u64, fake: Fake) -> (Arc<SpanManager>, Arc<Fake>, 
         max_verification_retries: 0,
         fetch_timeout: Duration::from_secs(5),
         poisoned_ttl: crate::spans::POISONED_SPAN_TTL,
-        memory: MemoryCache::new(1 << 20),
-        disk: DiskBudget::new(0),
+        cache: SpanCache::new(1 << 20, 0),
+        read_ahead_spans: 0,
     };
     let m = SpanManager::new(
         "sha256:layer".into(),

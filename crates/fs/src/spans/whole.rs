@@ -127,8 +127,15 @@ impl SpanManager {
             if !self.is_cached(id) {
                 let len = (s.compressed.end - s.compressed.start) as usize;
                 let data = Bytes::copy_from_slice(&buf[..len]);
-                if let Err(e) = self.verify_and_store(&(id..id + 1), base, data, prio).await {
-                    warn!(layer = %self.layer, span = id, error = %e, "span from the whole blob failed");
+                match self.decode_store(id..id + 1, base, data, prio).await {
+                    Ok((_, None)) => {}
+                    Ok((_, Some(f))) => {
+                        let e = self.settle(f);
+                        warn!(layer = %self.layer, span = id, error = %e, "span from the whole blob failed");
+                    }
+                    Err(e) => {
+                        warn!(layer = %self.layer, span = id, error = %e, "span from the whole blob failed");
+                    }
                 }
             }
             self.progress.send_modify(|g| *g += 1);

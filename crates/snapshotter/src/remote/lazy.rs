@@ -78,8 +78,6 @@ pub(super) struct LazyState {
     pub(super) holder_path: PathBuf,
     /// Mounts an earlier daemon left to the holder, not resumed yet.
     pub(super) held: Mutex<BTreeMap<u64, Held>>,
-    /// Decompressed spans in memory, all layers.
-    pub(super) memory: Arc<soci_fs::MemoryCache>,
     /// Shared bound on background span fetches.
     pub(super) background_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -108,8 +106,8 @@ impl Remote {
             max_verification_retries: self.cfg.blob.max_span_verification_retries,
             fetch_timeout: Duration::from_secs(self.cfg.blob.fetching_timeout_sec.max(1)),
             poisoned_ttl: soci_fs::POISONED_SPAN_TTL,
-            memory: self.lazy.memory.clone(),
-            disk: self.disk.clone(),
+            cache: self.cache.clone(),
+            read_ahead_spans: self.cfg.blob.read_ahead_spans,
         };
         let mgr = SpanManager::new(
             layer.digest.to_string(),

@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use soci_fs::FsMetrics;
 use soci_index::{NoSoci, SociImage};
@@ -58,8 +57,8 @@ pub struct Remote {
     full: FullPullState,
     /// Images and reasons already logged (one line per image and reason).
     logged: Mutex<HashSet<String>>,
-    /// Span files on disk, all layers.
-    pub disk: Arc<soci_fs::DiskBudget>,
+    /// Decompressed spans in memory and on disk, all layers.
+    pub cache: Arc<soci_fs::SpanCache>,
     /// FUSE and span counters.
     pub metrics: Arc<FsMetrics>,
     /// Fallbacks by reason label.
@@ -119,7 +118,8 @@ impl Remote {
         };
         let opts = ClientOptions {
             hosts,
-            request_timeout: Duration::from_secs(cfg.blob.fetching_timeout_sec.max(1) * 10),
+            // Span reads carry their own deadline (`fetching_timeout_sec`); the client's
+            // request timeout bounds the other requests (manifests, whole blobs).
             ..Default::default()
         };
         let (keychain, cri_credentials) = crate::cri::keychain(root, cfg);
@@ -143,7 +143,6 @@ impl Remote {
                 holder: Mutex::new(None),
                 holder_path: root.join("fuse-holder.sock"),
                 held: Mutex::new(BTreeMap::new()),
-                memory: soci_fs::MemoryCache::new(cfg.blob.memory_cache_mb << 20),
                 background_slots: Arc::new(tokio::sync::Semaphore::new(
                     cfg.background_fetch.max_concurrent_fetches.max(1),
                 )),
@@ -155,7 +154,10 @@ impl Remote {
                 limits: parallel::PullLimits::new(&cfg.pull_modes.parallel_pull_unpack),
             },
             logged: Mutex::new(HashSet::new()),
-            disk: soci_fs::DiskBudget::new(cfg.blob.disk_cache_mb << 20),
+            cache: soci_fs::SpanCache::new(
+                cfg.blob.memory_cache_mb << 20,
+                cfg.blob.disk_cache_mb << 20,
+            ),
             metrics: Arc::new(FsMetrics::default()),
             fallbacks: Mutex::new(BTreeMap::new()),
             handed_back: Mutex::new(BTreeMap::new()),
@@ -207,7 +209,7 @@ impl Remote {
 
     /// Bytes of decompressed spans in memory.
     pub fn memory_bytes(&self) -> usize {
-        self.lazy.memory.bytes()
+        self.cache.memory_bytes()
     }
 }
 
