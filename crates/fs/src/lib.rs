@@ -10,12 +10,14 @@ mod fuse;
 pub mod kernel;
 pub mod metrics;
 mod mount;
+mod passthrough;
 mod spans;
 mod tree;
 
 pub use fuse::LayerFs;
 pub use kernel::Session;
 pub use mount::{mount, resume, MountedLayer, Served};
+pub use passthrough::{Passthrough, PassthroughConfig, PassthroughMetrics};
 pub use spans::{
     BackgroundConfig, DiskBudget, FsMetrics, MemoryCache, PrefetchReport, Priority, RangeReader,
     ReadFuture, SpanConfig, SpanManager, LATENCY_BUCKETS_MS, MAX_PREFETCH_REQUEST_BYTES,

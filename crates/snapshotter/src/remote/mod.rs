@@ -503,6 +503,14 @@ impl Remote {
             rt: tokio::runtime::Handle::current(),
             ttl: Duration::from_secs(self.cfg.fuse.attr_timeout),
             metrics: self.metrics.clone(),
+            passthrough: self
+                .cfg
+                .fuse
+                .passthrough
+                .then(|| soci_fs::PassthroughConfig {
+                    dir: self.passthrough_dir(id),
+                    disk: self.disk.clone(),
+                }),
         };
         let dir = fs_dir.to_path_buf();
         let held = self.held.lock().expect("held").remove(&id);
@@ -528,12 +536,18 @@ impl Remote {
         if !self.cfg.background_fetch.disable {
             let bg = &self.cfg.background_fetch;
             let silence = Duration::from_millis(bg.silence_period_msec);
-            tokio::spawn(mgr.background_fill(soci_fs::BackgroundConfig {
+            let fill = mgr.background_fill(soci_fs::BackgroundConfig {
                 delay: silence,
                 period: Duration::from_millis(bg.fetch_period_msec),
                 yield_to_demand: silence,
                 slots: self.background_slots.clone(),
-            }));
+            });
+            // Then every file the layer now holds whole gets a passthrough backing file.
+            let backing_files = mounted.materialize_local_files();
+            tokio::spawn(async move {
+                fill.await;
+                backing_files.await;
+            });
         }
         self.mounts.lock().expect("mounts").insert(id, mounted);
         self.layers_lazy
@@ -626,6 +640,11 @@ impl Remote {
         }
     }
 
+    /// Directory of the passthrough backing files of snapshot `id`'s lazy layer.
+    fn passthrough_dir(&self, id: u64) -> PathBuf {
+        self.cache_root.join("passthrough").join(id.to_string())
+    }
+
     /// Unmounts the lazy layer of snapshot `id` (if any) and drops its span cache.
     pub fn release(&self, id: u64) {
         self.metrics.upstream.unmounted(&id.to_string());
@@ -633,12 +652,17 @@ impl Remote {
         self.unhold(id);
         if let Some(m) = self.mounts.lock().expect("mounts").remove(&id) {
             let spans = m.spans().clone();
+            let backing = m.passthrough().cloned();
             if let Err(e) = m.unmount() {
                 warn!(id, error = %e, "unmounting lazy layer failed");
             }
             spans.remove_cache();
+            if let Some(p) = backing {
+                p.remove_files();
+            }
         }
         let _ = std::fs::remove_dir_all(self.cache_root.join(id.to_string()));
+        let _ = std::fs::remove_dir_all(self.passthrough_dir(id));
     }
 
     /// Whether snapshot `id` is a mounted lazy layer.
