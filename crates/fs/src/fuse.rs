@@ -371,10 +371,11 @@ impl LayerFs {
         if let (NodeKind::File, Some(p)) = (n.kind, &self.passthrough) {
             let backing = self.backing.get().and_then(Weak::upgrade);
             if let Some(id) = p.open(ino, (n.offset, n.size), backing.as_deref()) {
-                // No other flag: the kernel refuses KEEP_CACHE with passthrough.
+                // Not KEEP_CACHE: the kernel refuses it with passthrough. NOFLUSH: reads
+                // do not need the daemon, closes should not either.
                 let out = fuse_open_out {
                     fh: PASSTHROUGH_FH | u64::from(id),
-                    open_flags: kernel::FOPEN_PASSTHROUGH,
+                    open_flags: kernel::FOPEN_PASSTHROUGH | kernel::FOPEN_NOFLUSH,
                     backing_id: id as i32,
                 };
                 return Ok(Answer::Now(Reply::with(unique, &out).finish()));

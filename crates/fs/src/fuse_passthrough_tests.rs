@@ -11,7 +11,9 @@ use super::ops_tests::{fixture, VecSink};
 use super::LayerFs;
 use crate::kernel::abi::*;
 use crate::kernel::test_util::request;
-use crate::kernel::{init, init2, op, ReplySink, Session, FOPEN_KEEP_CACHE, FOPEN_PASSTHROUGH};
+use crate::kernel::{
+    init, init2, op, ReplySink, Session, FOPEN_KEEP_CACHE, FOPEN_NOFLUSH, FOPEN_PASSTHROUGH,
+};
 use crate::mount::Served;
 use crate::passthrough::tests::FakeBacking;
 use crate::passthrough::{BackingFiles, PassthroughConfig, PASSTHROUGH_FH};
@@ -143,9 +145,9 @@ fn whole_files_are_opened_with_their_backing_file() {
         "counted in the disk budget"
     );
 
-    // Now: passthrough, nothing else (the kernel refuses KEEP_CACHE with it).
+    // Now: passthrough and no FLUSH, nothing else (the kernel refuses KEEP_CACHE with it).
     let o = e.open(f);
-    assert_eq!(o.open_flags, FOPEN_PASSTHROUGH);
+    assert_eq!(o.open_flags, FOPEN_PASSTHROUGH | FOPEN_NOFLUSH);
     assert_eq!(o.backing_id, 1);
     assert_eq!(o.fh, PASSTHROUGH_FH | 1);
     let o2 = e.open(f);

@@ -118,6 +118,10 @@ pub mod notify {
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 /// Directory contents may be cached.
 pub const FOPEN_CACHE_DIR: u32 = 1 << 3;
+/// No FLUSH on close (a read-only filesystem has nothing to flush). Without it every close
+/// waits for the daemon: a process closing a file while no daemon serves (during a restart,
+/// or the exec of the next daemon itself closing inherited descriptors) would block.
+pub const FOPEN_NOFLUSH: u32 = 1 << 5;
 /// Reads (and mmap) of this open go to the backing file `backing_id` of `fuse_open_out`.
 /// The kernel refuses (the open fails with EIO) any other flag with it except
 /// `FOPEN_DIRECT_IO`, `FOPEN_PARALLEL_DIRECT_WRITES`, `FOPEN_NOFLUSH`: notably not
