@@ -34,6 +34,8 @@ start_soci_containerd() {
   local d=$W/$1
   mkdir -p "$d"
   printf '[resolver]\nplain_http_hosts = ["%s"]\n' "$2" > "$d/soci.toml"
+  # Extra daemon config for A/B runs, e.g. SOCI_EXTRA_CONFIG=$'[fuse]\npassthrough = false\n'.
+  printf '%s' "${SOCI_EXTRA_CONFIG:-}" >> "$d/soci.toml"
   "$BIN/soci-snapshotter-grpc" --root "$d/soci" --address "$d/soci.sock" --config "$d/soci.toml" > "$d/soci.log" 2>&1 & PIDS+=($!)
   start_containerd_with "$d" soci "$d/soci.sock"
 }
