@@ -299,9 +299,9 @@ impl LayerFs {
 
     fn init(&self, unique: u64, arg: &fuse_init_in) -> Handled {
         let wants = kernel::InitWants {
-            flags2: match self.passthrough {
-                Some(_) => kernel::init2::PASSTHROUGH,
-                None => 0,
+            flags2: match &self.passthrough {
+                Some(p) if p.enabled() => kernel::init2::PASSTHROUGH,
+                _ => 0,
             },
             ..INIT_WANTS
         };
@@ -322,7 +322,7 @@ impl LayerFs {
         );
         if let Some(p) = &self.passthrough {
             let granted = out.flags2 & kernel::init2::PASSTHROUGH != 0;
-            if !granted {
+            if !granted && p.enabled() {
                 info!(
                     kernel_minor = arg.minor,
                     "the kernel offers no FUSE passthrough (needs 6.9+): normal reads"

@@ -49,6 +49,7 @@ impl Env {
             passthrough: Some(PassthroughConfig {
                 dir: dir.path().join("pt"),
                 disk: budget.clone(),
+                enabled: true,
             }),
         };
         let fs = LayerFs::new(served, Session::default());

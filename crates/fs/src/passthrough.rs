@@ -54,6 +54,10 @@ pub struct PassthroughConfig {
     pub dir: PathBuf,
     /// The disk budget the span cache uses (`[blob] disk_cache_mb`).
     pub disk: Arc<DiskBudget>,
+    /// Ask for passthrough and pass new files through. When false, a connection taken over
+    /// from a daemon that had it on still uses the backing ids it registered (the kernel
+    /// fails a normal open of an inode in passthrough mode), and nothing else.
+    pub enabled: bool,
 }
 
 /// Passthrough counters, shared by all layers.
@@ -112,6 +116,7 @@ impl Table {
 
 /// The passthrough state of one mount: its backing files and the connection's ids.
 pub struct Passthrough {
+    enabled: bool,
     dir: PathBuf,
     disk: Arc<DiskBudget>,
     metrics: Arc<FsMetrics>,
@@ -152,6 +157,7 @@ impl Passthrough {
         }
         cfg.disk.add(found);
         Ok(Passthrough {
+            enabled: cfg.enabled,
             dir: cfg.dir,
             disk: cfg.disk,
             metrics,
@@ -166,6 +172,11 @@ impl Passthrough {
     fn lock(&self) -> MutexGuard<'_, Table> {
         // Plain data, consistent even if a holder panicked.
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether INIT should ask for passthrough.
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
     }
 
     /// A new connection (INIT): `granted` says whether the kernel agreed to passthrough.
@@ -192,7 +203,7 @@ impl Passthrough {
                 None
             }
         };
-        if !granted {
+        if !granted && self.enabled {
             self.metrics
                 .passthrough
                 .unavailable
@@ -216,7 +227,7 @@ impl Passthrough {
             .collect();
         let cached = std::fs::read_to_string(self.dir.join(CACHED));
         let _ = std::fs::remove_file(self.dir.join(CACHED));
-        t.new_ids = t.on && cached.is_ok();
+        t.new_ids = t.on && cached.is_ok() && self.enabled;
         t.cached = cached
             .unwrap_or_default()
             .lines()
@@ -232,7 +243,7 @@ impl Passthrough {
         if t.log.is_none() {
             t.new_ids = false;
         }
-        if t.on && !t.new_ids {
+        if t.on && !t.new_ids && self.enabled {
             info!(dir = %self.dir.display(), ids = t.ids.len(), "resumed a FUSE connection left without its open-file record (the previous daemon stopped uncleanly): files already passed through keep their backing file, others are read normally");
         }
     }

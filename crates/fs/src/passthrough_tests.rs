@@ -41,6 +41,7 @@ fn setup() -> (tempfile::TempDir, PassthroughConfig, Arc<FsMetrics>) {
     let cfg = PassthroughConfig {
         dir: pt,
         disk: DiskBudget::new(0),
+        enabled: true,
     };
     (dir, cfg, Arc::new(FsMetrics::default()))
 }
@@ -182,6 +183,36 @@ fn refusal_by_the_kernel_turns_it_off_once() {
     p.start(false);
     assert_eq!(m.passthrough.unavailable.load(Ordering::Relaxed), 1);
     assert_eq!(p.open(9, B, Some(&k)), None);
+}
+
+#[test]
+fn switched_off_a_taken_over_connection_keeps_its_ids_only() {
+    let (_d, cfg, m) = setup();
+    let k = FakeBacking::default();
+    let p = Passthrough::new(cfg.clone(), m.clone()).unwrap();
+    p.start(true);
+    assert_eq!(p.open(5, A, Some(&k)), Some(1));
+    p.save();
+    let off = PassthroughConfig {
+        enabled: false,
+        ..cfg
+    };
+    let p = Passthrough::new(off, m.clone()).unwrap();
+    assert!(!p.enabled());
+    p.resume();
+    assert_eq!(
+        p.open(5, A, Some(&k)),
+        Some(1),
+        "inode 5 is in passthrough mode"
+    );
+    assert_eq!(p.open(6, B, Some(&k)), None);
+    assert!(!p.claim((400, 4), || true));
+    p.start(false);
+    assert_eq!(
+        m.passthrough.unavailable.load(Ordering::Relaxed),
+        0,
+        "off is not a failure"
+    );
 }
 
 #[test]

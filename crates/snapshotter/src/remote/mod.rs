@@ -503,14 +503,13 @@ impl Remote {
             rt: tokio::runtime::Handle::current(),
             ttl: Duration::from_secs(self.cfg.fuse.attr_timeout),
             metrics: self.metrics.clone(),
-            passthrough: self
-                .cfg
-                .fuse
-                .passthrough
-                .then(|| soci_fs::PassthroughConfig {
-                    dir: self.passthrough_dir(id),
-                    disk: self.disk.clone(),
-                }),
+            // Also when off: a connection taken over from a daemon that had it on keeps the
+            // backing files its open inodes use.
+            passthrough: Some(soci_fs::PassthroughConfig {
+                dir: self.passthrough_dir(id),
+                disk: self.disk.clone(),
+                enabled: self.cfg.fuse.passthrough,
+            }),
         };
         let dir = fs_dir.to_path_buf();
         let held = self.held.lock().expect("held").remove(&id);
