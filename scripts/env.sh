@@ -33,7 +33,8 @@ YML
 start_soci_containerd() {
   local d=$W/$1
   mkdir -p "$d"
-  # SOCI_CONFIG_EXTRA: more TOML for the daemon's config (e.g. a [prefetch] section).
+  # SOCI_CONFIG_EXTRA: more TOML for the daemon's config, e.g. a [prefetch] section, or
+  # $'[fuse]\npassthrough = false' for A/B runs.
   printf '[resolver]\nplain_http_hosts = ["%s"]\n%s\n' "$2" "${SOCI_CONFIG_EXTRA:-}" > "$d/soci.toml"
   "$BIN/soci-snapshotter-grpc" --root "$d/soci" --address "$d/soci.sock" --config "$d/soci.toml" > "$d/soci.log" 2>&1 & PIDS+=($!)
   start_containerd_with "$d" soci "$d/soci.sock"

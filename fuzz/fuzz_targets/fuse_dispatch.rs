@@ -106,6 +106,7 @@ fn fixture() -> &'static Fixture {
             rt: rt.handle().clone(),
             ttl: Duration::from_secs(1),
             metrics,
+            passthrough: None,
         };
         let session = Session { minor: 40, resend: true };
         Fixture { fs: LayerFs::new(served, session), sink: Arc::new(Sink::default()), _rt: rt }

@@ -114,7 +114,8 @@ impl SpanCache {
         }
     }
 
-    fn try_reserve_disk(&self, n: u64) -> bool {
+    /// Takes `n` bytes of the disk budget if they fit (span files, passthrough backing files).
+    pub(crate) fn try_reserve_disk(&self, n: u64) -> bool {
         self.disk_used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
                 let after = u.saturating_add(n);
@@ -123,7 +124,13 @@ impl SpanCache {
             .is_ok()
     }
 
-    fn release_disk(&self, n: u64) {
+    /// Counts `n` bytes already on disk (found at start-up), limit or not.
+    pub(crate) fn add_disk(&self, n: u64) {
+        self.disk_used.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Gives back `n` bytes of the disk budget.
+    pub(crate) fn release_disk(&self, n: u64) {
         let _ = self
             .disk_used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {

@@ -10,13 +10,13 @@
 use std::io::IoSlice;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use tokio::runtime::Handle;
-use tracing::{debug, error, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 use zerocopy::IntoBytes;
 
 use crate::kernel::abi::{
@@ -26,6 +26,7 @@ use crate::kernel::abi::{
 use crate::kernel::{self, op, out_header, DirBuf, Operation, Reply, ReplySink, Request, Session};
 use crate::metrics::{count_fuse_failure, FuseOp};
 use crate::mount::Served;
+use crate::passthrough::{BackingFiles, Passthrough, PASSTHROUGH_FH};
 use crate::spans::{FsMetrics, SpanManager};
 use crate::tree::{LayerTree, Node, NodeKind};
 
@@ -37,7 +38,8 @@ const MAX_PAGES: u16 = 256;
 /// `max_write` we announce; the request buffer must hold it plus headers.
 pub const MAX_WRITE: u32 = 128 * 1024;
 const BUF_SIZE: usize = MAX_WRITE as usize + 4096;
-/// What we ask of the kernel at INIT.
+/// What we ask of the kernel at INIT (plus `FUSE_PASSTHROUGH` in `flags2` when the mount
+/// has passthrough configured).
 pub const INIT_WANTS: kernel::InitWants = kernel::InitWants {
     flags: kernel::init::ASYNC_READ
         | kernel::init::DO_READDIRPLUS
@@ -45,6 +47,7 @@ pub const INIT_WANTS: kernel::InitWants = kernel::InitWants {
         | kernel::init::PARALLEL_DIROPS
         | kernel::init::MAX_PAGES
         | kernel::init::CACHE_SYMLINKS,
+    flags2: 0,
     max_background: 16,
     congestion_threshold: 12,
     max_write: MAX_WRITE,
@@ -54,6 +57,16 @@ pub const INIT_WANTS: kernel::InitWants = kernel::InitWants {
 /// The `/dev/fuse` connection of one mount; replies are written here from any thread.
 pub(crate) struct Channel {
     pub(crate) fd: OwnedFd,
+}
+
+impl BackingFiles for Channel {
+    fn open(&self, file: std::os::fd::BorrowedFd<'_>) -> Result<u32, Errno> {
+        kernel::backing::backing_open(self.fd.as_fd(), file)
+    }
+
+    fn close(&self, id: u32) -> Result<(), Errno> {
+        kernel::backing::backing_close(self.fd.as_fd(), id)
+    }
 }
 
 impl ReplySink for Channel {
@@ -95,6 +108,11 @@ pub struct LayerFs {
     pub(crate) inflight: Arc<InFlight>,
     /// Requests received with the resend bit.
     pub(crate) resent: AtomicUsize,
+    /// Passthrough state, if configured ([`crate::passthrough`]).
+    pub(crate) passthrough: Option<Arc<Passthrough>>,
+    /// Where backing files are registered: the connection, once serving (weak: the mount,
+    /// not this filesystem, owns the descriptor).
+    pub(crate) backing: OnceLock<Weak<dyn BackingFiles>>,
 }
 
 fn mode(n: &Node) -> u32 {
@@ -153,6 +171,16 @@ impl LayerFs {
     /// A filesystem serving `served` on a connection in state `session` (default: waiting
     /// for INIT).
     pub fn new(served: Served, session: Session) -> LayerFs {
+        let passthrough = served.passthrough.and_then(|cfg| {
+            let dir = cfg.dir.clone();
+            match Passthrough::new(cfg, served.metrics.clone()) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "no passthrough directory: normal reads");
+                    None
+                }
+            }
+        });
         LayerFs {
             tree: served.tree,
             spans: served.spans,
@@ -162,6 +190,8 @@ impl LayerFs {
             session: SessionState::new(session),
             inflight: Arc::new(InFlight::default()),
             resent: AtomicUsize::new(0),
+            passthrough,
+            backing: OnceLock::new(),
         }
     }
 
@@ -263,10 +293,16 @@ impl LayerFs {
                 xattr_reply(unique, &list, arg.size)
             }
             Operation::Statfs => self.statfs(unique),
-            Operation::Release { .. }
-            | Operation::Releasedir { .. }
-            | Operation::Flush { .. }
-            | Operation::Destroy => done(Reply::ok(unique)),
+            Operation::Release { arg } => {
+                if let Some(p) = &self.passthrough {
+                    p.release(ino, arg.fh);
+                    self.materialize_if_local(ino);
+                }
+                done(Reply::ok(unique))
+            }
+            Operation::Releasedir { .. } | Operation::Flush { .. } | Operation::Destroy => {
+                done(Reply::ok(unique))
+            }
             // No reply expected; the tree is static, so lookup counts do not matter.
             Operation::Forget { .. }
             | Operation::BatchForget { .. }
@@ -292,7 +328,14 @@ impl LayerFs {
     }
 
     fn init(&self, unique: u64, arg: &fuse_init_in) -> Handled {
-        let (out, session) = kernel::negotiate(arg, &INIT_WANTS).map_err(|v| {
+        let wants = kernel::InitWants {
+            flags2: match &self.passthrough {
+                Some(p) if p.enabled() => kernel::init2::PASSTHROUGH,
+                _ => 0,
+            },
+            ..INIT_WANTS
+        };
+        let (out, session) = kernel::negotiate(arg, &wants).map_err(|v| {
             error!(
                 major = v.major,
                 minor = v.minor,
@@ -307,6 +350,16 @@ impl LayerFs {
             flags = out.flags,
             "FUSE session initialised"
         );
+        if let Some(p) = &self.passthrough {
+            let granted = out.flags2 & kernel::init2::PASSTHROUGH != 0;
+            if !granted && p.enabled() {
+                info!(
+                    kernel_minor = arg.minor,
+                    "the kernel offers no FUSE passthrough (needs 6.9+): normal reads"
+                );
+            }
+            p.start(granted);
+        }
         let reply = Reply::with(unique, &out).finish();
         // Recorded before the reply goes out: whoever waits for INIT sees the session.
         self.session.set(session);
@@ -344,8 +397,23 @@ impl LayerFs {
     }
 
     fn open(&self, unique: u64, ino: u64) -> Handled {
+        let n = self.node(ino)?;
+        if let (NodeKind::File, Some(p)) = (n.kind, &self.passthrough) {
+            let backing = self.backing.get().and_then(Weak::upgrade);
+            if let Some(id) = p.open(ino, (n.offset, n.size), backing.as_deref()) {
+                // Not KEEP_CACHE: the kernel refuses it with passthrough. NOFLUSH: reads
+                // do not need the daemon, closes should not either.
+                let out = fuse_open_out {
+                    fh: PASSTHROUGH_FH | u64::from(id),
+                    open_flags: kernel::FOPEN_PASSTHROUGH | kernel::FOPEN_NOFLUSH,
+                    backing_id: id as i32,
+                };
+                return Ok(Answer::Now(Reply::with(unique, &out).finish()));
+            }
+            self.materialize_if_local(ino);
+        }
         // Layer contents never change: let the kernel keep its page cache.
-        let open_flags = match self.node(ino)?.kind {
+        let open_flags = match n.kind {
             NodeKind::File => kernel::FOPEN_KEEP_CACHE,
             NodeKind::Dir => return Err(libc::EISDIR),
             _ => 0,
@@ -355,6 +423,39 @@ impl LayerFs {
             ..Default::default()
         };
         Ok(Answer::Now(Reply::with(unique, &out).finish()))
+    }
+
+    /// Starts writing the backing file of regular file `ino` if all its spans are local and
+    /// it has none yet.
+    fn materialize_if_local(&self, ino: u64) {
+        let (Some(p), Some(n)) = (&self.passthrough, self.tree.get(ino)) else {
+            return;
+        };
+        if n.kind != NodeKind::File {
+            return;
+        }
+        let extent = (n.offset, n.size);
+        if p.claim(extent, || self.spans.is_local(n.offset..n.offset + n.size)) {
+            self.rt.spawn(p.clone().write(self.spans.clone(), extent));
+        }
+    }
+
+    /// Writes backing files for every regular file whose spans are all local (after the
+    /// background fetch completed the layer), one at a time.
+    pub async fn materialize_local_files(self: Arc<Self>) {
+        let Some(p) = &self.passthrough else { return };
+        for ino in 1..=self.tree.len() as u64 {
+            let Some(n) = self.tree.get(ino) else {
+                continue;
+            };
+            if n.kind != NodeKind::File {
+                continue;
+            }
+            let extent = (n.offset, n.size);
+            if p.claim(extent, || self.spans.is_local(n.offset..n.offset + n.size)) {
+                p.clone().write(self.spans.clone(), extent).await;
+            }
+        }
     }
 
     fn opendir(&self, unique: u64, ino: u64) -> Handled {
@@ -520,3 +621,7 @@ mod tests;
 #[cfg(test)]
 #[path = "fuse_ops_tests.rs"]
 mod ops_tests;
+
+#[cfg(test)]
+#[path = "fuse_passthrough_tests.rs"]
+mod passthrough_tests;

@@ -117,6 +117,7 @@ pub(crate) fn fixture(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (L
         rt: rt.handle().clone(),
         ttl: Duration::from_secs(1),
         metrics,
+        passthrough: None,
     };
     (LayerFs::new(served, Session::default()), data)
 }

@@ -80,6 +80,7 @@ fn served_by(rt: &tokio::runtime::Runtime, dir: &Path, panics: bool) -> (Served,
         rt: rt.handle().clone(),
         ttl: Duration::from_secs(1),
         metrics,
+        passthrough: None,
     };
     (s, data)
 }

@@ -89,7 +89,23 @@ pub mod init2 {
     /// `FUSE_HAS_RESEND` (1 << 39): the kernel can resend pending requests, and marks them
     /// with [`super::UNIQUE_RESEND`].
     pub const HAS_RESEND: u32 = 1 << (39 - 32);
+    /// `FUSE_PASSTHROUGH` (1 << 37): opens may be answered with a backing file the kernel
+    /// reads directly ([`super::FOPEN_PASSTHROUGH`]). Granted only with a `max_stack_depth`
+    /// of 1 or 2 in the reply and no `FUSE_WRITEBACK_CACHE`.
+    pub const PASSTHROUGH: u32 = 1 << (37 - 32);
 }
+
+/// Minor version that brought passthrough (`FUSE_PASSTHROUGH`, `backing_id`,
+/// `max_stack_depth`).
+pub const PASSTHROUGH_MINOR: u32 = 40;
+
+/// `max_stack_depth` we announce with passthrough. The kernel makes it the stacking depth of
+/// our FUSE superblock and refuses backing files whose filesystem is that deep or deeper
+/// (`ELOOP`). Our mounts are overlayfs lower layers, and overlayfs refuses lower layers whose
+/// depth + 1 exceeds `FILESYSTEM_MAX_STACK_DEPTH` (2): 1 keeps overlayfs mountable on top and
+/// still allows backing files on any plain filesystem (depth 0: ext4, xfs, tmpfs). A daemon
+/// root on overlayfs itself gets `ELOOP`, and so normal reads.
+pub const PASSTHROUGH_STACK_DEPTH: u32 = 1;
 
 /// `enum fuse_notify_code`: the `error` field of a notification (`unique` 0).
 pub mod notify {
@@ -104,8 +120,20 @@ pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 pub const FUSE_GETATTR_FH: u32 = 1 << 0;
 /// Directory contents may be cached.
 pub const FOPEN_CACHE_DIR: u32 = 1 << 3;
+/// No FLUSH on close (a read-only filesystem has nothing to flush). Without it every close
+/// waits for the daemon: a process closing a file while no daemon serves (during a restart,
+/// or the exec of the next daemon itself closing inherited descriptors) would block.
+pub const FOPEN_NOFLUSH: u32 = 1 << 5;
+/// Reads (and mmap) of this open go to the backing file `backing_id` of `fuse_open_out`.
+/// The kernel refuses (the open fails with EIO) any other flag with it except
+/// `FOPEN_DIRECT_IO`, `FOPEN_PARALLEL_DIRECT_WRITES`, `FOPEN_NOFLUSH`: notably not
+/// [`FOPEN_KEEP_CACHE`]. It also fails an open whose mode differs from the inode's other
+/// open files (a cached open while the inode has passthrough opens, or the reverse), or a
+/// second backing file for an inode that has one.
+pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 
 pub mod abi;
+pub mod backing;
 mod handshake;
 mod reply;
 mod request;

@@ -11,12 +11,14 @@ mod fuse;
 pub mod kernel;
 pub mod metrics;
 mod mount;
+mod passthrough;
 mod spans;
 mod tree;
 
 pub use fuse::LayerFs;
 pub use kernel::Session;
 pub use mount::{mount, resume, MountedLayer, Served};
+pub use passthrough::{Passthrough, PassthroughConfig, PassthroughMetrics};
 pub use spans::record::{DemandRecord, RecordSink};
 pub use spans::{
     BackgroundConfig, FsMetrics, PrefetchReport, Priority, RangeReader, ReadFuture, SpanCache,

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::fuse::{serve, Channel, LayerFs};
 use crate::kernel::{self, Session};
+use crate::passthrough::{BackingFiles, Passthrough, PassthroughConfig};
 use crate::spans::{FsMetrics, SpanManager};
 use crate::tree::LayerTree;
 
@@ -64,6 +65,19 @@ impl MountedLayer {
     /// The connection's protocol state, for the fd holder to give the next daemon.
     pub fn session(&self) -> Session {
         self.fs.session.get()
+    }
+
+    /// The mount's passthrough state (backing files), if configured.
+    pub fn passthrough(&self) -> Option<&Arc<Passthrough>> {
+        self.fs.passthrough.as_ref()
+    }
+
+    /// Writes backing files for every file whose spans are all local (call once the
+    /// background fetch completed the layer); a no-op without passthrough.
+    pub fn materialize_local_files(
+        &self,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.fs.clone().materialize_local_files()
     }
 
     /// Requests answered that the kernel had sent again (taken by an earlier daemon).
@@ -115,6 +129,9 @@ impl MountedLayer {
             );
         }
         self.fs.spans.close();
+        if let Some(p) = &self.fs.passthrough {
+            p.save();
+        }
         self.state = Lifecycle::Detached;
     }
 }
@@ -145,6 +162,8 @@ pub struct Served {
     pub ttl: Duration,
     /// Counters.
     pub metrics: Arc<FsMetrics>,
+    /// FUSE passthrough of complete files (`None`: off).
+    pub passthrough: Option<PassthroughConfig>,
 }
 
 fn start(
@@ -153,8 +172,16 @@ fn start(
     mountpoint: &Path,
     session: Session,
 ) -> std::io::Result<MountedLayer> {
+    let resumed = session.minor != 0;
     let fs = Arc::new(LayerFs::new(served, session));
     let ch = Arc::new(Channel { fd });
+    if let Some(p) = &fs.passthrough {
+        if resumed {
+            p.resume();
+        }
+        let ch: Arc<dyn BackingFiles> = ch.clone();
+        let _ = fs.backing.set(Arc::downgrade(&ch));
+    }
     let (stop_r, stop_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (fs2, ch2) = (fs.clone(), ch.clone());
     let thread = std::thread::Builder::new()

@@ -84,6 +84,8 @@ pub struct FsMetrics {
     pub read_latency_sum_us: AtomicU64,
     /// Upstream soci-snapshotter's per-layer families.
     pub upstream: crate::metrics::UpstreamMetrics,
+    /// FUSE passthrough.
+    pub passthrough: crate::passthrough::PassthroughMetrics,
 }
 
 /// Upper bounds (ms) of the read latency histogram buckets.
@@ -259,6 +261,13 @@ impl SpanManager {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
         self.cache.forget_memory();
+    }
+
+    /// Whether every span holding uncompressed bytes `range` is local (verified, in memory or
+    /// on disk), so that [`SpanManager::read`] of it fetches nothing.
+    pub fn is_local(&self, range: Range<u64>) -> bool {
+        range.end <= self.spans.uncompressed_size()
+            && self.spans.spans_for(&range).all(|id| self.is_cached(id))
     }
 
     fn is_cached(&self, id: SpanId) -> bool {

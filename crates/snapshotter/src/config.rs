@@ -175,6 +175,12 @@ pub struct FuseConfig {
     /// How long the holder waits for a daemon to come back before it lets the mounts fail
     /// (readers then get an error instead of waiting). Seconds. Default 60.
     pub holder_timeout_sec: u64,
+    /// FUSE passthrough (kernel 6.9+, as stargz-snapshotter's `[fuse] passthrough`; upstream
+    /// soci-snapshotter has no such key): once every span of a file is local, the daemon
+    /// writes the file to `<root>/cache/passthrough/<snapshot>/` (counted in
+    /// `[blob] disk_cache_mb`) and the kernel reads that copy directly, without the daemon.
+    /// Needs `CAP_SYS_ADMIN`; where the kernel refuses, reads stay as they are. Default true.
+    pub passthrough: bool,
 }
 
 impl Default for FuseConfig {
@@ -183,6 +189,7 @@ impl Default for FuseConfig {
             attr_timeout: 1,
             keep_mounts_across_restart: true,
             holder_timeout_sec: 60,
+            passthrough: true,
         }
     }
 }

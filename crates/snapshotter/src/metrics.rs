@@ -85,6 +85,7 @@ pub fn render(s: &Snapshotter) -> String {
         "soci_span_cache_bytes{{place=\"memory\"}} {}",
         r.memory_bytes()
     );
+    render_passthrough(&mut o, &m.passthrough);
     let _ = writeln!(o, "# HELP soci_fuse_read_duration_seconds Latency of FUSE reads.\n# TYPE soci_fuse_read_duration_seconds histogram");
     let mut cum = 0;
     for (i, b) in soci_fs::LATENCY_BUCKETS_MS.iter().enumerate() {
@@ -107,6 +108,31 @@ pub fn render(s: &Snapshotter) -> String {
     );
     let _ = writeln!(o, "soci_fuse_read_duration_seconds_count {cum}");
     o
+}
+
+/// FUSE passthrough counters.
+fn render_passthrough(o: &mut String, p: &soci_fs::PassthroughMetrics) {
+    let rows = [
+        (
+            "soci_passthrough_opens_total",
+            "File opens answered with a passthrough backing file (reads bypass the daemon).",
+            &p.opens,
+        ),
+        (
+            "soci_passthrough_files_written_total",
+            "Passthrough backing files written from verified spans.",
+            &p.files_written,
+        ),
+        (
+            "soci_passthrough_unavailable_total",
+            "FUSE connections on which passthrough was not offered or was refused by the kernel.",
+            &p.unavailable,
+        ),
+    ];
+    for (name, help, v) in rows {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+        let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
+    }
 }
 
 /// Escapes a Prometheus label value.

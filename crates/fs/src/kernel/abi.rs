@@ -179,7 +179,8 @@ layout!(fuse_open_in, 8, { flags: 0, open_flags: 4 });
 pub struct fuse_open_out {
     pub fh: u64,
     pub open_flags: u32,
-    /// Passthrough backing file id; we never use passthrough: 0.
+    /// Backing file id (from `FUSE_DEV_IOC_BACKING_OPEN`) of an open with
+    /// `FOPEN_PASSTHROUGH`; else 0.
     pub backing_id: i32,
 }
 layout!(fuse_open_out, 16, { fh: 0, open_flags: 8, backing_id: 12 });
@@ -316,7 +317,9 @@ pub struct fuse_init_out {
     pub map_alignment: u16,
     /// 7.36+, read by the kernel only if `flags` has `FUSE_INIT_EXT`.
     pub flags2: u32,
-    /// 7.40+, used only with `FUSE_PASSTHROUGH` (never asked for: 0).
+    /// 7.40+, read only with `FUSE_PASSTHROUGH` in `flags2`: how deep the backing files'
+    /// filesystems may be stacked, and the stacking depth of this FUSE superblock (see
+    /// [`super::PASSTHROUGH_STACK_DEPTH`]); else 0.
     pub max_stack_depth: u32,
     pub unused: [u32; 6],
 }
@@ -364,3 +367,17 @@ layout!(fuse_direntplus, 152, { entry_out: 0, dirent: 128 });
 pub const fn fuse_dirent_size(namelen: usize) -> usize {
     (size_of::<fuse_dirent>() + namelen).next_multiple_of(8)
 }
+
+/// `struct fuse_backing_map`: the argument of `FUSE_DEV_IOC_BACKING_OPEN` (7.40), an ioctl on
+/// the `/dev/fuse` descriptor, not a wire message. `flags` and `padding` must be 0.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct fuse_backing_map {
+    /// Descriptor of the backing file, in the calling process.
+    pub fd: i32,
+    pub flags: u32,
+    pub padding: u64,
+}
+layout!(fuse_backing_map, 16, { fd: 0, flags: 4, padding: 8 });

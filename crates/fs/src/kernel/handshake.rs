@@ -5,13 +5,19 @@
 use zerocopy::IntoBytes;
 
 use super::abi::{fuse_init_in, fuse_init_out, fuse_out_header};
-use super::{init, init2, notify, KERNEL_MINOR, KERNEL_VERSION, MIN_MINOR, RESEND_MINOR};
+use super::{
+    init, init2, notify, KERNEL_MINOR, KERNEL_VERSION, MIN_MINOR, PASSTHROUGH_MINOR,
+    PASSTHROUGH_STACK_DEPTH, RESEND_MINOR,
+};
 
 /// What the server wants from a session (the parts of `fuse_init_out` it chooses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InitWants {
     /// Init flags asked for; only those the kernel offers are kept.
     pub flags: u32,
+    /// `flags2` bits asked for (only [`init2::PASSTHROUGH`] is understood), kept if the
+    /// kernel offers them in a 7.40+ `fuse_init_in` with `FUSE_INIT_EXT`.
+    pub flags2: u32,
     /// `max_background`.
     pub max_background: u16,
     /// `congestion_threshold`.
@@ -43,8 +49,10 @@ pub struct UnsupportedVersion {
 }
 
 /// Answers the kernel's INIT: the smaller of both minors, the wanted flags the kernel offers,
-/// `FUSE_INIT_EXT` echoed when the kernel sent it (we ask no `flags2` feature: 0), the
-/// kernel's `max_readahead`. Also returns the resulting [`Session`].
+/// `FUSE_INIT_EXT` echoed when the kernel sent it, with it the wanted `flags2` bits the kernel
+/// offers (passthrough only from 7.40, with `max_stack_depth`
+/// [`PASSTHROUGH_STACK_DEPTH`]), the kernel's `max_readahead`. Also returns the resulting
+/// [`Session`]. Passthrough is granted iff the reply's `flags2` has [`init2::PASSTHROUGH`].
 pub fn negotiate(
     init: &fuse_init_in,
     wants: &InitWants,
@@ -57,6 +65,11 @@ pub fn negotiate(
     }
     let minor = KERNEL_MINOR.min(init.minor);
     let ext = init.flags & init::INIT_EXT;
+    let flags2 = if ext != 0 { init.flags2 } else { 0 };
+    let mut granted2 = flags2 & wants.flags2 & init2::PASSTHROUGH;
+    if minor < PASSTHROUGH_MINOR {
+        granted2 &= !init2::PASSTHROUGH;
+    }
     let out = fuse_init_out {
         major: KERNEL_VERSION,
         minor,
@@ -67,9 +80,14 @@ pub fn negotiate(
         max_write: wants.max_write,
         time_gran: 1,
         max_pages: wants.max_pages,
+        flags2: granted2,
+        max_stack_depth: if granted2 & init2::PASSTHROUGH != 0 {
+            PASSTHROUGH_STACK_DEPTH
+        } else {
+            0
+        },
         ..Default::default()
     };
-    let flags2 = if ext != 0 { init.flags2 } else { 0 };
     let resend = minor >= RESEND_MINOR && flags2 & init2::HAS_RESEND != 0;
     Ok((out, Session { minor, resend }))
 }
@@ -116,6 +134,7 @@ mod tests {
 
     const WANTS: InitWants = InitWants {
         flags: init::ASYNC_READ | init::MAX_PAGES,
+        flags2: 0,
         max_background: 16,
         congestion_threshold: 12,
         max_write: 131072,
@@ -204,6 +223,47 @@ mod tests {
         assert!(Request::parse(&b).is_err());
         let b = request(op::INIT, 2, 0, &full[40..][..12]);
         assert!(Request::parse(&b).is_err());
+    }
+
+    /// Passthrough is granted only when asked, offered, with FUSE_INIT_EXT, from 7.40; then
+    /// `max_stack_depth` is 1 (overlayfs must still stack on the mount), else 0.
+    #[test]
+    fn passthrough_negotiation_table() {
+        let pt = init2::PASSTHROUGH;
+        assert_eq!(pt, 1 << 5, "FUSE_PASSTHROUGH is 1ULL << 37");
+        let ext = init::INIT_EXT | init::ASYNC_READ;
+        let ask = InitWants {
+            flags2: pt,
+            ..WANTS
+        };
+        // (kernel minor, kernel flags, kernel flags2, wants) -> granted
+        let table = [
+            (45, ext, pt | init2::HAS_RESEND, ask, true),
+            (40, ext, pt, ask, true),
+            (45, ext, pt, WANTS, false), // not asked (config off)
+            (45, ext, init2::HAS_RESEND, ask, false), // kernel without it
+            (45, init::ASYNC_READ, pt, ask, false), // no FUSE_INIT_EXT: flags2 unread
+            (39, ext, pt, ask, false),   // before 7.40
+        ];
+        for (minor, flags, flags2, wants, granted) in table {
+            let init = init_of(&init_request(minor, flags, flags2));
+            let (out, _) = negotiate(&init, &wants).unwrap();
+            let row = (minor, flags, flags2, wants.flags2);
+            assert_eq!(out.flags2 & pt != 0, granted, "{row:?}");
+            assert_eq!(out.max_stack_depth, if granted { 1 } else { 0 }, "{row:?}");
+            assert_eq!(out.flags2 & !pt, 0, "no other flags2 bit: {row:?}");
+            if granted {
+                assert_ne!(
+                    out.flags & init::INIT_EXT,
+                    0,
+                    "flags2 is read only with INIT_EXT"
+                );
+                // Byte positions as in fuse.h: flags2 at 32, max_stack_depth at 36.
+                let reply = Reply::with(2, &out).finish();
+                assert_eq!(&reply[16 + 32..16 + 36], &pt.to_ne_bytes());
+                assert_eq!(&reply[16 + 36..16 + 40], &1u32.to_ne_bytes());
+            }
+        }
     }
 
     #[test]

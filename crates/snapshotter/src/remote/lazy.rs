@@ -125,6 +125,13 @@ impl Remote {
             rt: tokio::runtime::Handle::current(),
             ttl: Duration::from_secs(self.cfg.fuse.attr_timeout),
             metrics: self.metrics.clone(),
+            // Also when off: a connection taken over from a daemon that had it on keeps the
+            // backing files its open inodes use.
+            passthrough: Some(soci_fs::PassthroughConfig {
+                dir: self.passthrough_dir(id),
+                disk: self.cache.clone(),
+                enabled: self.cfg.fuse.passthrough,
+            }),
         };
         let dir = fs_dir.to_path_buf();
         let held = self.lazy.held.lock().expect("held").remove(&id);
@@ -150,13 +157,19 @@ impl Remote {
             // No parent: it outlives the Prepare.
             let span =
                 tracing::debug_span!(parent: None, "background_fetch", layer = %layer.digest);
+            let fill = mgr.background_fill(soci_fs::BackgroundConfig {
+                delay: silence,
+                period: Duration::from_millis(bg.fetch_period_msec),
+                yield_to_demand: silence,
+                slots: self.lazy.background_slots.clone(),
+            });
+            // Then every file the layer now holds whole gets a passthrough backing file.
+            let backing_files = mounted.materialize_local_files();
             tokio::spawn(
-                mgr.background_fill(soci_fs::BackgroundConfig {
-                    delay: silence,
-                    period: Duration::from_millis(bg.fetch_period_msec),
-                    yield_to_demand: silence,
-                    slots: self.lazy.background_slots.clone(),
-                })
+                async move {
+                    fill.await;
+                    backing_files.await;
+                }
                 .instrument(span),
             );
         }
@@ -245,6 +258,14 @@ impl Remote {
         }
     }
 
+    /// Directory of the passthrough backing files of snapshot `id`'s lazy layer.
+    fn passthrough_dir(&self, id: u64) -> PathBuf {
+        self.lazy
+            .cache_root
+            .join("passthrough")
+            .join(id.to_string())
+    }
+
     /// Unmounts the lazy layer of snapshot `id` (if any) and drops its span cache.
     pub fn release(&self, id: u64) {
         self.metrics.upstream.unmounted(&id.to_string());
@@ -252,12 +273,17 @@ impl Remote {
         self.unhold(id);
         if let Some(m) = self.lazy.mounts.lock().expect("mounts").remove(&id) {
             let spans = m.spans().clone();
+            let backing = m.passthrough();
             if let Err(e) = m.unmount() {
                 warn!(id, error = %e, "unmounting lazy layer failed");
             }
             spans.remove_cache();
+            if let Some(p) = backing {
+                p.remove_files();
+            }
         }
         let _ = std::fs::remove_dir_all(self.lazy.cache_root.join(id.to_string()));
+        let _ = std::fs::remove_dir_all(self.passthrough_dir(id));
         super::record::forget(&self.lazy.cache_root, id);
     }
 

@@ -11,7 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use soci_fs::{MountedLayer, Served, Session, SpanManager};
+use soci_fs::{MountedLayer, Passthrough, Served, Session, SpanManager};
+
+/// A detached background step of a mount.
+pub type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
 
 use crate::holder::Held;
 
@@ -23,6 +26,15 @@ pub trait LazyMount: Send {
     fn session(&self) -> Session;
     /// The `/dev/fuse` descriptor to hand to the fd holder, if there is one.
     fn fuse_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// The layer's passthrough backing files, if the mount has them.
+    fn passthrough(&self) -> Option<Arc<Passthrough>> {
+        None
+    }
+    /// Writes backing files for every file whose spans are all local (run it once the
+    /// background fetch completed the layer); a no-op without passthrough.
+    fn materialize_local_files(&self) -> BoxFuture {
+        Box::pin(async {})
+    }
     /// Unmounts and ends the connection.
     fn unmount(self: Box<Self>) -> std::io::Result<()>;
     /// Stops serving but leaves the mount for the next daemon (reads in flight answered
@@ -81,6 +93,12 @@ impl LazyMount for MountedLayer {
         MountedLayer::session(self)
     }
 
+    fn passthrough(&self) -> Option<Arc<Passthrough>> {
+        MountedLayer::passthrough(self).cloned()
+    }
+    fn materialize_local_files(&self) -> BoxFuture {
+        Box::pin(MountedLayer::materialize_local_files(self))
+    }
     fn fuse_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(MountedLayer::fuse_fd(self))
     }
