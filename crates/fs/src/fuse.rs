@@ -20,8 +20,8 @@ use tracing::{debug, error, info, warn, Instrument};
 use zerocopy::IntoBytes;
 
 use crate::kernel::abi::{
-    fuse_attr, fuse_attr_out, fuse_dirent, fuse_entry_out, fuse_getxattr_out, fuse_init_in,
-    fuse_kstatfs, fuse_open_out, fuse_read_in, fuse_statfs_out,
+    fuse_attr_out, fuse_dirent, fuse_entry_out, fuse_init_in, fuse_kstatfs, fuse_open_out,
+    fuse_read_in, fuse_statfs_out,
 };
 use crate::kernel::{self, op, out_header, DirBuf, Operation, Reply, ReplySink, Request, Session};
 use crate::metrics::{count_fuse_failure, FuseOp};
@@ -30,7 +30,10 @@ use crate::passthrough::{BackingFiles, Passthrough, PASSTHROUGH_FH};
 use crate::spans::{FsMetrics, SpanManager};
 use crate::tree::{LayerTree, Node, NodeKind};
 
+mod attrs;
+mod backing;
 mod state;
+use attrs::{attr, xattr_reply};
 pub(crate) use state::{InFlight, SessionState};
 
 /// Largest read we let the kernel ask for (with `FUSE_MAX_PAGES`).
@@ -113,58 +116,6 @@ pub struct LayerFs {
     /// Where backing files are registered: the connection, once serving (weak: the mount,
     /// not this filesystem, owns the descriptor).
     pub(crate) backing: OnceLock<Weak<dyn BackingFiles>>,
-}
-
-fn mode(n: &Node) -> u32 {
-    let t = match n.kind {
-        NodeKind::Dir => libc::S_IFDIR,
-        NodeKind::File => libc::S_IFREG,
-        NodeKind::Symlink => libc::S_IFLNK,
-        NodeKind::Char => libc::S_IFCHR,
-        NodeKind::Block => libc::S_IFBLK,
-        NodeKind::Fifo => libc::S_IFIFO,
-    };
-    t | u32::from(n.perm)
-}
-
-fn attr(ino: u64, n: &Node) -> fuse_attr {
-    let (s, ns) = n.mtime;
-    fuse_attr {
-        ino,
-        size: n.size,
-        blocks: n.size.div_ceil(512),
-        atime: s as u64,
-        mtime: s as u64,
-        ctime: s as u64,
-        atimensec: ns,
-        mtimensec: ns,
-        ctimensec: ns,
-        mode: mode(n),
-        nlink: n.nlink,
-        uid: n.uid,
-        gid: n.gid,
-        rdev: n.rdev,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
-/// Answer to a GETXATTR/LISTXATTR of `data` for a caller buffer of `size`: the needed size
-/// for a probe (`size` 0), `ERANGE` if it does not fit, else the bytes.
-fn xattr_reply(unique: u64, data: &[u8], size: u32) -> Handled {
-    if size == 0 {
-        let out = fuse_getxattr_out {
-            size: data.len() as u32,
-            padding: 0,
-        };
-        Ok(Answer::Now(Reply::with(unique, &out).finish()))
-    } else if data.len() > size as usize {
-        Err(libc::ERANGE)
-    } else {
-        let mut r = Reply::ok(unique);
-        r.bytes(data);
-        Ok(Answer::Now(r.finish()))
-    }
 }
 
 impl LayerFs {
@@ -423,39 +374,6 @@ impl LayerFs {
             ..Default::default()
         };
         Ok(Answer::Now(Reply::with(unique, &out).finish()))
-    }
-
-    /// Starts writing the backing file of regular file `ino` if all its spans are local and
-    /// it has none yet.
-    fn materialize_if_local(&self, ino: u64) {
-        let (Some(p), Some(n)) = (&self.passthrough, self.tree.get(ino)) else {
-            return;
-        };
-        if n.kind != NodeKind::File {
-            return;
-        }
-        let extent = (n.offset, n.size);
-        if p.claim(extent, || self.spans.is_local(n.offset..n.offset + n.size)) {
-            self.rt.spawn(p.clone().write(self.spans.clone(), extent));
-        }
-    }
-
-    /// Writes backing files for every regular file whose spans are all local (after the
-    /// background fetch completed the layer), one at a time.
-    pub async fn materialize_local_files(self: Arc<Self>) {
-        let Some(p) = &self.passthrough else { return };
-        for ino in 1..=self.tree.len() as u64 {
-            let Some(n) = self.tree.get(ino) else {
-                continue;
-            };
-            if n.kind != NodeKind::File {
-                continue;
-            }
-            let extent = (n.offset, n.size);
-            if p.claim(extent, || self.spans.is_local(n.offset..n.offset + n.size)) {
-                p.clone().write(self.spans.clone(), extent).await;
-            }
-        }
     }
 
     fn opendir(&self, unique: u64, ino: u64) -> Handled {
