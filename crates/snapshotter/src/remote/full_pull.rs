@@ -17,9 +17,8 @@ use tokio::io::AsyncReadExt;
 use soci_registry::oci::layer_compression;
 use soci_registry::{Descriptor, Digest, Reference, Repository};
 
-use super::parallel::ImageLimits;
 use super::singleflight::SingleFlight;
-use super::{content, ImageLayers, LayerPlan, Remote, RemoteError, Result};
+use super::{content, ImageLayers, ImageLimits, LayerPlan, Remote, RemoteError, Result};
 use soci_index::labels as label;
 
 /// Layer lists of images pulled in full, by image reference and manifest.
@@ -235,6 +234,7 @@ impl Remote {
             repo: r.repository.clone(),
             layer,
             reason,
+            limits: list.limits.clone(),
         })
     }
 
@@ -301,18 +301,27 @@ impl Remote {
             };
         Ok(manifest.layers)
     }
-    /// Downloads a layer (digest-verified) and unpacks it into `fs_dir`.
+    /// Fresh per-image limits for a layer pulled on its own (a lazy mount that failed).
+    pub fn lone_layer_limits(&self) -> Arc<ImageLimits> {
+        Arc::new(self.full.limits.image())
+    }
+
+    /// Downloads a layer (digest-verified) within its image's `limits` and unpacks it into
+    /// `fs_dir`.
     #[tracing::instrument(level = "debug", name = "full_pull", skip_all, fields(layer = %layer.digest))]
     pub async fn unpack_full(
         &self,
         fs_dir: &Path,
         repo: &Repository,
         layer: &Descriptor,
+        limits: &ImageLimits,
     ) -> Result<()> {
-        // Started ahead by `start_downloads`, or fetched now (within the global limits only).
+        // Started ahead by `start_downloads`, or fetched now. Whichever caller gets to the
+        // cell first runs the download, so this one must use the image's limits too (a task
+        // spawned ahead may not have run yet).
         let cell = self.full.downloads.cell(&layer.digest);
         let file = cell
-            .get_or_init(|| async { self.download(repo, layer, &self.full.limits.image()).await })
+            .get_or_init(|| async { self.download(repo, layer, limits).await })
             .await
             .clone();
         // Used up (or failed): the next Prepare of this layer starts afresh.

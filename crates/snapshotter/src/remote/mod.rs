@@ -31,7 +31,7 @@ mod record;
 mod resolver;
 mod singleflight;
 
-pub use parallel::PullStats;
+pub use parallel::{ImageLimits, PullStats};
 
 pub use health::{BrokenLayer, NotServed, PROBE_TIMEOUT};
 pub use mounter::{detach_stale_mount, FuseMounter, LazyMount, Mounter};
@@ -95,6 +95,8 @@ pub enum LayerPlan {
         /// Why the image is not lazy, if discovery said so (else the layer has no zTOC, or
         /// parallel pull mode is on).
         reason: Option<NoSoci>,
+        /// The image's download and unpack limits, shared with the layers pulled ahead.
+        limits: Arc<ImageLimits>,
     },
 }
 

@@ -57,10 +57,12 @@ pub struct PullStats {
     pub peak_unpacking: AtomicUsize,
 }
 
-/// Per-image limits, shared by the layers of one image.
-pub(crate) struct ImageLimits {
+/// Per-image limits, shared by the layers of one image: every full pull of a layer of the
+/// image (ahead of its Prepare or by the Prepare itself) must use the same one, or the
+/// per-image bounds do not hold.
+pub struct ImageLimits {
     /// Layers of the image downloading at once.
-    pub layers: Arc<Semaphore>,
+    pub(crate) layers: Arc<Semaphore>,
     downloads: Option<Arc<Semaphore>>,
     unpacks: Option<Arc<Semaphore>>,
 }

@@ -206,6 +206,7 @@ impl Remote {
                             repo: r.repository,
                             layer,
                             reason: None,
+                            limits,
                         })
                     }
                 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use soci_fs::LayerTree;
@@ -133,4 +134,94 @@ async fn a_plan_without_labels_is_an_invalid_argument() {
     };
     assert_eq!(e.status("t").code(), tonic::Code::InvalidArgument);
     assert!(mounter.calls().is_empty());
+}
+
+/// Serves `blob` for any GET on 127.0.0.1 (whole, ignoring ranges), one connection at a time.
+async fn serve_blob(blob: Vec<u8>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&b[..n]),
+                }
+            }
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                blob.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.write_all(&blob).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    addr
+}
+
+/// The fallback full pull of a layer whose download was started ahead but whose spawned task
+/// has not run yet: the Prepare's own call gets to the download first, and must still be
+/// bound by the image's unpack limit (it used fresh limits once: 3 layers of an image
+/// unpacked at once with `max_concurrent_unpacks_per_image = 2`).
+#[tokio::test]
+async fn a_prepare_that_starts_the_download_itself_keeps_the_image_unpack_limit() {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(6);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "hello", &b"hello\n"[..]).unwrap();
+    let blob = b.into_inner().unwrap();
+    let layer = Descriptor::new(
+        soci_registry::oci::MEDIA_TYPE_LAYER_TAR,
+        digest_of(&blob),
+        blob.len() as u64,
+    );
+    let addr = serve_blob(blob).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.background_fetch.disable = true;
+    cfg.resolver.plain_http_hosts = vec![addr.to_string()];
+    let p = &mut cfg.pull_modes.parallel_pull_unpack;
+    p.experimental_parallel_pull_as_fallback = true;
+    p.max_concurrent_unpacks_per_image = 1;
+    let remote =
+        Arc::new(Remote::with_mounter(dir.path(), &cfg, Arc::new(FakeMounter::default())).unwrap());
+    let repo = Reference::parse(&format!("{addr}/soci-test-limits:v1"))
+        .unwrap()
+        .repository;
+    let list = remote
+        .layer_list("img", async { Ok(vec![layer.clone()]) })
+        .await
+        .unwrap();
+    // Another layer of the image is unpacking: the image's one unpack slot is taken.
+    let busy = remote.full.limits.try_unpack(&list.limits).expect("slot");
+    let labels = BTreeMap::from([(
+        soci_index::labels::IMAGE_LAYERS.to_string(),
+        layer.digest.to_string(),
+    )]);
+    // Spawned, but on this single-threaded runtime not run before the Prepare's call below.
+    remote.start_downloads(&repo, &labels, &list.layers, &list.limits, |_| true);
+    let fs = dir.path().join("fs");
+    let unpack = remote.unpack_full(&fs, &repo, &layer, &list.limits);
+    tokio::pin!(unpack);
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut unpack).await;
+    assert!(
+        early.is_err(),
+        "unpacked while the image's only unpack slot was taken: {early:?}"
+    );
+    assert_eq!(remote.pull_stats().spooled.load(Ordering::Relaxed), 1);
+    drop(busy);
+    tokio::time::timeout(std::time::Duration::from_secs(10), &mut unpack)
+        .await
+        .expect("unpacks once the slot is free")
+        .expect("unpack");
+    assert_eq!(std::fs::read(fs.join("hello")).unwrap(), b"hello\n");
+    assert_eq!(
+        remote.pull_stats().peak_unpacking.load(Ordering::Relaxed),
+        1
+    );
 }

@@ -117,7 +117,12 @@ impl Service {
                                 "lazy_mount_failed".to_string(),
                             );
                             remote
-                                .unpack_full(&fs_dir, &image.reference.repository, &layer)
+                                .unpack_full(
+                                    &fs_dir,
+                                    &image.reference.repository,
+                                    &layer,
+                                    &remote.lone_layer_limits(),
+                                )
                                 .await
                         }
                     }
@@ -126,13 +131,14 @@ impl Service {
                     repo,
                     layer,
                     reason,
+                    limits,
                 } => {
                     extra.insert(label::MODE.to_string(), label::MODE_FULL.to_string());
                     let why = reason
                         .map(|r| r.label().to_string())
                         .unwrap_or_else(|| remote.full_reason().to_string());
                     extra.insert(label::FALLBACK_REASON.to_string(), why);
-                    remote.unpack_full(&fs_dir, &repo, &layer).await
+                    remote.unpack_full(&fs_dir, &repo, &layer, &limits).await
                 }
             }
         };
