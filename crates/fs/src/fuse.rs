@@ -8,13 +8,10 @@
 //! stopping a session are in [`crate::mount`].
 
 use std::io::IoSlice;
-use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use tokio::runtime::Handle;
 use tracing::{debug, error, info, warn, Instrument};
 use zerocopy::IntoBytes;
@@ -32,15 +29,17 @@ use crate::tree::{LayerTree, Node, NodeKind};
 
 mod attrs;
 mod backing;
+mod channel;
 mod state;
 use attrs::{attr, xattr_reply};
+pub(crate) use channel::{serve, Channel};
 pub(crate) use state::{InFlight, SessionState};
 
 /// Largest read we let the kernel ask for (with `FUSE_MAX_PAGES`).
 const MAX_PAGES: u16 = 256;
 /// `max_write` we announce; the request buffer must hold it plus headers.
 pub const MAX_WRITE: u32 = 128 * 1024;
-const BUF_SIZE: usize = MAX_WRITE as usize + 4096;
+pub(crate) const BUF_SIZE: usize = MAX_WRITE as usize + 4096;
 /// What we ask of the kernel at INIT (plus `FUSE_PASSTHROUGH` in `flags2` when the mount
 /// has passthrough configured).
 pub const INIT_WANTS: kernel::InitWants = kernel::InitWants {
@@ -56,32 +55,6 @@ pub const INIT_WANTS: kernel::InitWants = kernel::InitWants {
     max_write: MAX_WRITE,
     max_pages: MAX_PAGES,
 };
-
-/// The `/dev/fuse` connection of one mount; replies are written here from any thread.
-pub(crate) struct Channel {
-    pub(crate) fd: OwnedFd,
-}
-
-impl BackingFiles for Channel {
-    fn open(&self, file: std::os::fd::BorrowedFd<'_>) -> Result<u32, Errno> {
-        kernel::backing::backing_open(self.fd.as_fd(), file)
-    }
-
-    fn close(&self, id: u32) -> Result<(), Errno> {
-        kernel::backing::backing_close(self.fd.as_fd(), id)
-    }
-}
-
-impl ReplySink for Channel {
-    fn send(&self, parts: &[IoSlice<'_>]) {
-        match nix::sys::uio::writev(&self.fd, parts) {
-            Ok(_) => {}
-            // The request was interrupted, or the filesystem is gone: nobody waits any more.
-            Err(Errno::ENOENT) | Err(Errno::ENODEV) => {}
-            Err(e) => warn!(error = %e, "FUSE reply not delivered"),
-        }
-    }
-}
 
 /// Sends one finished reply.
 fn send(sink: &dyn ReplySink, reply: &[u8]) {
@@ -499,36 +472,6 @@ impl LayerFs {
             metrics.observe_read(started.elapsed());
         });
         Ok(Answer::Nothing)
-    }
-}
-
-/// Reads and dispatches requests until the connection ends or `stop` becomes readable.
-pub(crate) fn serve(fs: Arc<LayerFs>, ch: Arc<Channel>, stop: OwnedFd) {
-    let mut buf = vec![0u8; BUF_SIZE];
-    let sink: Arc<dyn ReplySink> = ch.clone();
-    loop {
-        let mut fds = [
-            PollFd::new(ch.fd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-        ];
-        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(Errno::EINTR) => continue,
-            Err(e) => return error!(error = %e, "poll on /dev/fuse failed"),
-        }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-            return;
-        }
-        let rev = fds[0].revents().unwrap_or(PollFlags::empty());
-        if !rev.contains(PollFlags::POLLIN) && !rev.is_empty() {
-            return debug!(?rev, "FUSE connection closed");
-        }
-        match nix::unistd::read(&ch.fd, &mut buf) {
-            Ok(n) => fs.dispatch(&buf[..n], &sink),
-            Err(Errno::ENOENT) | Err(Errno::EINTR) | Err(Errno::EAGAIN) => continue,
-            Err(Errno::ENODEV) => return debug!("FUSE filesystem unmounted"),
-            Err(e) => return error!(error = %e, "reading /dev/fuse failed"),
-        }
     }
 }
 
