@@ -61,11 +61,11 @@ pub fn render(s: &Snapshotter) -> String {
     let _ = writeln!(
         o,
         "soci_layers_total{{mode=\"full\"}} {}",
-        r.layers_full.load(Ordering::Relaxed)
+        r.full.layers_unpacked.load(Ordering::Relaxed)
     );
     render_broken(&mut o, r);
     render_prefetch(&mut o, &r.prefetch);
-    render_full_pulls(&mut o, r.pull_stats());
+    render_full_pulls(&mut o, r.full.stats());
     // Upstream soci-snapshotter's families, same names, types and labels.
     m.upstream.render(&mut o);
     let _ = writeln!(o, "# HELP soci_fallbacks_total Images pulled in full, by reason.\n# TYPE soci_fallbacks_total counter");

@@ -19,7 +19,10 @@ use soci_registry::{Descriptor, Digest, Reference, Repository};
 
 use super::singleflight::SingleFlight;
 use super::{content, ImageLayers, ImageLimits, LayerPlan, Remote, RemoteError, Result};
+use crate::config::Config;
 use soci_index::labels as label;
+use soci_registry::Client;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Layer lists of images pulled in full, by image reference and manifest.
 pub(super) type LayerLists = SingleFlight<String, Result<Arc<ImageLayers>>>;
@@ -28,32 +31,54 @@ pub(super) type LayerLists = SingleFlight<String, Result<Arc<ImageLayers>>>;
 /// directory), by layer digest.
 pub(super) type Downloads = SingleFlight<Digest, Result<Arc<Fetched>>>;
 
-/// The full-pull state: layer lists, downloads started ahead of Prepare, and the limits.
-pub(super) struct FullPullState {
+/// Full pulls done by the daemon: layer lists, downloads started ahead of Prepare, the
+/// limits, and the registry client and config they need. Owned by [`Remote`] (as
+/// `remote.full`), which plans; this type only downloads and unpacks.
+pub struct FullPulls {
+    client: Arc<Client>,
+    cfg: Config,
     /// Where downloads are staged (emptied at start).
-    pub(super) tmp_root: PathBuf,
+    tmp_root: PathBuf,
     /// Layer lists of images pulled in full, by image reference and manifest.
-    pub(super) image_layers: LayerLists,
+    image_layers: LayerLists,
     /// Layer downloads started ahead of their Prepare, by layer digest.
-    pub(super) downloads: Downloads,
+    downloads: Downloads,
     /// Full-pull limits (`[pull_modes.parallel_pull_unpack]`) and counters.
     pub(super) limits: super::parallel::PullLimits,
+    /// Layers downloaded and unpacked into place.
+    pub layers_unpacked: AtomicU64,
 }
 
-impl Remote {
+impl FullPulls {
+    /// Full pulls staged under `tmp_root` (emptied first: downloads of a previous run are of
+    /// no use).
+    pub(super) fn new(client: Arc<Client>, cfg: &Config, tmp_root: PathBuf) -> Result<FullPulls> {
+        let _ = std::fs::remove_dir_all(&tmp_root);
+        std::fs::create_dir_all(&tmp_root)
+            .map_err(|e| RemoteError::io(tmp_root.display().to_string(), e))?;
+        Ok(FullPulls {
+            client,
+            limits: super::parallel::PullLimits::new(&cfg.pull_modes.parallel_pull_unpack),
+            cfg: cfg.clone(),
+            tmp_root,
+            image_layers: Default::default(),
+            downloads: Default::default(),
+            layers_unpacked: AtomicU64::new(0),
+        })
+    }
+
     /// The layer list of an image, looked up once per image.
     pub(super) async fn layer_list(
         &self,
         key: &str,
         fetch: impl std::future::Future<Output = Result<Vec<Descriptor>>>,
     ) -> Result<Arc<ImageLayers>> {
-        self.full
-            .image_layers
+        self.image_layers
             .run(&key.to_string(), async {
                 let layers = fetch.await?;
                 Ok(Arc::new(ImageLayers {
                     layers,
-                    limits: Arc::new(self.full.limits.image()),
+                    limits: Arc::new(self.limits.image()),
                 }))
             })
             .await
@@ -86,7 +111,7 @@ impl Remote {
             .iter()
             .filter(|l| upcoming.contains(&l.digest.as_str()) && wanted(&l.digest))
         {
-            let Some(cell) = self.full.downloads.cell_if_new(&l.digest) else {
+            let Some(cell) = self.downloads.cell_if_new(&l.digest) else {
                 continue;
             };
             let (me, repo, layer, limits) = (self.clone(), repo.clone(), l.clone(), limits.clone());
@@ -98,7 +123,7 @@ impl Remote {
                 if r.is_err() {
                     // Only a Prepare already waiting sees this failure; a later one downloads
                     // afresh (the registry may be back).
-                    me.full.downloads.forget(&layer.digest, &cell);
+                    me.downloads.forget(&layer.digest, &cell);
                 }
             }));
         }
@@ -112,21 +137,17 @@ impl Remote {
         img: &ImageLimits,
     ) -> Result<Arc<Fetched>> {
         let downloading = img.layers.clone().acquire_owned().await?;
-        let opts = self.full.limits.chunked(img);
-        let staged = Staged::new(&self.full.tmp_root).map_err(|e| {
+        let opts = self.limits.chunked(img);
+        let staged = Staged::new(&self.tmp_root).map_err(|e| {
             RemoteError::io(format!("staging directory for layer {}", layer.digest), e)
         })?;
-        if let Some(_unpacking) = self.full.limits.try_unpack(img) {
+        if let Some(_unpacking) = self.limits.try_unpack(img) {
             self.stream_unpack(repo, layer, &opts, &staged.0).await?;
             return Ok(Arc::new(Fetched::Unpacked(staged)));
         }
         // No unpack slot now: download to a temp file (removed on drop) meanwhile.
-        self.full
-            .limits
-            .stats
-            .spooled
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = tempfile::NamedTempFile::new_in(&self.full.tmp_root)
+        self.limits.stats.spooled.fetch_add(1, Ordering::Relaxed);
+        let tmp = tempfile::NamedTempFile::new_in(&self.tmp_root)
             .map_err(|e| RemoteError::io(format!("temp file for layer {}", layer.digest), e))?
             .into_temp_path();
         let mut f = tokio::fs::File::create(&tmp)
@@ -145,9 +166,9 @@ impl Remote {
             b.finish(fetched.is_ok()).await;
         }
         let stats = fetched?;
-        self.full.limits.record(&stats);
+        self.limits.record(&stats);
         drop((f, downloading));
-        let _unpacking = self.full.limits.unpack(img).await?;
+        let _unpacking = self.limits.unpack(img).await?;
         let (path, dir, compression) = (
             tmp.to_path_buf(),
             staged.0.clone(),
@@ -198,56 +219,21 @@ impl Remote {
             b.finish(fetched.is_ok() && unpacked.is_ok()).await;
         }
         let stats = fetched?;
-        self.full.limits.record(&stats);
+        self.limits.record(&stats);
         unpacked.map_err(|e| RemoteError::io(format!("unpacking layer {}", layer.digest), e))?;
         Ok(())
     }
 
-    /// Plans a full pull of a layer of an image not served lazily (parallel pull mode, or no
-    /// usable SOCI index: `reason`) and starts pulling the coming layers of the image.
-    pub(super) async fn plan_full(
-        self: &Arc<Self>,
-        r: &Reference,
-        labels: &BTreeMap<String, String>,
-        layer_digest: &Digest,
-        reason: Option<soci_index::NoSoci>,
-    ) -> Result<LayerPlan> {
-        let key = format!(
-            "{r}@{}",
-            labels
-                .get(label::MANIFEST_DIGEST)
-                .map(String::as_str)
-                .unwrap_or("")
-        );
-        let list = self.layer_list(&key, self.fetch_layers(r, labels)).await?;
-        let layer = list
-            .layers
-            .iter()
-            .find(|l| &l.digest == layer_digest)
-            .cloned()
-            .ok_or_else(|| RemoteError::LayerNotInImage {
-                layer: layer_digest.clone(),
-                image: r.to_string(),
-            })?;
-        self.start_downloads(&r.repository, labels, &list.layers, &list.limits, |_| true);
-        Ok(LayerPlan::Full {
-            repo: r.repository.clone(),
-            layer,
-            reason,
-            limits: list.limits.clone(),
-        })
-    }
-
     /// Layers not served lazily are left to containerd (`experimental_parallel_pull_as_fallback
     /// = false` without parallel pull mode, upstream's meaning) instead of pulled by the daemon.
-    pub fn full_pulls_go_to_containerd(&self) -> bool {
+    pub fn go_to_containerd(&self) -> bool {
         let p = &self.cfg.pull_modes.parallel_pull_unpack;
         !p.enable && !p.experimental_parallel_pull_as_fallback
     }
 
     /// Why a layer planned [`super::LayerPlan::Full`] without a discovery failure is pulled
     /// in full (the `soci.fallback-reason` label).
-    pub fn full_reason(&self) -> &'static str {
+    pub fn reason(&self) -> &'static str {
         if self.cfg.pull_modes.parallel_pull_unpack.enable {
             "parallel_pull_unpack"
         } else {
@@ -256,14 +242,14 @@ impl Remote {
     }
 
     /// What full pulls did (for metrics).
-    pub fn pull_stats(&self) -> &super::PullStats {
-        &self.full.limits.stats
+    pub fn stats(&self) -> &super::PullStats {
+        &self.limits.stats
     }
 
     /// Forgets a download not needed (the layer already exists).
-    pub fn discard_download(&self, layer: &str) {
+    pub fn discard(&self, layer: &str) {
         if let Some(d) = Digest::parse(layer) {
-            self.full.downloads.remove(&d);
+            self.downloads.remove(&d);
         }
     }
     /// The layers of an image from its manifest (media type and size are needed to unpack).
@@ -303,7 +289,7 @@ impl Remote {
     }
     /// Fresh per-image limits for a layer pulled on its own (a lazy mount that failed).
     pub fn lone_layer_limits(&self) -> Arc<ImageLimits> {
-        Arc::new(self.full.limits.image())
+        Arc::new(self.limits.image())
     }
 
     /// Downloads a layer (digest-verified) within its image's `limits` and unpacks it into
@@ -319,13 +305,13 @@ impl Remote {
         // Started ahead by `start_downloads`, or fetched now. Whichever caller gets to the
         // cell first runs the download, so this one must use the image's limits too (a task
         // spawned ahead may not have run yet).
-        let cell = self.full.downloads.cell(&layer.digest);
+        let cell = self.downloads.cell(&layer.digest);
         let file = cell
             .get_or_init(|| async { self.download(repo, layer, limits).await })
             .await
             .clone();
         // Used up (or failed): the next Prepare of this layer starts afresh.
-        self.full.downloads.forget(&layer.digest, &cell);
+        self.downloads.forget(&layer.digest, &cell);
         let digest = layer.digest.clone();
         let dir = fs_dir.to_path_buf();
         let Fetched::Unpacked(staged) = &*file?;
@@ -333,9 +319,49 @@ impl Remote {
         std::fs::rename(&staged.0, &dir).map_err(|e| {
             RemoteError::io(format!("moving unpacked layer {digest} into place"), e)
         })?;
-        self.layers_full
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.layers_unpacked.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl Remote {
+    /// Plans a full pull of a layer of an image not served lazily (parallel pull mode, or no
+    /// usable SOCI index: `reason`) and starts pulling the coming layers of the image.
+    pub(super) async fn plan_full(
+        self: &Arc<Self>,
+        r: &Reference,
+        labels: &BTreeMap<String, String>,
+        layer_digest: &Digest,
+        reason: Option<soci_index::NoSoci>,
+    ) -> Result<LayerPlan> {
+        let key = format!(
+            "{r}@{}",
+            labels
+                .get(label::MANIFEST_DIGEST)
+                .map(String::as_str)
+                .unwrap_or("")
+        );
+        let list = self
+            .full
+            .layer_list(&key, self.full.fetch_layers(r, labels))
+            .await?;
+        let layer = list
+            .layers
+            .iter()
+            .find(|l| &l.digest == layer_digest)
+            .cloned()
+            .ok_or_else(|| RemoteError::LayerNotInImage {
+                layer: layer_digest.clone(),
+                image: r.to_string(),
+            })?;
+        self.full
+            .start_downloads(&r.repository, labels, &list.layers, &list.limits, |_| true);
+        Ok(LayerPlan::Full {
+            repo: r.repository.clone(),
+            layer,
+            reason,
+            limits: list.limits.clone(),
+        })
     }
 }
 

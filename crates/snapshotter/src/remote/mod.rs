@@ -14,7 +14,7 @@ use tracing::info;
 
 use crate::config::Config;
 pub use error::{RemoteError, Result};
-use full_pull::FullPullState;
+pub use full_pull::FullPulls;
 use lazy::LazyState;
 use resolver::ResolverState;
 
@@ -54,7 +54,8 @@ pub struct Remote {
     /// Mounts, fd holder, span budgets, background fetch (`lazy.rs`).
     lazy: LazyState,
     /// Layer lists, downloads ahead of Prepare, limits (`full_pull.rs`).
-    full: FullPullState,
+    /// Full pulls done by the daemon (parallel pull mode, fallback full pulls).
+    pub full: Arc<FullPulls>,
     /// Images and reasons already logged (one line per image and reason).
     logged: Mutex<HashSet<String>>,
     /// Decompressed spans in memory and on disk, all layers.
@@ -65,10 +66,8 @@ pub struct Remote {
     pub fallbacks: Mutex<BTreeMap<&'static str, u64>>,
     /// Layers handed back to containerd to pull itself, by cause label.
     pub handed_back: Mutex<BTreeMap<&'static str, u64>>,
-    /// Layers served lazily / unpacked.
+    /// Layers served lazily.
     pub layers_lazy: std::sync::atomic::AtomicU64,
-    /// Layers downloaded and unpacked.
-    pub layers_full: std::sync::atomic::AtomicU64,
     /// Lazy layers not served, and their restore locks.
     health: health::Health,
     /// Prefetch counters and bound.
@@ -127,15 +126,13 @@ impl Remote {
         let (keychain, cri_credentials) = crate::cri::keychain(root, cfg);
         let client = Client::with_keychain(opts, keychain)?;
         let cache_root = root.join("cache");
-        let tmp_root = root.join("tmp");
-        // Downloads of a previous run are of no use: start clean.
-        let _ = std::fs::remove_dir_all(&tmp_root);
-        for d in [&cache_root, &tmp_root] {
-            std::fs::create_dir_all(d).map_err(|e| RemoteError::io(d.display().to_string(), e))?;
-        }
+        std::fs::create_dir_all(&cache_root)
+            .map_err(|e| RemoteError::io(cache_root.display().to_string(), e))?;
+        let client = Arc::new(client);
+        let full = Arc::new(FullPulls::new(client.clone(), cfg, root.join("tmp"))?);
         Ok(Remote {
             cri_credentials,
-            client: Arc::new(client),
+            client,
             cfg: cfg.clone(),
             resolver: ResolverState::default(),
             lazy: LazyState {
@@ -149,12 +146,7 @@ impl Remote {
                     cfg.background_fetch.max_concurrent_fetches.max(1),
                 )),
             },
-            full: FullPullState {
-                tmp_root,
-                image_layers: Default::default(),
-                downloads: Default::default(),
-                limits: parallel::PullLimits::new(&cfg.pull_modes.parallel_pull_unpack),
-            },
+            full,
             logged: Mutex::new(HashSet::new()),
             cache: soci_fs::SpanCache::new(
                 cfg.blob.memory_cache_mb << 20,
@@ -164,7 +156,6 @@ impl Remote {
             fallbacks: Mutex::new(BTreeMap::new()),
             handed_back: Mutex::new(BTreeMap::new()),
             layers_lazy: Default::default(),
-            layers_full: Default::default(),
             health: Default::default(),
             prefetch: prefetch::PrefetchState::new(&cfg.prefetch),
         })

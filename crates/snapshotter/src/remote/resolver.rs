@@ -191,11 +191,12 @@ impl Remote {
                             .collect();
                         let key = format!("{image_ref}@{}", img.manifest_desc.digest);
                         let limits = self
+                            .full
                             .layer_list(&key, async { Ok(unindexed) })
                             .await?
                             .limits
                             .clone();
-                        self.start_downloads(
+                        self.full.start_downloads(
                             &r.repository,
                             labels,
                             &img.manifest.layers,

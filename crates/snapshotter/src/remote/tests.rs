@@ -194,6 +194,7 @@ async fn a_prepare_that_starts_the_download_itself_keeps_the_image_unpack_limit(
         .unwrap()
         .repository;
     let list = remote
+        .full
         .layer_list("img", async { Ok(vec![layer.clone()]) })
         .await
         .unwrap();
@@ -204,16 +205,18 @@ async fn a_prepare_that_starts_the_download_itself_keeps_the_image_unpack_limit(
         layer.digest.to_string(),
     )]);
     // Spawned, but on this single-threaded runtime not run before the Prepare's call below.
-    remote.start_downloads(&repo, &labels, &list.layers, &list.limits, |_| true);
+    remote
+        .full
+        .start_downloads(&repo, &labels, &list.layers, &list.limits, |_| true);
     let fs = dir.path().join("fs");
-    let unpack = remote.unpack_full(&fs, &repo, &layer, &list.limits);
+    let unpack = remote.full.unpack_full(&fs, &repo, &layer, &list.limits);
     tokio::pin!(unpack);
     let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut unpack).await;
     assert!(
         early.is_err(),
         "unpacked while the image's only unpack slot was taken: {early:?}"
     );
-    assert_eq!(remote.pull_stats().spooled.load(Ordering::Relaxed), 1);
+    assert_eq!(remote.full.stats().spooled.load(Ordering::Relaxed), 1);
     drop(busy);
     tokio::time::timeout(std::time::Duration::from_secs(10), &mut unpack)
         .await
@@ -221,7 +224,7 @@ async fn a_prepare_that_starts_the_download_itself_keeps_the_image_unpack_limit(
         .expect("unpack");
     assert_eq!(std::fs::read(fs.join("hello")).unwrap(), b"hello\n");
     assert_eq!(
-        remote.pull_stats().peak_unpacking.load(Ordering::Relaxed),
+        remote.full.stats().peak_unpacking.load(Ordering::Relaxed),
         1
     );
 }

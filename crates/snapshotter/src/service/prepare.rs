@@ -36,7 +36,7 @@ impl Service {
         if let Ok(s) = self.blocking(move |s| s.store.get(&t)).await {
             if s.kind == Kind::Committed {
                 if let Some(l) = labels.get(label::LAYER_DIGEST) {
-                    remote.discard_download(l);
+                    remote.full.discard(l);
                 }
                 // An existing lazy layer counts only while it is served (or restored now).
                 self.inner.ensure_chain_served(&target).await?;
@@ -63,7 +63,7 @@ impl Service {
             }
         };
         if let LayerPlan::Full { reason, .. } = &plan {
-            if remote.full_pulls_go_to_containerd() {
+            if remote.full.go_to_containerd() {
                 // Upstream's meaning of `experimental_parallel_pull_as_fallback = false`.
                 let why = reason
                     .as_ref()
@@ -117,11 +117,12 @@ impl Service {
                                 "lazy_mount_failed".to_string(),
                             );
                             remote
+                                .full
                                 .unpack_full(
                                     &fs_dir,
                                     &image.reference.repository,
                                     &layer,
-                                    &remote.lone_layer_limits(),
+                                    &remote.full.lone_layer_limits(),
                                 )
                                 .await
                         }
@@ -136,9 +137,12 @@ impl Service {
                     extra.insert(label::MODE.to_string(), label::MODE_FULL.to_string());
                     let why = reason
                         .map(|r| r.label().to_string())
-                        .unwrap_or_else(|| remote.full_reason().to_string());
+                        .unwrap_or_else(|| remote.full.reason().to_string());
                     extra.insert(label::FALLBACK_REASON.to_string(), why);
-                    remote.unpack_full(&fs_dir, &repo, &layer, &limits).await
+                    remote
+                        .full
+                        .unpack_full(&fs_dir, &repo, &layer, &limits)
+                        .await
                 }
             }
         };
