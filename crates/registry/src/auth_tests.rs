@@ -198,3 +198,13 @@ async fn registry_token_is_sent_as_bearer_without_token_endpoint() {
     c.get_manifest(&repo, "v1").await.unwrap();
     assert_eq!(f.issued.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn an_absurd_expires_in_is_capped_not_a_panic() {
+    let f = fake(u64::MAX);
+    let addr = serve(f.clone()).await;
+    let (c, repo) = client(&addr, Keychain::new());
+    c.get_manifest(&repo, "v1").await.unwrap();
+    c.get_manifest(&repo, "v1").await.unwrap();
+    assert_eq!(f.issued.load(Ordering::SeqCst), 1, "the token is reused");
+}

@@ -76,6 +76,8 @@ pub struct Client {
 const MAX_ERROR_BODY_BYTES: u64 = 4 << 10;
 /// Largest token-endpoint answer accepted.
 const MAX_TOKEN_BYTES: u64 = 1 << 20;
+/// Longest token life we believe (a day), whatever `expires_in` says.
+pub(crate) const MAX_TOKEN_LIFE_SECS: u64 = 24 * 3600;
 
 /// An `Authorization` header value and when it stops being sent (a bearer token's
 /// `expires_in`, less a margin), so that an expired token is replaced before a request rather

@@ -14,6 +14,7 @@ use tracing::debug;
 
 use super::{
     body_snippet, query_escape, remaining, scope, Attempt, CachedAuth, Client, MAX_TOKEN_BYTES,
+    MAX_TOKEN_LIFE_SECS,
 };
 use crate::auth::{parse_challenge, SecretKind};
 use crate::error::{RegistryError, Result};
@@ -248,8 +249,11 @@ impl Client {
                     .map_err(|_| unauthorized("invalid token response"))?;
                 if let Some(secs) = t.expires_in.filter(|s| *s > 0) {
                     // Renew a little early: a request started just before expiry still works.
+                    // Capped at a day: the value is the token server's, and an absurd one
+                    // must not overflow the clock (a panic in whatever task asked).
+                    let secs = secs.min(MAX_TOKEN_LIFE_SECS);
                     let life = secs.saturating_sub((secs / 10).min(30)).max(1);
-                    expires = Some(Instant::now() + Duration::from_secs(life));
+                    expires = Instant::now().checked_add(Duration::from_secs(life));
                 }
                 let t = t
                     .token
