@@ -23,6 +23,13 @@ use crate::zlib::{Flush, Inflater, Status, WINDOW_BITS_AUTO, WINDOW_BITS_RAW};
 
 /// Largest uncompressed span accepted (guards allocations driven by a hostile zTOC).
 pub const MAX_SPAN_BYTES: u64 = 256 << 20;
+
+/// The most compressed bytes a span of `uncompressed` bytes may have: deflate's stored blocks
+/// add 5 bytes per 64 KiB, plus gzip member headers and trailers inside the span (1 MiB
+/// leaves room for long header fields). Anything more is refused at validation.
+pub fn max_compressed_len(uncompressed: u64) -> u64 {
+    uncompressed + uncompressed / 8 + (1 << 20)
+}
 const GZIP_TRAILER: usize = 8;
 /// First output buffer of a span's inflate; doubled as it fills.
 const INFLATE_CHUNK: usize = 1 << 20;
@@ -127,6 +134,17 @@ impl Spans {
             if s.uncompressed.end - s.uncompressed.start > MAX_SPAN_BYTES {
                 return Err(bad(format!(
                     "span {id} is larger than {MAX_SPAN_BYTES} bytes"
+                )));
+            }
+            let (clen, ulen) = (
+                s.compressed.end - s.compressed.start,
+                s.uncompressed.end - s.uncompressed.start,
+            );
+            if clen > max_compressed_len(ulen) {
+                // A reader fetches and hashes the whole compressed range before inflating
+                // it: without this bound one read could buffer gigabytes.
+                return Err(bad(format!(
+                    "span {id} has {clen} compressed bytes for {ulen} uncompressed"
                 )));
             }
         }

@@ -362,3 +362,14 @@ fn span_claiming_more_than_its_stream_is_not_allocated_ahead() {
     });
     assert!(r.is_err(), "a short stream is an error: {r:?}");
 }
+
+#[test]
+fn span_with_far_more_compressed_than_uncompressed_bytes_is_refused() {
+    let (_, mut z) = small_layer();
+    assert!(z.spans().is_ok());
+    // A layer of gigabytes behind a handful of checkpoints: the last span would make a reader
+    // fetch and buffer everything up to the end of the blob for a few uncompressed bytes.
+    z.compressed_archive_size = 4 << 30;
+    let e = z.spans().unwrap_err().to_string();
+    assert!(e.contains("compressed bytes for"), "{e}");
+}
