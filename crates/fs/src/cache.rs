@@ -29,6 +29,12 @@ type SpanLru = LruCache<(u64, SpanId), Bytes>;
 /// Span file reads on the blocking pool at once (all layers).
 pub const DISK_READS: usize = 16;
 
+/// Decompressed span bytes being produced at once (all layers), in MiB. A span may claim up
+/// to [`soci_ztoc::MAX_SPAN_BYTES`]; without this bound, concurrent reads of a hostile zTOC's
+/// huge spans (16 FUSE requests in flight, read-ahead and prefetch beside them) could hold
+/// gigabytes before any of it reaches the memory cache's budget.
+pub const DECODE_BUDGET_MIB: u32 = 512;
+
 static NEXT_LAYER_KEY: AtomicU64 = AtomicU64::new(1);
 
 /// Verified, decompressed spans of all layers: memory LRU, disk budget and span files.
@@ -39,13 +45,48 @@ pub struct SpanCache {
     disk_limit: u64,
     disk_used: AtomicU64,
     disk_reads: tokio::sync::Semaphore,
+    /// [`DECODE_BUDGET_MIB`], as permits of 1 MiB.
+    decoding: Arc<tokio::sync::Semaphore>,
+    decode_budget_mib: u32,
+    /// Bytes being decompressed now, and the most at once (for tests and the curious).
+    decoding_now: AtomicU64,
+    decoding_peak: AtomicU64,
+}
+
+/// Room in the decode budget, held while a run of spans is decompressed.
+pub(crate) struct DecodeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    bytes: u64,
+    shared: Arc<SpanCache>,
+}
+
+impl Drop for DecodeSlot {
+    fn drop(&mut self) {
+        self.shared
+            .decoding_now
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl SpanCache {
     /// A cache of at most `memory_bytes` in memory and `disk_bytes` of span files on disk
     /// (0: no disk limit).
     pub fn new(memory_bytes: usize, disk_bytes: u64) -> Arc<SpanCache> {
+        SpanCache::with_decode_budget(memory_bytes, disk_bytes, DECODE_BUDGET_MIB)
+    }
+
+    /// As [`SpanCache::new`], with a decode budget of `mib` MiB (at least 1).
+    pub(crate) fn with_decode_budget(
+        memory_bytes: usize,
+        disk_bytes: u64,
+        mib: u32,
+    ) -> Arc<SpanCache> {
+        let mib = mib.max(1);
         Arc::new(SpanCache {
+            decoding: Arc::new(tokio::sync::Semaphore::new(mib as usize)),
+            decode_budget_mib: mib,
+            decoding_now: AtomicU64::new(0),
+            decoding_peak: AtomicU64::new(0),
             memory: Mutex::new((LruCache::unbounded(), 0)),
             memory_budget: memory_bytes,
             disk_limit: disk_bytes,
@@ -57,6 +98,11 @@ impl SpanCache {
     /// Bytes of spans held in memory (gauge `soci_span_cache_bytes{place="memory"}`).
     pub fn memory_bytes(&self) -> usize {
         self.lock_memory().1
+    }
+
+    /// The most span bytes decompressed at once so far (all layers).
+    pub fn decoding_peak_bytes(&self) -> u64 {
+        self.decoding_peak.load(Ordering::Relaxed)
     }
 
     /// Bytes of span files on disk (gauge `soci_span_cache_bytes{place="disk"}`).
@@ -240,6 +286,32 @@ impl LayerCache {
 
     /// What is held of spans `ids`: their bytes when `bytes` (memory first, then the span
     /// file on the blocking pool), else only whether they are held.
+    /// Waits (until `deadline`) for room to decompress spans `ids` in the daemon-wide decode
+    /// budget; a run larger than the whole budget takes all of it (it still proceeds).
+    pub(crate) async fn decode_slot(
+        &self,
+        ids: std::ops::Range<SpanId>,
+        deadline: tokio::time::Instant,
+    ) -> io::Result<DecodeSlot> {
+        let bytes: u64 = ids.map(|i| self.sizes.get(i).copied().unwrap_or(0)).sum();
+        let shared = &self.shared;
+        let mib = bytes
+            .div_ceil(1 << 20)
+            .clamp(1, u64::from(shared.decode_budget_mib)) as u32;
+        let permit =
+            tokio::time::timeout_at(deadline, shared.decoding.clone().acquire_many_owned(mib))
+                .await
+                .map_err(|_| io::Error::other("timed out waiting for the span decode budget"))?
+                .map_err(|_| io::Error::other("span decode budget closed"))?;
+        let now = shared.decoding_now.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        shared.decoding_peak.fetch_max(now, Ordering::Relaxed);
+        Ok(DecodeSlot {
+            _permit: permit,
+            bytes,
+            shared: shared.clone(),
+        })
+    }
+
     pub(crate) async fn lookup(
         self: &Arc<Self>,
         ids: &[SpanId],

@@ -465,3 +465,27 @@ async fn read_ahead_fetches_the_files_next_spans_in_one_request() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(reader.calls.lock().unwrap().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decompression_stays_within_the_daemon_wide_decode_budget() {
+    // A 1 MiB budget holds one 64 KiB span's decode at a time: concurrent reads of different
+    // spans wait for each other instead of all holding their spans at once.
+    let cache = SpanCache::with_decode_budget(1 << 20, 0, 1);
+    let (m, _reader, blob, _d) = build(false, FakeReader::default(), |c| {
+        c.cache = cache.clone();
+    });
+    let span = 65_536u64;
+    let tasks: Vec<_> = (0..4u64)
+        .map(|i| {
+            let m = m.clone();
+            let r = i * span + 100..i * span + 200;
+            tokio::spawn(async move { (r.clone(), m.read(r).await) })
+        })
+        .collect();
+    for t in tasks {
+        let (r, got) = t.await.unwrap();
+        assert_eq!(got.unwrap(), &blob[r.start as usize..r.end as usize]);
+    }
+    let peak = cache.decoding_peak_bytes();
+    assert!(peak > 0 && peak <= span + 1024, "decoded at once: {peak}");
+}

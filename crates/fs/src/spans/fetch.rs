@@ -289,6 +289,12 @@ impl SpanManager {
         data: Bytes,
         prio: Priority,
     ) -> io::Result<Decoded> {
+        let deadline = Instant::now() + self.cfg.fetch_timeout;
+        let slot = self
+            .cache
+            .decode_slot(ids.clone(), deadline)
+            .await
+            .map_err(|e| eio(format!("layer {}: {e}", self.layer)))?;
         let spans = self.spans.clone();
         let verify = !self.cfg.disable_verification;
         let cache = self.cache.clone();
@@ -328,6 +334,7 @@ impl SpanManager {
             self.metrics.spans_verified.fetch_add(1, Ordering::Relaxed);
             crate::metrics::count_span(&self.metrics.upstream, &self.layer, prio);
         }
+        drop(slot);
         Ok((bufs, failure))
     }
 
