@@ -114,8 +114,35 @@ enum Msg {
 pub struct BlobSink {
     tx: Option<mpsc::UnboundedSender<Msg>>,
     queued: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
+    /// The write; taken by [`BlobSink::finish`], else reaped (bounded) on drop.
+    task: Option<tokio::task::JoinHandle<()>>,
     digest: String,
+}
+
+impl Drop for BlobSink {
+    /// A sink dropped without `finish` (the download's caller returned early): the write sees
+    /// its stream end and aborts; if containerd does not answer, the task is stopped after
+    /// [`COMMIT_TIMEOUT`] instead of waiting forever.
+    fn drop(&mut self) {
+        self.tx = None;
+        let (Some(task), Ok(rt)) = (self.task.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let digest = std::mem::take(&mut self.digest);
+        rt.spawn(reap(task, digest));
+    }
+}
+
+/// Waits for a blob write to end, at most [`COMMIT_TIMEOUT`]; stops it after that.
+async fn reap(mut task: tokio::task::JoinHandle<()>, digest: String) {
+    if tokio::time::timeout(COMMIT_TIMEOUT, &mut task)
+        .await
+        .is_err()
+    {
+        task.abort();
+        STATS.failed.fetch_add(1, Ordering::Relaxed);
+        warn!(layer = %digest, "containerd did not finish the layer blob write in time");
+    }
 }
 
 impl BlobSink {
@@ -161,7 +188,7 @@ impl BlobSink {
         Some(BlobSink {
             tx: Some(tx),
             queued,
-            task,
+            task: Some(task),
             digest: layer.digest.to_string(),
         })
     }
@@ -187,13 +214,8 @@ impl BlobSink {
                 let _ = tx.send(Msg::Commit);
             }
         }
-        if tokio::time::timeout(COMMIT_TIMEOUT, &mut self.task)
-            .await
-            .is_err()
-        {
-            self.task.abort();
-            STATS.failed.fetch_add(1, Ordering::Relaxed);
-            warn!(layer = %self.digest, "containerd did not commit the layer blob in time");
+        if let Some(task) = self.task.take() {
+            reap(task, std::mem::take(&mut self.digest)).await;
         }
     }
 }
