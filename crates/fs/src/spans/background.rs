@@ -33,8 +33,9 @@ impl SpanManager {
                 if self.closed.load(Ordering::Relaxed) {
                     return;
                 }
-                let since = self.born.elapsed().as_millis() as u64
-                    - self.last_demand_ms.load(Ordering::Relaxed);
+                // A demand read may stamp a later time than this elapsed() (a race).
+                let since = (self.born.elapsed().as_millis() as u64)
+                    .saturating_sub(self.last_demand_ms.load(Ordering::Relaxed));
                 let quiet = cfg.yield_to_demand.as_millis() as u64;
                 if self.last_demand_ms.load(Ordering::Relaxed) == 0 || since >= quiet {
                     break;
