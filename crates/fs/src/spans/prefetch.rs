@@ -20,6 +20,9 @@ use super::{Priority, SpanManager};
 
 /// Largest compressed range fetched by one prefetch request (a larger run is split).
 pub const MAX_PREFETCH_REQUEST_BYTES: u64 = 32 << 20;
+/// Most uncompressed bytes one prefetch request decompresses at once (a run of spans that
+/// inflate far more than usual is split; one span always goes).
+pub const MAX_PREFETCH_DECODE_BYTES: u64 = 64 << 20;
 
 /// What a prefetch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,24 +59,40 @@ impl SpanManager {
         let mut out: Vec<Range<SpanId>> = Vec::new();
         let mut cached = 0;
         let mut next = 0; // first id not yet looked at (ranges may overlap)
+        let mut run_plain = 0u64; // uncompressed bytes of the last run
         for r in ids {
             for id in r.start.max(next)..r.end {
                 if self.is_cached(id) {
                     cached += 1;
                     continue;
                 }
+                let size = self.uncompressed_len(id..id + 1);
                 let extend = out.last().is_some_and(|last| {
                     last.end == id
                         && self.compressed_len(last.start..id + 1) <= MAX_PREFETCH_REQUEST_BYTES
+                        && run_plain.saturating_add(size) <= MAX_PREFETCH_DECODE_BYTES
                 });
                 match out.last_mut() {
-                    Some(last) if extend => last.end = id + 1,
-                    _ => out.push(id..id + 1),
+                    Some(last) if extend => {
+                        last.end = id + 1;
+                        run_plain += size;
+                    }
+                    _ => {
+                        out.push(id..id + 1);
+                        run_plain = size;
+                    }
                 }
             }
             next = next.max(r.end);
         }
         (out, cached)
+    }
+
+    /// Uncompressed bytes of spans `run` (0 for ids past the end).
+    pub(super) fn uncompressed_len(&self, run: Range<SpanId>) -> u64 {
+        run.filter_map(|id| self.spans.span(id).ok())
+            .map(|s| s.uncompressed.end - s.uncompressed.start)
+            .sum()
     }
 
     fn compressed_len(&self, run: Range<SpanId>) -> u64 {

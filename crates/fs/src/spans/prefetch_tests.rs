@@ -158,3 +158,58 @@ async fn failures_and_deadlines_end_in_a_report_not_an_error() {
     assert_eq!(r.spans, 0);
     assert_eq!(m.cached_count(), 0);
 }
+
+#[tokio::test]
+async fn runs_are_cut_at_the_decode_limit_too() {
+    // 160 MiB of numbered lines gzip to well under the 32 MiB request limit, so that limit
+    // alone would make one run that inflates to 160 MiB in one go.
+    let size = 160usize << 20;
+    let mut text = Vec::with_capacity(size);
+    let mut i = 0u64;
+    while text.len() < size {
+        text.extend_from_slice(format!("line {i} of a very compressible file\n").as_bytes());
+        i += 1;
+    }
+    text.truncate(size);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(size as u64);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "lines", text.as_slice()).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &b.into_inner().unwrap()).unwrap();
+    let blob = gz.finish().unwrap();
+    let opts = soci_ztoc::BuildOptions {
+        span_size: 16 << 20,
+        ..Default::default()
+    };
+    let z = soci_ztoc::build(blob.as_slice(), &opts).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SpanConfig::new(dir.path().join("c"), SpanCache::new(1 << 20, 0));
+    let m = SpanManager::new(
+        "sha256:lines".into(),
+        z.spans().unwrap(),
+        Arc::new(Fake {
+            blob,
+            ..Default::default()
+        }),
+        cfg,
+        Arc::new(FsMetrics::default()),
+    )
+    .unwrap();
+    let n = m.span_count();
+    let sizes: Vec<_> = (0..n).map(|i| m.uncompressed_len(i..i + 1)).collect();
+    assert!(
+        n >= 9,
+        "{n} spans: {sizes:?} blob {}",
+        z.compressed_archive_size
+    );
+    let (runs, _) = m.prefetch_requests(&[0..=n - 1]);
+    assert!(runs.len() >= 3, "{runs:?}");
+    for r in &runs {
+        let plain = m.uncompressed_len(r.clone());
+        assert!(plain <= MAX_PREFETCH_DECODE_BYTES, "{r:?}: {plain} bytes");
+    }
+    assert_eq!(runs.first().map(|r| r.start), Some(0));
+    assert_eq!(runs.last().map(|r| r.end), Some(n));
+}

@@ -70,7 +70,10 @@ impl SpanManager {
                 .spans
                 .run(first..end + 1)
                 .map_or(u64::MAX, |r| r.compressed.end - r.compressed.start);
-            if bytes > MAX_READ_AHEAD_BYTES {
+            // Uncompressed too: a hostile zTOC's spans may inflate 1000:1.
+            if bytes > MAX_READ_AHEAD_BYTES
+                || self.uncompressed_len(first..end + 1) > MAX_READ_AHEAD_BYTES
+            {
                 break;
             }
             end += 1;
