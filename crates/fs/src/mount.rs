@@ -229,6 +229,10 @@ pub fn mount(served: Served, mountpoint: &Path) -> std::io::Result<MountedLayer>
             mountpoint.display()
         )));
     }
+    // INIT can only lower the kernel's 128 KiB read-ahead: raise it to our largest READ.
+    if let Err(e) = kernel::bdi::set_read_ahead(mountpoint, kernel::bdi::READ_AHEAD_KIB) {
+        warn!(mountpoint = %mountpoint.display(), error = %e, "cannot raise FUSE read-ahead");
+    }
     Ok(m)
 }
 

@@ -313,6 +313,9 @@ impl SpanManager {
             .spans
             .plan(range)
             .map_err(|e| eio(format!("layer {}: {e}", self.layer)))?;
+        if let Some(data) = self.read_held(&plan.range, plan.spans.clone()).await? {
+            return Ok(data);
+        }
         let bufs = self.acquire(plan.spans.clone(), prio, deadline).await?;
         plan.assemble(&self.spans, &bufs)
             .map_err(|e| eio(format!("layer {}: {e}", self.layer)))
@@ -364,6 +367,7 @@ pub const DEFAULT_READ_AHEAD_SPANS: usize = 4;
 
 mod background;
 mod fetch;
+mod local;
 pub(crate) mod negative;
 mod prefetch;
 mod read_ahead;
