@@ -483,7 +483,11 @@ async fn held_spans_are_read_by_the_slice() {
         assert_eq!(got, blob[r.start as usize..r.end as usize]);
     }
     assert_eq!(cache.memory_bytes(), 0, "no span loaded whole into memory");
-    assert_eq!(reader.calls.lock().unwrap().len(), fetches, "nothing fetched");
+    assert_eq!(
+        reader.calls.lock().unwrap().len(),
+        fetches,
+        "nothing fetched"
+    );
     // A span file gone (removed by hand): the full path fetches it again.
     m.cache.forget_memory();
     std::fs::remove_file(d.path().join("c").join("3")).unwrap();
