@@ -9,8 +9,8 @@
 //! the same offsets; span files hold ranges of the uncompressed tar stream (headers included,
 //! boundaries anywhere). The copy is made only from verified bytes
 //! ([`SpanManager::read_internal`]: not a demand read, so the background fetch does not back
-//! off for it and upstream's FUSE read counters do not count it), written to a temp file, synced and renamed, so a file under its final name is always
-//! complete. It counts in the span disk budget and is removed with the layer. Files are
+//! off for it and upstream's FUSE read counters do not count it), written to a temp file,
+//! synced and renamed, so a file under its final name is always complete. It counts in the span disk budget and is removed with the layer. Files are
 //! named by their byte range in the uncompressed layer (`<offset>-<size>`), a property of the
 //! layer's content, not of how this daemon numbers inodes.
 //!

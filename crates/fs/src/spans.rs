@@ -6,7 +6,9 @@
 //! concurrent readers (a per-span async lock), deadlines, negative caching and read-ahead.
 //! [`SpanManager::read`] asks [`SpanManager::acquire`] for the spans of a range and gets their
 //! verified bytes back, held by reference count: spans evicted meanwhile do not matter, and
-//! the bytes are copied once, into the answer.
+//! the bytes are copied once, into the answer. A read whose spans are all held already takes
+//! a shorter way (`local.rs`): just the bytes asked for, sliced from memory or read from the
+//! span files, never a whole span loaded for a few KiB.
 //!
 //! Failure rules, so a hostile or broken registry costs bounded time and never wrong bytes:
 //! - one deadline per read (`fetch_timeout`): waiting for another reader's fetch, every

@@ -27,6 +27,18 @@ impl SpanManager {
             return Ok(None);
         }
         let want = (range.end - range.start) as usize;
+        if ids.len() == 1 {
+            // One span (most reads): its slice is the answer, no second copy.
+            let Ok(s) = self.spans.span(ids.start) else {
+                return Ok(None);
+            };
+            if range.start < s.uncompressed.start || range.end > s.uncompressed.end {
+                return Ok(None);
+            }
+            let within = range.start - s.uncompressed.start..range.end - s.uncompressed.start;
+            let got = self.cache.read_slice(ids.start, within).await?;
+            return Ok(got.filter(|b| b.len() == want).map(Vec::from));
+        }
         let mut out = Vec::with_capacity(want);
         for id in ids {
             let Ok(s) = self.spans.span(id) else {
