@@ -372,6 +372,47 @@ impl LayerCache {
         Ok(read)
     }
 
+    /// Bytes `within` (offsets inside span `id`) if the span is held: a slice of it in memory,
+    /// else a positional read of just those bytes from its file (blocking pool, bounded), which
+    /// neither loads the whole span nor puts it in memory. `None` if not held (or its file is
+    /// gone, or `within` is not inside the span).
+    pub(crate) async fn read_slice(
+        self: &Arc<Self>,
+        id: SpanId,
+        within: std::ops::Range<u64>,
+    ) -> io::Result<Option<Bytes>> {
+        if within.start > within.end || within.end > self.sizes.get(id).copied().unwrap_or(0) {
+            return Ok(None);
+        }
+        let (from, to) = (within.start as usize, within.end as usize);
+        if let Some(b) = self.shared.memory_get((self.key, id)) {
+            return Ok(b.get(from..to).map(|_| b.slice(from..to)));
+        }
+        if !self.on_disk[id].load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let _permit = self
+            .shared
+            .disk_reads
+            .acquire()
+            .await
+            .map_err(|_| io::Error::other("span cache closed"))?;
+        let path = self.dir.join(id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut buf = vec![0u8; to - from];
+            f.read_exact_at(&mut buf, from as u64)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            Ok(Some(Bytes::from(buf)))
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("span file read task: {e}")))?
+    }
+
     /// Writes span `id`'s file if the disk budget allows (blocking: call from a blocking
     /// task). Returns whether it was written; over the budget the span stays in memory only.
     pub(crate) fn write_blocking(&self, id: SpanId, plain: &[u8]) -> io::Result<bool> {

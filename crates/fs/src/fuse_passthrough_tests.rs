@@ -45,7 +45,8 @@ impl Env {
             spans: plain.spans.clone(),
             rt: rt.handle().clone(),
             ttl: Duration::from_secs(1),
-            metrics: Arc::new(Default::default()),
+            // The span manager's counters (upstream's families are counted there).
+            metrics: plain.metrics.clone(),
             passthrough: Some(PassthroughConfig {
                 dir: dir.path().join("pt"),
                 disk: budget.clone(),
@@ -200,4 +201,88 @@ fn a_kernel_without_passthrough_gets_normal_opens() {
     let w: Weak<dyn BackingFiles> = Arc::downgrade(&e.backing);
     drop(e.backing);
     assert!(w.upgrade().is_none());
+}
+
+impl Env {
+    /// Waits (bounded) until `n` backing files are written.
+    fn wait_files(&self, n: usize) {
+        let p = self.fs.passthrough.clone().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while p.file_count() < n {
+            assert!(Instant::now() < deadline, "no backing file written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Upstream's `synchronous_read_count` of the fixture layer (0 if never counted).
+    fn synchronous_reads(&self) -> u64 {
+        let mut o = String::new();
+        self.fs.metrics.upstream.render(&mut o);
+        let key = "soci_fs_operation_count{layer=\"sha256:fixture\",operation_type=\"synchronous_read_count\"} ";
+        o.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map_or(0, |n| n.parse().unwrap())
+    }
+}
+
+/// A passthrough open's reads never reach the daemon, so the open itself is what the demand
+/// record (`soci prefetch record`) gets: the whole file's spans.
+#[test]
+fn a_passthrough_open_is_recorded_as_demand() {
+    let e = Env::new();
+    e.init(init2::PASSTHROUGH);
+    let f = e.fs.tree.lookup(ROOT_INO, b"f").unwrap();
+    // The file became local and got its backing file before recording started (a daemon
+    // that already had it, or an earlier container of the image).
+    e.open(f);
+    let read = fuse_read_in {
+        offset: 0,
+        size: 131072,
+        ..Default::default()
+    };
+    e.ok(op::READ, f, read.as_bytes());
+    e.release(f, 0);
+    e.wait_files(1);
+    let spans = e.fs.spans.span_count();
+    let record = e.fs.spans.record_demand(std::sync::Arc::new(
+        crate::spans::record::DemandRecord::new(spans, None),
+    ));
+    let o = e.open(f);
+    assert_eq!(o.open_flags, FOPEN_PASSTHROUGH | FOPEN_NOFLUSH);
+    assert_eq!(spans, 1, "the fixture's layer is one span, holding f");
+    assert_eq!(record.order(), vec![0], "the file's spans are recorded");
+    // A symlink or directory open records nothing new (and nothing breaks).
+    let l = e.fs.tree.lookup(ROOT_INO, b"l").unwrap();
+    e.open(l);
+    assert_eq!(record.order(), vec![0]);
+}
+
+/// Writing a backing file reads verified spans, but not as a demand read: the background
+/// fetch must not back off for it, and upstream's FUSE read counters must not count it.
+#[test]
+fn writing_a_backing_file_is_not_a_demand_read() {
+    let e = Env::new();
+    e.init(init2::PASSTHROUGH);
+    let f = e.fs.tree.lookup(ROOT_INO, b"f").unwrap();
+    // Local through the background fetch, not through a read.
+    let n = e.fs.spans.span_count();
+    e._rt
+        .block_on(e.fs.spans.ensure(0..n, crate::spans::Priority::Background))
+        .unwrap();
+    // An open of a local file starts its backing file.
+    let o = e.open(f);
+    assert_eq!(o.open_flags, FOPEN_KEEP_CACHE);
+    e.wait_files(1);
+    assert_eq!(e.fs.spans.last_demand_ms(), 0, "no demand read seen");
+    assert_eq!(e.synchronous_reads(), 0, "no FUSE read counted");
+    // A real READ still is both.
+    let read = fuse_read_in {
+        offset: 0,
+        size: 4096,
+        ..Default::default()
+    };
+    std::thread::sleep(Duration::from_millis(2));
+    e.ok(op::READ, f, read.as_bytes());
+    assert_ne!(e.fs.spans.last_demand_ms(), 0);
+    assert_eq!(e.synchronous_reads(), 1);
 }

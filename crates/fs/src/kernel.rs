@@ -134,6 +134,7 @@ pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 
 pub mod abi;
 pub mod backing;
+pub mod bdi;
 mod handshake;
 mod reply;
 mod request;

@@ -229,6 +229,10 @@ pub fn mount(served: Served, mountpoint: &Path) -> std::io::Result<MountedLayer>
             mountpoint.display()
         )));
     }
+    // INIT can only lower the kernel's 128 KiB read-ahead: raise it to our largest READ.
+    if let Err(e) = kernel::bdi::set_read_ahead(mountpoint, kernel::bdi::READ_AHEAD_KIB) {
+        warn!(mountpoint = %mountpoint.display(), error = %e, "cannot raise FUSE read-ahead");
+    }
     Ok(m)
 }
 
@@ -237,8 +241,8 @@ pub fn mount(served: Served, mountpoint: &Path) -> std::io::Result<MountedLayer>
 ///
 /// The earlier daemon may have died (kill -9) holding requests it had read and not
 /// answered: the kernel keeps them as "being processed" forever, their callers wait, and the
-/// page cache pages they fill stay locked for every later reader. Once our reader runs we
-/// send `FUSE_NOTIFY_RESEND`, which puts them back in the queue (ids marked with
+/// page cache pages they fill stay locked for every later reader. Before our reader starts we
+/// send `FUSE_NOTIFY_RESEND`, which puts them (and only them) back in the queue (ids marked with
 /// [`kernel::UNIQUE_RESEND`]) and we answer them like any request. Without resend support
 /// (kernel before 7.40, or a connection set up by a daemon that did not record it) they stay
 /// stuck; that is logged once for the mount.
@@ -260,10 +264,16 @@ pub fn resume(
         &fd,
         nix::fcntl::FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
     )?;
+    // Before our reader runs: only requests the dead daemon took are queued again. Sent
+    // after, a request our reader had just taken would be queued again too, and answered
+    // twice (an OPEN counted twice, a READ computed twice).
+    let resent = session
+        .resend
+        .then(|| nix::unistd::write(&fd, &kernel::notify_resend()));
     let m = start(served, fd, mountpoint, session)?;
-    if session.resend {
-        // The reader thread runs: whatever the kernel queues again is read and answered.
-        match nix::unistd::write(&m.ch.fd, &kernel::notify_resend()) {
+    if let Some(resent) = resent {
+        // The reader thread runs: whatever the kernel queued again is read and answered.
+        match resent {
             Ok(_) => info!(
                 mountpoint = %mountpoint.display(),
                 "asked the kernel to resend FUSE requests the previous daemon left unanswered"

@@ -7,9 +7,10 @@
 //!
 //! Why a copy and not the span files: a backing file must hold exactly the file's bytes at
 //! the same offsets; span files hold ranges of the uncompressed tar stream (headers included,
-//! boundaries anywhere). The copy is made only from [`SpanManager::read`] (verified bytes),
-//! written to a temp file, synced and renamed, so a file under its final name is always
-//! complete. It counts in the span disk budget and is removed with the layer. Files are
+//! boundaries anywhere). The copy is made only from verified bytes
+//! ([`SpanManager::read_internal`]: not a demand read, so the background fetch does not back
+//! off for it and upstream's FUSE read counters do not count it), written to a temp file,
+//! synced and renamed, so a file under its final name is always complete. It counts in the span disk budget and is removed with the layer. Files are
 //! named by their byte range in the uncompressed layer (`<offset>-<size>`), a property of the
 //! layer's content, not of how this daemon numbers inodes.
 //!
@@ -426,7 +427,7 @@ impl Passthrough {
             let mut at = range.start;
             while at < range.end {
                 let end = (at + CHUNK).min(range.end);
-                let data = spans.read(at..end).await?;
+                let data = spans.read_internal(at..end).await?;
                 let (f, off) = (f.clone(), at - range.start);
                 tokio::task::spawn_blocking(move || f.write_all_at(&data, off))
                     .await

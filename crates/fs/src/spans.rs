@@ -6,7 +6,9 @@
 //! concurrent readers (a per-span async lock), deadlines, negative caching and read-ahead.
 //! [`SpanManager::read`] asks [`SpanManager::acquire`] for the spans of a range and gets their
 //! verified bytes back, held by reference count: spans evicted meanwhile do not matter, and
-//! the bytes are copied once, into the answer.
+//! the bytes are copied once, into the answer. A read whose spans are all held already takes
+//! a shorter way (`local.rs`): just the bytes asked for, sliced from memory or read from the
+//! span files, never a whole span loaded for a few KiB.
 //!
 //! Failure rules, so a hostile or broken registry costs bounded time and never wrong bytes:
 //! - one deadline per read (`fetch_timeout`): waiting for another reader's fetch, every
@@ -270,6 +272,12 @@ impl SpanManager {
             && self.spans.spans_for(&range).all(|id| self.is_cached(id))
     }
 
+    /// When the last demand read started, in ms since this manager was made (0: none yet).
+    #[cfg(test)]
+    pub(crate) fn last_demand_ms(&self) -> u64 {
+        self.last_demand_ms.load(Ordering::Relaxed)
+    }
+
     fn is_cached(&self, id: SpanId) -> bool {
         self.cache.is_local(id)
     }
@@ -285,16 +293,32 @@ impl SpanManager {
     }
 
     async fn read_uncounted(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
-        let deadline = Instant::now() + self.cfg.fetch_timeout;
         self.last_demand_ms
             .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.read_as(range, Priority::Demand).await
+    }
+
+    /// Reads uncompressed bytes `range` for the daemon's own use (e.g. writing a passthrough
+    /// backing file): like [`SpanManager::read`] (verified, all or EIO), but not a demand
+    /// read. The background fetch does not back off for it, it is not counted as a FUSE read,
+    /// and missing spans are fetched at background priority.
+    pub async fn read_internal(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
+        let span = tracing::debug_span!("span_read_internal", layer = %self.layer, ?range);
+        self.read_as(range, Priority::Background)
+            .instrument(span)
+            .await
+    }
+
+    async fn read_as(&self, range: Range<u64>, prio: Priority) -> io::Result<Vec<u8>> {
+        let deadline = Instant::now() + self.cfg.fetch_timeout;
         let plan = self
             .spans
             .plan(range)
             .map_err(|e| eio(format!("layer {}: {e}", self.layer)))?;
-        let bufs = self
-            .acquire(plan.spans.clone(), Priority::Demand, deadline)
-            .await?;
+        if let Some(data) = self.read_held(&plan.range, plan.spans.clone()).await? {
+            return Ok(data);
+        }
+        let bufs = self.acquire(plan.spans.clone(), prio, deadline).await?;
         plan.assemble(&self.spans, &bufs)
             .map_err(|e| eio(format!("layer {}: {e}", self.layer)))
     }
@@ -345,6 +369,7 @@ pub const DEFAULT_READ_AHEAD_SPANS: usize = 4;
 
 mod background;
 mod fetch;
+mod local;
 pub(crate) mod negative;
 mod prefetch;
 mod read_ahead;

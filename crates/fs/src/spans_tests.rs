@@ -489,3 +489,33 @@ async fn decompression_stays_within_the_daemon_wide_decode_budget() {
     let peak = cache.decoding_peak_bytes();
     assert!(peak > 0 && peak <= span + 1024, "decoded at once: {peak}");
 }
+
+/// A read of spans held on disk reads just its bytes from the span files: nothing is loaded
+/// whole into memory, nothing fetched; a span file removed meanwhile is fetched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_spans_are_read_by_the_slice() {
+    let cache = SpanCache::new(100_000, 0);
+    let (m, reader, blob, d) = manager_with(0, 0, cache.clone());
+    let all = 0..blob.len() as u64 - 2048;
+    assert_eq!(m.read(all.clone()).await.unwrap(), blob[..all.end as usize]);
+    let fetches = reader.calls.lock().unwrap().len();
+    m.cache.forget_memory();
+    assert_eq!(cache.memory_bytes(), 0);
+    // 8 KiB across the boundary of spans 1 and 2 (64 KiB spans), and 4 KiB inside span 3.
+    for r in [(128 << 10) - 4096..(128 << 10) + 4096, 200_000..204_096] {
+        let got = m.read(r.clone()).await.unwrap();
+        assert_eq!(got, blob[r.start as usize..r.end as usize]);
+    }
+    assert_eq!(cache.memory_bytes(), 0, "no span loaded whole into memory");
+    assert_eq!(
+        reader.calls.lock().unwrap().len(),
+        fetches,
+        "nothing fetched"
+    );
+    // A span file gone (removed by hand): the full path fetches it again.
+    m.cache.forget_memory();
+    std::fs::remove_file(d.path().join("c").join("3")).unwrap();
+    let r = 200_000..204_096;
+    assert_eq!(m.read(r.clone()).await.unwrap(), blob[200_000..204_096]);
+    assert!(reader.calls.lock().unwrap().len() > fetches);
+}
