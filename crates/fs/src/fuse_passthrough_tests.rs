@@ -143,7 +143,7 @@ fn whole_files_are_opened_with_their_backing_file() {
     );
     assert_eq!(
         e.budget.disk_bytes(),
-        e.data.len() as u64,
+        crate::passthrough::disk_cost(e.data.len() as u64),
         "counted in the disk budget"
     );
 

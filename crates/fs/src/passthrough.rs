@@ -38,6 +38,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +87,15 @@ pub(crate) trait BackingFiles: Send + Sync {
 pub(crate) const PASSTHROUGH_FH: u64 = 1 << 62;
 /// Bytes copied per span-manager read while writing a backing file.
 const CHUNK: u64 = 1 << 20;
+/// Backing files one mount writes at most: each is an inode and a kernel file reference
+/// while passed through, so a layer of a million tiny files must not make a million.
+pub(crate) const MAX_BACKING_FILES: usize = 16 << 10;
+
+/// What a backing file of `size` bytes costs in the disk budget: whole 4 KiB blocks plus one
+/// for its inode and directory entry (a 1-byte file is not 1 byte of disk).
+pub(crate) fn disk_cost(size: u64) -> u64 {
+    size.div_ceil(4096).saturating_add(1).saturating_mul(4096)
+}
 const IDS: &str = ".ids";
 const CACHED: &str = ".cached";
 
@@ -147,8 +157,9 @@ impl Passthrough {
             let name = e.file_name();
             let name = name.to_string_lossy();
             match parse_name(&name) {
-                Some(x) if e.metadata().is_ok_and(|m| m.len() == x.1) => {
-                    found += x.1;
+                // lstat: a symlink planted under a backing file's name is not one.
+                Some(x) if e.metadata().is_ok_and(|m| m.is_file() && m.len() == x.1) => {
+                    found += disk_cost(x.1);
                     files.insert(x);
                 }
                 _ if name.ends_with(".tmp") => {
@@ -317,7 +328,16 @@ impl Passthrough {
         extent: Extent,
     ) -> Option<u32> {
         let path = self.dir.join(file_name(extent));
-        let file = match File::open(&path) {
+        // Never follows a symlink: the kernel would read whatever it points at.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|f| match f.metadata()?.is_file() {
+                true => Ok(f),
+                false => Err(io::Error::other("not a regular file")),
+            });
+        let file = match opened {
             Ok(f) => f,
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "backing file unreadable; normal reads");
@@ -384,6 +404,7 @@ impl Passthrough {
             || extent.1 == 0
             || t.files.contains(&extent)
             || t.claimed.contains(&extent)
+            || t.files.len() + t.claimed.len() >= MAX_BACKING_FILES
             || !local()
         {
             return false;
@@ -398,21 +419,32 @@ impl Passthrough {
         let Ok(_permit) = self.writer.acquire().await else {
             return;
         };
-        if !self.disk.try_reserve_disk(extent.1) {
+        let cost = disk_cost(extent.1);
+        if !self.disk.try_reserve_disk(cost) {
             debug!(dir = %self.dir.display(), ?extent, "disk budget full: no backing file");
             return;
         }
         let range = extent.0..extent.0 + extent.1;
         match self.copy(&spans, range).await {
             Ok(()) => {
-                self.lock().files.insert(extent);
+                let mut t = self.lock();
+                if !t.on {
+                    // The layer went away (or passthrough was refused) while this was written:
+                    // `remove_files` no longer counts it.
+                    drop(t);
+                    let _ = std::fs::remove_file(self.dir.join(file_name(extent)));
+                    self.disk.release_disk(cost);
+                    return;
+                }
+                t.files.insert(extent);
+                drop(t);
                 self.metrics
                     .passthrough
                     .files_written
                     .fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
-                self.disk.release_disk(extent.1);
+                self.disk.release_disk(cost);
                 warn!(dir = %self.dir.display(), ?extent, error = %e, "writing a backing file failed; normal reads for it");
             }
         }
@@ -460,7 +492,7 @@ impl Passthrough {
     /// gone). Files the kernel still has open stay readable until closed.
     pub fn remove_files(&self) {
         let mut t = self.lock();
-        let bytes: u64 = t.files.iter().map(|x| x.1).sum();
+        let bytes: u64 = t.files.iter().map(|x| disk_cost(x.1)).sum();
         t.files.clear();
         t.on = false;
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -54,7 +54,11 @@ fn backing_ids_only_for_whole_files_without_cached_opens() {
     let (_d, cfg, m) = setup();
     let p = Passthrough::new(cfg.clone(), m.clone()).unwrap();
     assert_eq!(p.file_count(), 2);
-    assert_eq!(cfg.disk.disk_bytes(), 8, "found files count in the budget");
+    assert_eq!(
+        cfg.disk.disk_bytes(),
+        disk_cost(5) + disk_cost(3),
+        "found files count in the budget, in blocks"
+    );
     assert!(!cfg.dir.join("7-9.tmp").exists());
     let k = FakeBacking::default();
     p.start(true);
@@ -219,9 +223,42 @@ fn switched_off_a_taken_over_connection_keeps_its_ids_only() {
 fn removing_gives_the_budget_back() {
     let (_d, cfg, m) = setup();
     let p = Passthrough::new(cfg.clone(), m).unwrap();
-    assert_eq!(cfg.disk.disk_bytes(), 8);
+    assert_eq!(cfg.disk.disk_bytes(), 2 * 8192);
     p.remove_files();
     assert_eq!(cfg.disk.disk_bytes(), 0);
     assert!(!cfg.dir.exists());
     assert_eq!(p.file_count(), 0);
+}
+
+#[test]
+fn a_symlink_under_a_backing_files_name_is_never_passed_through() {
+    let (d, cfg, m) = setup();
+    let host = d.path().join("host-secret");
+    std::fs::write(&host, b"host!").unwrap();
+    std::fs::remove_file(cfg.dir.join("0-5")).unwrap();
+    std::os::unix::fs::symlink(&host, cfg.dir.join("0-5")).unwrap();
+    let p = Passthrough::new(cfg.clone(), m).unwrap();
+    assert_eq!(p.file_count(), 1, "the symlink is not a backing file");
+    // Even if it were taken for one (planted after the scan): the open refuses it.
+    p.lock().files.insert(A);
+    let k = FakeBacking::default();
+    p.start(true);
+    assert_eq!(p.open(5, A, Some(&k)), None);
+}
+
+#[test]
+fn tiny_files_cost_whole_blocks_and_a_mount_makes_a_bounded_number() {
+    assert_eq!(disk_cost(0), 4096);
+    assert_eq!(disk_cost(1), 8192);
+    assert_eq!(disk_cost(4096), 8192);
+    let (_d, cfg, m) = setup();
+    let p = Passthrough::new(cfg, m).unwrap();
+    p.start(true);
+    for i in 0..MAX_BACKING_FILES as u64 {
+        if !p.claim((1000 + i, 1), || true) {
+            assert_eq!(i as usize + p.file_count(), MAX_BACKING_FILES);
+            return;
+        }
+    }
+    panic!("claimed {MAX_BACKING_FILES} files on top of the existing ones");
 }
