@@ -10,6 +10,7 @@
 //! artifacts of a new SOCI index v2 (same zTOCs), bound to the image as `soci convert` binds.
 //! The scratch namespace is removed afterwards.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -156,7 +157,7 @@ pub async fn record(a: RecordArgs, g: &Globals) -> Result<()> {
             g,
         )?;
         let artifacts = artifacts_of(&store, &img, &records).await?;
-        let report = rebind(&store, img, &artifacts, &dst_tag).await?;
+        let report = rebind(&store, img, &artifacts, &BTreeMap::new(), &dst_tag).await?;
         Ok::<_, anyhow::Error>(report)
     }
     .await;

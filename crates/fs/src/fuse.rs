@@ -352,6 +352,8 @@ impl LayerFs {
         if let (NodeKind::File, Some(p)) = (n.kind, &self.passthrough) {
             let backing = self.backing.get().and_then(Weak::upgrade);
             if let Some(id) = p.open(ino, (n.offset, n.size), backing.as_deref()) {
+                // Its reads will not reach the daemon: the demand record counts them now.
+                self.spans.note_demand(&(n.offset..n.offset + n.size));
                 // Not KEEP_CACHE: the kernel refuses it with passthrough. NOFLUSH: reads
                 // do not need the daemon, closes should not either.
                 let out = fuse_open_out {

@@ -33,11 +33,6 @@ pub struct BuildOptions {
     pub build_tool_identifier: String,
     /// Compression of the blob; `None` detects it from the first bytes.
     pub algorithm: Option<CompressionAlgorithm>,
-    /// gzip only: extra checkpoints, as ascending uncompressed offsets of deflate block
-    /// boundaries (from [`crate::plan_cuts`]), taken on top of the every-`span_size` ones.
-    /// Offsets that are not a block boundary are skipped. Empty (the default): the
-    /// checkpoints, and so the zTOC bytes, are exactly upstream's.
-    pub extra_checkpoints: Vec<u64>,
 }
 
 impl Default for BuildOptions {
@@ -46,13 +41,20 @@ impl Default for BuildOptions {
             span_size: DEFAULT_SPAN_SIZE,
             build_tool_identifier: DEFAULT_BUILD_TOOL_IDENTIFIER.to_string(),
             algorithm: None,
-            extra_checkpoints: Vec::new(),
         }
     }
 }
 
 /// Builds the zTOC of a layer blob read from `blob`.
 pub fn build(blob: impl Read, opts: &BuildOptions) -> Result<Ztoc> {
+    build_with_checkpoints(blob, opts, &[])
+}
+
+/// [`build`] with extra checkpoints (gzip only): `extra` are ascending uncompressed offsets of
+/// deflate block boundaries (a [`crate::CutPlan`]'s), taken on top of the every-`span_size`
+/// checkpoints, which stay where upstream puts them. Offsets that are not a block boundary
+/// are skipped. With no extras the zTOC is byte-identical to [`build`]'s (upstream's).
+pub fn build_with_checkpoints(blob: impl Read, opts: &BuildOptions, extra: &[u64]) -> Result<Ztoc> {
     if opts.span_size == 0 || opts.span_size > i64::MAX as u64 {
         return Err(ZtocError::OutOfRange(format!(
             "span size {}",
@@ -67,7 +69,7 @@ pub fn build(blob: impl Read, opts: &BuildOptions) -> Result<Ztoc> {
     let (entries, uncompressed_size, compression, compressed_size) = match algorithm {
         CompressionAlgorithm::Gzip => {
             let mut idx = GzipIndexer::new(blob, opts.span_size)?;
-            idx.extra = opts.extra_checkpoints.clone();
+            idx.extra = extra.to_vec();
             let (entries, usize) = walk(&mut idx)?;
             let (info, csize) = idx.finish()?;
             (entries, usize, info, csize)

@@ -29,7 +29,7 @@ pub mod tar;
 mod time;
 mod zlib;
 
-pub use builder::{build, BuildOptions};
+pub use builder::{build, build_with_checkpoints, BuildOptions};
 pub use checkpoint::{Checkpoint, GzipCheckpoints, WINDOW_SIZE};
 pub use error::{Result, ZtocError};
 pub use extract::{normalize_name, read_uncompressed, SpanSource};

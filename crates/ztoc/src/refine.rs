@@ -54,7 +54,7 @@ impl Default for CutPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CutPlan {
     /// Uncompressed offsets of the extra checkpoints, ascending, each a block boundary (give
-    /// them to [`crate::BuildOptions::extra_checkpoints`]).
+    /// them to [`crate::build_with_checkpoints`]).
     pub checkpoints: Vec<u64>,
     /// Regular (every-`span_size`) checkpoints of the layer.
     pub regular: usize,

@@ -3,7 +3,7 @@ use std::io::Write;
 use flate2::{write::GzEncoder, Compression};
 
 use super::*;
-use crate::{build, read_uncompressed, BuildOptions, EntryKind, Ztoc};
+use crate::{build, build_with_checkpoints, read_uncompressed, BuildOptions, EntryKind, Ztoc};
 
 /// Compressible but varied bytes (many deflate blocks per MiB).
 fn text(n: usize, seed: u64) -> Vec<u8> {
@@ -64,10 +64,9 @@ fn layer() -> (Vec<u8>, Vec<u8>) {
 
 const SPAN: u64 = 2 << 20;
 
-fn opts(extra: Vec<u64>) -> BuildOptions {
+fn opts() -> BuildOptions {
     BuildOptions {
         span_size: SPAN,
-        extra_checkpoints: extra,
         ..Default::default()
     }
 }
@@ -91,15 +90,8 @@ fn file_range(z: &Ztoc, name: &str) -> Range<u64> {
 #[test]
 fn no_cut_points_build_is_byte_identical() {
     let (blob, _) = layer();
-    let plain = build(blob.as_slice(), &opts(Vec::new())).unwrap();
-    let default = build(
-        blob.as_slice(),
-        &BuildOptions {
-            span_size: SPAN,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let plain = build_with_checkpoints(blob.as_slice(), &opts(), &[]).unwrap();
+    let default = build(blob.as_slice(), &opts()).unwrap();
     assert_eq!(plain.to_bytes(), default.to_bytes());
     // A plan without hot ranges adds nothing.
     let plan = plan_cuts(blob.as_slice(), SPAN, &[], &CutPolicy::default()).unwrap();
@@ -110,7 +102,7 @@ fn no_cut_points_build_is_byte_identical() {
 #[test]
 fn cut_points_isolate_hot_files_at_block_boundaries() {
     let (blob, tar_bytes) = layer();
-    let plain = build(blob.as_slice(), &opts(Vec::new())).unwrap();
+    let plain = build(blob.as_slice(), &opts()).unwrap();
     // Two far-apart hot files and two neighbours (merged: no gap between them).
     let hot: Vec<Range<u64>> = ["lib/m03.py", "lib/m20.py", "lib/m21.py"]
         .iter()
@@ -119,7 +111,7 @@ fn cut_points_isolate_hot_files_at_block_boundaries() {
     let plan = plan_cuts(blob.as_slice(), SPAN, &hot, &CutPolicy::default()).unwrap();
     assert_eq!(plan.hot.len(), 2, "{plan:?}");
     assert!(!plan.checkpoints.is_empty());
-    let refined = build(blob.as_slice(), &opts(plan.checkpoints.clone())).unwrap();
+    let refined = build_with_checkpoints(blob.as_slice(), &opts(), &plan.checkpoints).unwrap();
     // Same TOC, more checkpoints, every cut one of them.
     assert_eq!(refined.entries, plain.entries);
     assert_eq!(
@@ -201,7 +193,7 @@ fn cut_points_isolate_hot_files_at_block_boundaries() {
 #[test]
 fn small_gaps_merge_and_the_cut_budget_holds() {
     let (blob, _) = layer();
-    let plain = build(blob.as_slice(), &opts(Vec::new())).unwrap();
+    let plain = build(blob.as_slice(), &opts()).unwrap();
     // Every other file hot: gaps of one file (~50 KiB compressed) merge under a 128 KiB gap.
     let hot: Vec<Range<u64>> = (0..40)
         .step_by(2)
@@ -225,17 +217,17 @@ fn small_gaps_merge_and_the_cut_budget_holds() {
     // Ranges past the layer and empty ranges are harmless.
     let odd = [5..5, u64::MAX - 10..u64::MAX];
     let p = plan_cuts(blob.as_slice(), SPAN, &odd, &CutPolicy::default()).unwrap();
-    let z = build(blob.as_slice(), &opts(p.checkpoints)).unwrap();
+    let z = build_with_checkpoints(blob.as_slice(), &opts(), &p.checkpoints).unwrap();
     z.spans().unwrap();
 }
 
 #[test]
 fn extras_off_block_boundaries_are_skipped() {
     let (blob, _) = layer();
-    let plain = build(blob.as_slice(), &opts(Vec::new())).unwrap();
+    let plain = build(blob.as_slice(), &opts()).unwrap();
     let bounds = all_boundaries(&blob);
     let on = bounds[bounds.len() / 2].1;
-    let z = build(blob.as_slice(), &opts(vec![1, on, on + 1])).unwrap();
+    let z = build_with_checkpoints(blob.as_slice(), &opts(), &[1, on, on + 1]).unwrap();
     assert_eq!(z.span_count(), plain.span_count() + 1);
     z.spans().unwrap();
 }
