@@ -6,9 +6,13 @@
 //! the recording sees the container's real first reads whatever the user's namespaces hold.
 //! The container runs once (`ctr run`), until it exits or `--run-timeout` (then it is
 //! killed). The daemon keeps, per lazy layer, the spans its FUSE reads touched in first-access
-//! order (`<daemon root>/record/<snapshot>.json`); those of this pull become the prefetch
-//! artifacts of a new SOCI index v2 (same zTOCs), bound to the image as `soci convert` binds.
-//! The scratch namespace is removed afterwards.
+//! order (`<daemon root>/record/<snapshot>.json`) and the byte ranges they asked for
+//! (`<snapshot>.ranges`); those of this pull become the prefetch artifacts of a new SOCI index
+//! v2, bound to the image as `soci convert` binds. The scratch namespace is removed afterwards.
+//!
+//! By default each recorded gzip layer also gets a refined zTOC ([`refine`]): same TOC, extra
+//! checkpoints around the bytes read, so its prefetch fetches small spans instead of whole
+//! 4 MiB ones; `--keep-spans` keeps the original zTOCs (prefetch of the recorded spans).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,6 +28,7 @@ use soci_registry::Platform;
 use crate::{artifacts, Globals, RegistryArgs};
 
 mod artifacts_of;
+mod refine;
 mod run;
 
 use artifacts_of::artifacts_of;
@@ -55,6 +60,21 @@ pub struct RecordArgs {
     /// Extra argument for `ctr run`, before the image (repeatable), e.g. `--ctr-arg=--net-host`.
     #[arg(long = "ctr-arg", value_name = "ARG", allow_hyphen_values = true)]
     ctr_args: Vec<String>,
+    /// Keep the layers' zTOCs as they are: the prefetch lists the recorded spans (whole
+    /// span-size spans). By default each recorded gzip layer gets a refined zTOC (same TOC,
+    /// extra checkpoints around the bytes the run read: small spans; the layer blob is
+    /// downloaded once for it), pushed and named by the new SOCI index.
+    #[arg(long)]
+    keep_spans: bool,
+    /// Refining: hot byte ranges closer than this (compressed bytes) share a span. A cut costs
+    /// 32785 bytes of zTOC every mount fetches, and each separate hot span one more prefetch
+    /// request.
+    #[arg(long, default_value_t = soci_ztoc::CutPolicy::default().min_gap)]
+    refine_gap: u64,
+    /// Refining: most extra checkpoints per layer (more hot ranges are merged until they fit).
+    #[arg(long, default_value_t = soci_ztoc::CutPolicy::default().max_extra as u64,
+          value_parser = clap::value_parser!(u64).range(0..=soci_ztoc::MAX_EXTRA_CHECKPOINTS as u64))]
+    refine_max_checkpoints: u64,
     #[command(flatten)]
     registry: RegistryArgs,
     /// SOCI-enabled image (from `soci convert`): a name in containerd's store (pulled from the
@@ -156,8 +176,32 @@ pub async fn record(a: RecordArgs, g: &Globals) -> Result<()> {
             &indexed,
             g,
         )?;
-        let artifacts = artifacts_of(&store, &img, &records).await?;
-        let report = rebind(&store, img, &artifacts, &BTreeMap::new(), &dst_tag).await?;
+        let recorded = artifacts_of(&store, &img, &records).await?;
+        let policy = soci_ztoc::CutPolicy {
+            min_gap: a.refine_gap,
+            max_extra: a.refine_max_checkpoints as usize,
+        };
+        let tmp = std::env::temp_dir();
+        let mut artifacts = BTreeMap::new();
+        let mut ztocs = BTreeMap::new();
+        for rec in recorded {
+            let refined = if a.keep_spans {
+                None
+            } else {
+                refine::refine_layer(&store, &rec, &policy, &tmp).await?
+            };
+            let artifact = match refined {
+                Some(r) => {
+                    ztocs.insert(rec.layer.digest.clone(), r.ztoc_desc);
+                    r.artifact
+                }
+                None => rec.artifact,
+            };
+            if let Some(art) = artifact {
+                artifacts.insert(rec.layer.digest.clone(), art);
+            }
+        }
+        let report = rebind(&store, img, &artifacts, &ztocs, &dst_tag).await?;
         Ok::<_, anyhow::Error>(report)
     }
     .await;

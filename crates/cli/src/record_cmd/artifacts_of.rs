@@ -7,14 +7,31 @@ use anyhow::{bail, Context, Result};
 use soci_index::prefetch::PrefetchArtifact;
 use soci_index::record::{recorded_artifact, RecordFile};
 use soci_index::ImageStore;
-use soci_registry::Digest;
+use soci_registry::Descriptor;
+use soci_ztoc::Ztoc;
+
+/// A recorded layer, its record checked against the image's zTOC.
+pub(super) struct Recorded {
+    /// The image layer.
+    pub layer: Descriptor,
+    /// Its zTOC's descriptor in the SOCI index.
+    pub ztoc_desc: Descriptor,
+    /// Its zTOC.
+    pub ztoc: Ztoc,
+    /// The record file.
+    pub path: PathBuf,
+    /// The record.
+    pub record: RecordFile,
+    /// The prefetch artifact of the recorded spans (`None`: nothing read).
+    pub artifact: Option<PrefetchArtifact>,
+}
 
 /// Checks each record against the image's SOCI index and zTOCs and makes the artifacts.
 pub(super) async fn artifacts_of(
     store: &ImageStore,
     img: &soci_index::record::BoundImage,
     records: &[(PathBuf, RecordFile)],
-) -> Result<BTreeMap<Digest, PrefetchArtifact>> {
+) -> Result<Vec<Recorded>> {
     let mut by_layer: BTreeMap<String, &(PathBuf, RecordFile)> = BTreeMap::new();
     for rec in records {
         if let Some(prev) = by_layer.insert(rec.1.layer.clone(), rec) {
@@ -26,7 +43,7 @@ pub(super) async fn artifacts_of(
             );
         }
     }
-    let mut out = BTreeMap::new();
+    let mut out = Vec::new();
     let mut any = false;
     for layer in &img.manifest.layers {
         let Some(z) = img.soci.ztoc_for(&layer.digest) else {
@@ -52,9 +69,9 @@ pub(super) async fn artifacts_of(
             );
         }
         let bytes = store.get_blob(z).await?;
-        let spans = soci_ztoc::Ztoc::from_bytes(&bytes)
-            .with_context(|| format!("zTOC {} of layer {}", z.digest, layer.digest))?
-            .span_count() as u64;
+        let ztoc = Ztoc::from_bytes(&bytes)
+            .with_context(|| format!("zTOC {} of layer {}", z.digest, layer.digest))?;
+        let spans = ztoc.span_count() as u64;
         if rec.span_count != spans {
             bail!(
                 "demand record {}: {} spans, zTOC {} has {spans}",
@@ -70,9 +87,14 @@ pub(super) async fn artifacts_of(
             rec.spans.len(),
             artifact.as_ref().map(|a| a.spans().len()).unwrap_or(0)
         );
-        if let Some(a) = artifact {
-            out.insert(layer.digest.clone(), a);
-        }
+        out.push(Recorded {
+            layer: layer.clone(),
+            ztoc_desc: z.clone(),
+            ztoc,
+            path: path.clone(),
+            record: rec.clone(),
+            artifact,
+        });
     }
     if !any {
         bail!(
