@@ -69,6 +69,10 @@ pub struct RecordFile {
     pub uncompressed_size: u64,
     /// Span ids the container's reads touched, in first-access order, each once.
     pub spans: Vec<u64>,
+    /// The byte ranges read, from the file next to the record (not part of the JSON; see
+    /// [`RecordFile::set_ranges`]).
+    #[serde(skip)]
+    pub ranges: Option<RecordedRanges>,
 }
 
 /// A record or recorded index that cannot be used; each names the file or artifact.
@@ -127,6 +131,15 @@ impl RecordFile {
             }
         }
         Ok(r)
+    }
+}
+
+impl RecordFile {
+    /// Parses the byte-range file next to this record (`file`, for errors) against the
+    /// record's `uncompressed_size` and keeps it in [`RecordFile::ranges`].
+    pub fn set_ranges(&mut self, bytes: &[u8], file: &str) -> Result<(), RecordError> {
+        self.ranges = Some(RecordedRanges::parse(bytes, file, self.uncompressed_size)?);
+        Ok(())
     }
 }
 

@@ -11,6 +11,7 @@ fn rec(span_count: u64, spans: Vec<u64>) -> Vec<u8> {
         mounted_unix_ms: 1,
         span_count,
         uncompressed_size: 0,
+        ranges: None,
         spans,
     })
     .unwrap()

@@ -35,21 +35,16 @@ pub(super) struct Refined {
     pub artifact: Option<PrefetchArtifact>,
 }
 
-/// The byte ranges recorded next to `rec`'s record file, checked against its zTOC; `None`
-/// (with a note) when there are none to use.
-fn ranges_of(rec: &Recorded, covered: u64) -> Result<Option<RecordedRanges>> {
-    let path = rec.path.with_extension(RANGES_EXTENSION);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!(
-                "soci: layer {}: the record has no byte ranges ({}): zTOC kept",
-                rec.layer.digest,
-                path.display()
-            );
-            return Ok(None);
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+/// The byte ranges recorded with `rec`, checked against its zTOC; `None` (with a note) when
+/// there are none to use.
+fn ranges_of(rec: &Recorded, covered: u64) -> Result<Option<&RecordedRanges>> {
+    let Some(ranges) = rec.record.ranges.as_ref() else {
+        eprintln!(
+            "soci: layer {}: the record has no byte ranges ({} has no .{RANGES_EXTENSION} file): zTOC kept",
+            rec.layer.digest,
+            rec.path.display()
+        );
+        return Ok(None);
     };
     if rec.record.uncompressed_size != covered {
         bail!(
@@ -59,12 +54,11 @@ fn ranges_of(rec: &Recorded, covered: u64) -> Result<Option<RecordedRanges>> {
             rec.ztoc_desc.digest
         );
     }
-    let ranges = RecordedRanges::parse(&bytes, &path.display().to_string(), covered)?;
     if !ranges.complete {
         eprintln!(
             "soci: layer {}: the run read from too many places to list ({}): zTOC kept",
             rec.layer.digest,
-            path.display()
+            rec.path.display()
         );
         return Ok(None);
     }

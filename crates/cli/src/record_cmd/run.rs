@@ -209,7 +209,22 @@ fn read_records(dir: &Path, started: u64) -> Result<Vec<(PathBuf, RecordFile)>> 
             Ok(h) if h.mounted_unix_ms < started => continue,
             _ => {}
         }
-        let r = RecordFile::parse(&bytes, &p.display().to_string())?;
+        let mut r = RecordFile::parse(&bytes, &p.display().to_string())?;
+        // The byte ranges next to it (read now: the file goes with the snapshot).
+        let rp = p.with_extension(soci_index::record::RANGES_EXTENSION);
+        match std::fs::File::open(&rp) {
+            Ok(f) => {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(f, soci_index::record::MAX_RECORD_BYTES + 1),
+                    &mut b,
+                )
+                .with_context(|| format!("reading {}", rp.display()))?;
+                r.set_ranges(&b, &rp.display().to_string())?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", rp.display())),
+        }
         out.push((p, r));
     }
     Ok(out)

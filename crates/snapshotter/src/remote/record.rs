@@ -62,6 +62,7 @@ pub(super) fn start(
         span_count: mgr.span_count() as u64,
         uncompressed_size: mgr.uncompressed_size(),
         spans: Vec::new(),
+        ranges: None,
     };
     let target = path(cache_root, id);
     let ranges_path = target.with_extension(RANGES_EXTENSION);
