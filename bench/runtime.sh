@@ -212,6 +212,7 @@ trace_run() {
   stop_soci_containerd run
   printf 'rpull %s %s\nrun %s %s\n' "$t0" "$t1" "$t1" "$t2" > "$d/markers"
   mkdir -p bench/results
+  cp "$d/timeline.jsonl" "bench/results/timeline-runtime-$p.jsonl" || true
   python3 bench/waterfall.py "$d/timeline.jsonl" --markers "$d/markers" \
     --title "soci-rs lazy start ($TRACE_TAG), python3.11 imports, $p profile" \
     --png "bench/results/waterfall-runtime-$p.png" --md "bench/results/waterfall-runtime-$p.md" >&2
