@@ -178,11 +178,9 @@ fn segments(scan: &BoundaryScan, min_gap: u64) -> Vec<Segment> {
         let Some(s) = *s else { continue };
         match out.last_mut() {
             Some((_, le)) if le.is_none_or(|le| s.cin <= le.cin.saturating_add(min_gap)) => {
-                if le.is_some() {
-                    *le = match e {
-                        Some(e) => Some(le.map_or(*e, |l| if e.cin > l.cin { *e } else { l })),
-                        None => None,
-                    };
+                // Merged: ends where the later of the two ends (the stream end wins).
+                if let Some(l) = *le {
+                    *le = e.map(|e| if e.cin > l.cin { e } else { l });
                 }
             }
             _ => out.push((s, *e)),

@@ -36,7 +36,7 @@ fn text(n: usize, seed: u64) -> Vec<u8> {
         out.extend_from_slice(w.as_bytes());
         // Some noise: deflate blocks of tens of KiB, as in real code and binaries.
         out.extend_from_slice(&x.to_le_bytes()[..(x >> 60) as usize % 4]);
-        if (x >> 20) % 7 == 0 {
+        if (x >> 20).is_multiple_of(7) {
             out.extend_from_slice(format!("{}", x % 100_000).as_bytes());
         }
     }
