@@ -11,8 +11,10 @@
 #   soci        soci-rs, no prefetch
 #   soci-pf     soci-rs, prefetch artifact from `soci convert --prefetch-files-json` (the files
 #               the workload opens, gathered with strace in a chroot of the same rootfs)
-#   soci-rec    soci-rs, prefetch recorded from a real run (`soci prefetch record`), only when
-#               that command exists
+#   soci-rec    soci-rs, prefetch recorded from a real run (`soci prefetch record`, zTOCs
+#               refined around the bytes read), only when that command exists
+#   soci-keep   the same recording with `--keep-spans` (original zTOCs, whole spans; not in
+#               the default KINDS)
 # Profiles as bench/start.sh: near (veth) and far (20 ms RTT + 200 Mbit/s).
 #
 # Usage: bench/runtime.sh [RUNS]   (default 3; PROFILES="near far", KINDS=...)
@@ -148,13 +150,21 @@ if [ -n "${KINDS:-}" ] && [[ " $KINDS " != *" soci-rec "* ]]; then
   :
 elif "$BIN/soci" prefetch record --help >/dev/null 2>&1; then
   start_soci_containerd rec "$NEAR"
-  if "$BIN/soci" -a "$W/rec/ctd.sock" prefetch record --plain-http --daemon-root "$W/rec/soci" \
+  if "$BIN/soci" -a "$W/rec/ctd.sock" prefetch record ${REFINE_ARGS:-} --plain-http --daemon-root "$W/rec/soci" \
       --dst "docker://$NEAR/py:soci-rec" "docker://$NEAR/py:soci" -- "${WORK[@]}" > "$W/record.log" 2>&1; then
     KINDS_ALL+=" soci-rec"
   else
     notes+=("soci-rec: soci prefetch record failed: $(tail -3 "$W/record.log" | tr '\n' ' ')")
   fi
   stop_soci_containerd rec
+  mkdir -p bench/results; grep -E '^layer|^soci:' "$W/record.log" > bench/results/runtime-record.log || true
+fi
+if [[ " ${KINDS:-} " == *" soci-keep "* ]]; then
+  start_soci_containerd keep "$NEAR"
+  "$BIN/soci" -a "$W/keep/ctd.sock" prefetch record --keep-spans --plain-http --daemon-root "$W/keep/soci" \
+    --dst "docker://$NEAR/py:soci-keep" "docker://$NEAR/py:soci" -- "${WORK[@]}" > "$W/record-keep.log" 2>&1 ||
+    notes+=("soci-keep: soci prefetch record --keep-spans failed: $(tail -3 "$W/record-keep.log" | tr '\n' ' ')")
+  stop_soci_containerd keep
 else
   notes+=("soci-rec (recorded prefetch): not available (soci prefetch record --help fails in this build)")
 fi
@@ -167,7 +177,7 @@ measure() { # measure KIND PROFILE -> "seconds bytes"
   a=$(addr "$2")
   case $kind in
     overlayfs) tag=v1 ;; stargz) tag=esgz ;; stargz-opt) tag=esgz-opt ;;
-    soci) tag=soci ;; soci-pf) tag=soci-pf ;; soci-rec) tag=soci-rec ;;
+    soci) tag=soci ;; soci-pf) tag=soci-pf ;; soci-rec) tag=soci-rec ;; soci-keep) tag=soci-keep ;;
   esac
   if [[ $kind == stargz* ]]; then
     bash bench/stargz.sh start "$W/run" "$a"
@@ -186,27 +196,29 @@ measure() { # measure KIND PROFILE -> "seconds bytes"
   echo "$(echo "$t1 - $t0" | bc -l) $(( $(served) - b0 ))"
   stop_soci_containerd run
 }
-# trace_run PROFILE: one soci-rs start (no prefetch) with the daemon's timeline on, drawn as
+# trace_run PROFILE: one soci-rs start of py:$TRACE_TAG (default soci: no prefetch) with the daemon's timeline on, drawn as
 # bench/results/waterfall-runtime-PROFILE.png (+ .md).
 trace_run() {
   local p=$1 a d t0 t1 t2 ctd
   a=$(addr "$p"); d=$W/trace-$p
   mkdir -p "$d"
-  SOCI_SNAPSHOTTER_TIMELINE=$d/timeline.jsonl start_soci_containerd run "$a"
+  SOCI_CONFIG_EXTRA=$'[prefetch]\nenable = true' SOCI_SNAPSHOTTER_TIMELINE=$d/timeline.jsonl start_soci_containerd run "$a"
   ctd=$W/run/ctd.sock
   t0=$(now)
-  "$BIN/soci" -a "$ctd" image rpull --plain-http "$a/py:soci" > /dev/null
+  "$BIN/soci" -a "$ctd" image rpull --plain-http "$a/py:$TRACE_TAG" > /dev/null
   t1=$(now)
-  ctr -a "$ctd" run --rm --snapshotter soci "$a/py:soci" c "${WORK[@]}" > /dev/null
+  ctr -a "$ctd" run --rm --snapshotter soci "$a/py:$TRACE_TAG" c "${WORK[@]}" > /dev/null
   t2=$(now)
   stop_soci_containerd run
   printf 'rpull %s %s\nrun %s %s\n' "$t0" "$t1" "$t1" "$t2" > "$d/markers"
   mkdir -p bench/results
+  cp "$d/timeline.jsonl" "bench/results/timeline-runtime-$p.jsonl" || true
   python3 bench/waterfall.py "$d/timeline.jsonl" --markers "$d/markers" \
-    --title "soci-rs lazy start, python3.11 imports, $p profile" \
+    --title "soci-rs lazy start ($TRACE_TAG), python3.11 imports, $p profile" \
     --png "bench/results/waterfall-runtime-$p.png" --md "bench/results/waterfall-runtime-$p.md" >&2
 }
 
+TRACE_TAG=${TRACE_TAG:-soci}
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 : > "$W/results"
@@ -246,7 +258,7 @@ mkdir -p bench/results
   echo "stargz-opt = eStargz with files recorded by \`ctr-remote image optimize\`; soci = soci-rs without"
   echo "prefetch; soci-pf = soci-rs with a prefetch artifact from \`soci convert --prefetch-files-json\`"
   echo "(the $nfiles files the workload opens, from strace); soci-rec = soci-rs with a prefetch recorded by"
-  echo "\`soci prefetch record\`."
+  echo "\`soci prefetch record\` (zTOCs refined around the bytes read); soci-keep = the same with \`--keep-spans\`."
   for n in "${notes[@]}"; do echo; echo "Note: $n"; done
   echo
   echo "command: bash bench/runtime.sh $RUNS ($(( $(date +%s) - started )) s); machine: $(nproc) cores (shared), $(uname -m), kernel $(uname -r), $(date -u +%F)"

@@ -137,7 +137,15 @@ fn record(
 ) -> std::process::Output {
     let mut cmd = Command::new(bin("soci"));
     cmd.arg("-a").arg(&ctd.socket);
-    cmd.args(["prefetch", "record", "--plain-http", "--run-timeout", "60s"]);
+    // Whole spans, same zTOCs (refining is prefetch_refine.rs's).
+    cmd.args([
+        "prefetch",
+        "record",
+        "--keep-spans",
+        "--plain-http",
+        "--run-timeout",
+        "60s",
+    ]);
     cmd.arg("--daemon-root").arg(&daemon.root);
     cmd.args(["--scratch-namespace", ns]);
     cmd.arg("--dst").arg(format!("docker://{repo}:{dst_tag}"));

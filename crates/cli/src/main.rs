@@ -126,8 +126,9 @@ enum Command {
 enum PrefetchCommand {
     /// Run a SOCI-enabled image once under the soci snapshotter (fresh lazy mounts in a
     /// scratch namespace), record the spans each layer's reads needed, and write them as the
-    /// prefetch artifacts of a new SOCI index v2 for the image (same zTOCs). Prints the new
-    /// image index digest.
+    /// prefetch artifacts of a new SOCI index v2 for the image. Each recorded gzip layer gets a
+    /// refined zTOC with small spans around the bytes the run read (`--keep-spans`: same
+    /// zTOCs, whole spans). Prints the new image index digest.
     Record(Box<record_cmd::RecordArgs>),
     /// Not supported: upstream's `soci prefetch list|info`.
     #[command(external_subcommand)]

@@ -182,6 +182,8 @@ pub struct SpanManager {
     me: Weak<SpanManager>,
     /// Demand record (see `record.rs`), when the mount asked for one.
     pub(crate) record: record::RecordSlot,
+    /// Spans a prefetch named: reads of them start no read-ahead (see `read_ahead.rs`).
+    pub(crate) prefetched: Vec<AtomicBool>,
 }
 
 fn eio(msg: String) -> io::Error {
@@ -233,6 +235,7 @@ impl SpanManager {
             progress: watch::channel(0).0,
             me: me.clone(),
             record: Default::default(),
+            prefetched: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }))
     }
 

@@ -12,6 +12,12 @@
 //! `<daemon root>/record/`). They are read back with bounded sizes and every span id checked
 //! against the layer's zTOC, so a damaged or planted file is refused, not written into an
 //! artifact.
+//!
+//! Next to each record the daemon appends the uncompressed byte ranges the reads asked for
+//! (`<snapshot>.ranges`, [`RecordedRanges`]); `soci prefetch record` rebuilds the zTOC of a
+//! recorded gzip layer with extra checkpoints around them, so the prefetch fetches small
+//! spans. Then the new SOCI index names that new zTOC instead of the old one (the layer is
+//! still never rewritten).
 
 use std::collections::BTreeMap;
 
@@ -33,6 +39,11 @@ pub const RECORD_DIR: &str = "record";
 pub const MAX_RECORD_BYTES: u64 = 16 << 20;
 /// Most spans a record may list (bounds the memory of a planted file before its zTOC check).
 pub const MAX_RECORD_SPANS: u64 = 1 << 20;
+/// Extension of the byte-range file next to a record (`<snapshot>.ranges`).
+pub const RANGES_EXTENSION: &str = "ranges";
+/// Most lines a byte-range file may hold (the daemon writes at most 65536 reads and one
+/// `overflow` line).
+pub const MAX_RECORD_RANGES: usize = (1 << 16) + 1;
 
 /// One lazily mounted layer's demand record, as the daemon writes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,8 +64,15 @@ pub struct RecordFile {
     pub mounted_unix_ms: u64,
     /// Spans of the layer's zTOC.
     pub span_count: u64,
+    /// Uncompressed bytes the zTOC's spans cover (0 in records without byte ranges).
+    #[serde(default)]
+    pub uncompressed_size: u64,
     /// Span ids the container's reads touched, in first-access order, each once.
     pub spans: Vec<u64>,
+    /// The byte ranges read, from the file next to the record (not part of the JSON; see
+    /// [`RecordFile::set_ranges`]).
+    #[serde(skip)]
+    pub ranges: Option<RecordedRanges>,
 }
 
 /// A record or recorded index that cannot be used; each names the file or artifact.
@@ -113,6 +131,81 @@ impl RecordFile {
             }
         }
         Ok(r)
+    }
+}
+
+impl RecordFile {
+    /// Parses the byte-range file next to this record (`file`, for errors) against the
+    /// record's `uncompressed_size` and keeps it in [`RecordFile::ranges`].
+    pub fn set_ranges(&mut self, bytes: &[u8], file: &str) -> Result<(), RecordError> {
+        self.ranges = Some(RecordedRanges::parse(bytes, file, self.uncompressed_size)?);
+        Ok(())
+    }
+}
+
+/// The byte ranges of a record (`<snapshot>.ranges`), in read order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordedRanges {
+    /// Uncompressed byte ranges of the layer, each a read that added bytes, in read order.
+    pub ranges: Vec<std::ops::Range<u64>>,
+    /// False when the daemon stopped listing (`overflow`): the ranges miss later reads.
+    pub complete: bool,
+}
+
+impl RecordedRanges {
+    /// Parses byte-range file `file` (its path, for errors) of a layer whose spans cover
+    /// `uncompressed_size` bytes: bounded size and line count, every range non-empty and
+    /// inside the layer; anything else is refused.
+    pub fn parse(
+        bytes: &[u8],
+        file: &str,
+        uncompressed_size: u64,
+    ) -> Result<RecordedRanges, RecordError> {
+        let bad = |reason: String| RecordError::BadRecord {
+            file: file.into(),
+            reason,
+        };
+        if bytes.len() as u64 > MAX_RECORD_BYTES {
+            return Err(bad(format!(
+                "{} bytes, limit {MAX_RECORD_BYTES}",
+                bytes.len()
+            )));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+        if !text.is_empty() && !text.ends_with('\n') {
+            return Err(bad("the last line is cut short".into()));
+        }
+        let mut out = RecordedRanges {
+            ranges: Vec::new(),
+            complete: true,
+        };
+        for (n, line) in text.lines().enumerate() {
+            if n >= MAX_RECORD_RANGES {
+                return Err(bad(format!("more than {MAX_RECORD_RANGES} lines")));
+            }
+            if !out.complete {
+                return Err(bad(format!("line {}: after `overflow`", n + 1)));
+            }
+            if line == "overflow" {
+                out.complete = false;
+                continue;
+            }
+            let mut it = line.split(' ');
+            let (Some(a), Some(b), None) = (it.next(), it.next(), it.next()) else {
+                return Err(bad(format!("line {}: not `START END`", n + 1)));
+            };
+            let (Ok(a), Ok(b)) = (a.parse::<u64>(), b.parse::<u64>()) else {
+                return Err(bad(format!("line {}: not `START END`", n + 1)));
+            };
+            if a >= b || b > uncompressed_size {
+                return Err(bad(format!(
+                    "line {}: bytes {a}..{b} are not a range of the layer ({uncompressed_size} bytes)",
+                    n + 1
+                )));
+            }
+            out.ranges.push(a..b);
+        }
+        Ok(out)
     }
 }
 
@@ -253,13 +346,15 @@ pub async fn bound_image(
     })
 }
 
-/// Writes a new SOCI index v2 for `img` (same zTOCs, `artifacts` by layer digest as its
+/// Writes a new SOCI index v2 for `img` (its zTOCs, except those of `ztocs`: layer digest ->
+/// descriptor of a refined zTOC already in `store`; `artifacts` by layer digest as its
 /// prefetch artifacts, earlier prefetch artifacts dropped), binds it as `soci convert` does
 /// and tags the new image index `dst_tag` in `store`.
 pub async fn rebind(
     store: &ImageStore,
     img: BoundImage,
     artifacts: &BTreeMap<Digest, PrefetchArtifact>,
+    ztocs: &BTreeMap<Digest, Descriptor>,
     dst_tag: &str,
 ) -> Result<ConvertReport, RecordError> {
     let BoundImage {
@@ -273,8 +368,22 @@ pub async fn rebind(
         .ztocs
         .iter()
         .filter(|d| d.media_type != MEDIA_TYPE_PREFETCH)
-        .cloned()
+        .map(|d| {
+            d.annotations
+                .get(ANNOTATION_LAYER_DIGEST)
+                .and_then(|l| Digest::parse(l))
+                .and_then(|l| ztocs.get(&l))
+                .unwrap_or(d)
+                .clone()
+        })
         .collect();
+    for l in ztocs.keys() {
+        if soci.ztoc_for(l).is_none() {
+            return Err(image_err(format!(
+                "layer {l} has no zTOC in the SOCI index: no refined zTOC for it"
+            )));
+        }
+    }
     let n_ztocs = layers.len();
     for l in &manifest.layers {
         let Some(a) = artifacts.get(&l.digest) else {

@@ -10,6 +10,8 @@ fn rec(span_count: u64, spans: Vec<u64>) -> Vec<u8> {
         ztoc: format!("sha256:{}", "c".repeat(64)),
         mounted_unix_ms: 1,
         span_count,
+        uncompressed_size: 0,
+        ranges: None,
         spans,
     })
     .unwrap()
@@ -74,4 +76,39 @@ fn too_many_ranges_are_refused() {
         .collect();
     let e = recorded_artifact(&order, "sha256:x").unwrap_err();
     assert!(e.to_string().contains("more than"), "{e}");
+}
+
+#[test]
+fn recorded_ranges_parse_and_hostile_ones_are_refused() {
+    let r = RecordedRanges::parse(b"100 200\n0 50\n", "f.ranges", 1000).unwrap();
+    assert_eq!(r.ranges, vec![100..200, 0..50]);
+    assert!(r.complete);
+    let r = RecordedRanges::parse(b"1 2\noverflow\n", "f.ranges", 10).unwrap();
+    assert!(!r.complete);
+    assert!(RecordedRanges::parse(b"", "f", 0)
+        .unwrap()
+        .ranges
+        .is_empty());
+    let many = "1 2\n".repeat(MAX_RECORD_RANGES + 1);
+    for (bytes, why) in [
+        (b"5 5\n".to_vec(), "not a range"),
+        (b"0 1001\n".to_vec(), "not a range"),
+        (
+            b"18446744073709551614 18446744073709551615\n".to_vec(),
+            "not a range",
+        ),
+        (b"1 2".to_vec(), "cut short"),
+        (b"1 2 3\n".to_vec(), "START END"),
+        (b"-1 2\n".to_vec(), "START END"),
+        (b"overflow\n1 2\n".to_vec(), "after"),
+        (many.into_bytes(), "lines"),
+        (vec![b'\n'; MAX_RECORD_BYTES as usize + 1], "limit"),
+    ] {
+        let e = RecordedRanges::parse(&bytes, "/root/record/3.ranges", 1000).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains(why) && s.contains("/root/record/3.ranges"),
+            "{s}"
+        );
+    }
 }

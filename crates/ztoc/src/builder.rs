@@ -47,6 +47,14 @@ impl Default for BuildOptions {
 
 /// Builds the zTOC of a layer blob read from `blob`.
 pub fn build(blob: impl Read, opts: &BuildOptions) -> Result<Ztoc> {
+    build_with_checkpoints(blob, opts, &[])
+}
+
+/// [`build`] with extra checkpoints (gzip only): `extra` are ascending uncompressed offsets of
+/// deflate block boundaries (a [`crate::CutPlan`]'s), taken on top of the every-`span_size`
+/// checkpoints, which stay where upstream puts them. Offsets that are not a block boundary
+/// are skipped. With no extras the zTOC is byte-identical to [`build`]'s (upstream's).
+pub fn build_with_checkpoints(blob: impl Read, opts: &BuildOptions, extra: &[u64]) -> Result<Ztoc> {
     if opts.span_size == 0 || opts.span_size > i64::MAX as u64 {
         return Err(ZtocError::OutOfRange(format!(
             "span size {}",
@@ -61,6 +69,7 @@ pub fn build(blob: impl Read, opts: &BuildOptions) -> Result<Ztoc> {
     let (entries, uncompressed_size, compression, compressed_size) = match algorithm {
         CompressionAlgorithm::Gzip => {
             let mut idx = GzipIndexer::new(blob, opts.span_size)?;
+            idx.extra = extra.to_vec();
             let (entries, usize) = walk(&mut idx)?;
             let (info, csize) = idx.finish()?;
             (entries, usize, info, csize)
@@ -122,8 +131,8 @@ fn walk(r: &mut impl Read) -> Result<(Vec<TocEntry>, u64)> {
 }
 
 /// Inflates a gzip blob as a `Read` of its uncompressed bytes while recording checkpoints and
-/// span digests.
-struct GzipIndexer<R> {
+/// span digests (or, in scan mode, only telling a [`BoundaryScan`] of each block boundary).
+pub(crate) struct GzipIndexer<R> {
     src: R,
     input: Box<[u8]>,
     in_pos: usize,
@@ -132,8 +141,15 @@ struct GzipIndexer<R> {
     inflater: Inflater,
     total_in: u64,
     total_out: u64,
+    /// Output offset of the last every-`span_size` checkpoint (extra ones do not move it, so
+    /// the regular checkpoints stay where upstream puts them).
     last_checkpoint_out: u64,
     span_size: u64,
+    /// Extra checkpoints still to come (ascending uncompressed offsets).
+    extra: Vec<u64>,
+    next_extra: usize,
+    /// Scan mode: no checkpoints or digests, block boundaries reported here.
+    pub(crate) scan: Option<crate::refine::BoundaryScan>,
     ring: Box<[u8]>,
     ring_pos: usize,
     blob: Vec<u8>,
@@ -145,7 +161,7 @@ struct GzipIndexer<R> {
 }
 
 impl<R: Read> GzipIndexer<R> {
-    fn new(src: R, span_size: u64) -> Result<Self> {
+    pub(crate) fn new(src: R, span_size: u64) -> Result<Self> {
         Ok(GzipIndexer {
             src,
             input: vec![0u8; INPUT_CHUNK].into_boxed_slice(),
@@ -157,6 +173,9 @@ impl<R: Read> GzipIndexer<R> {
             total_out: 0,
             last_checkpoint_out: 0,
             span_size,
+            extra: Vec::new(),
+            next_extra: 0,
+            scan: None,
             ring: vec![0u8; WINDOW_SIZE].into_boxed_slice(),
             ring_pos: 0,
             blob: vec![0u8; HEADER_SIZE],
@@ -227,7 +246,34 @@ impl<R: Read> GzipIndexer<R> {
         window.extend_from_slice(newer);
         push_checkpoint(&mut self.blob, cp, &window);
         self.count += 1;
-        self.last_checkpoint_out = self.total_out;
+    }
+
+    /// Whether an extra checkpoint is due at a block boundary at the current output offset
+    /// (extras passed without a boundary at their offset are dropped).
+    fn extra_due(&mut self) -> bool {
+        while self
+            .extra
+            .get(self.next_extra)
+            .is_some_and(|&x| x < self.total_out)
+        {
+            self.next_extra += 1;
+        }
+        if self.extra.get(self.next_extra) == Some(&self.total_out) {
+            self.next_extra += 1;
+            return true;
+        }
+        false
+    }
+
+    /// Scan mode's end: the scan and the blob's compressed size.
+    pub(crate) fn into_scan(self) -> Result<(crate::refine::BoundaryScan, u64)> {
+        if !self.finished {
+            return Err(ZtocError::Gzip("gzip stream not fully consumed".into()));
+        }
+        let scan = self
+            .scan
+            .ok_or_else(|| ZtocError::Gzip("not a boundary scan".into()))?;
+        Ok((scan, self.total_in))
     }
 
     fn finish(mut self) -> Result<(CompressionInfo, u64)> {
@@ -295,12 +341,17 @@ impl<R: Read> Read for GzipIndexer<R> {
                 }
             } else {
                 let dt = self.inflater.data_type();
-                if dt & 128 != 0
-                    && dt & 64 == 0
-                    && (self.total_out == 0
-                        || self.total_out - self.last_checkpoint_out > self.span_size)
-                {
-                    self.add_checkpoint((dt & 7) as u8);
+                if dt & 128 != 0 && dt & 64 == 0 {
+                    let regular = self.total_out == 0
+                        || self.total_out - self.last_checkpoint_out > self.span_size;
+                    if regular {
+                        self.last_checkpoint_out = self.total_out;
+                    }
+                    if let Some(scan) = self.scan.as_mut() {
+                        scan.boundary(self.total_in, self.total_out, regular);
+                    } else if self.extra_due() | regular {
+                        self.add_checkpoint((dt & 7) as u8);
+                    }
                 }
                 if p.consumed == 0 && p.produced == 0 && p.status == Status::BufError {
                     return Err(io::Error::new(

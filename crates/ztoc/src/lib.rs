@@ -5,7 +5,8 @@
 //! checkpoints (or fixed slices for uncompressed tar) and a sha256 digest per span. The
 //! flatbuffer encoding is byte-compatible with upstream soci-snapshotter.
 //!
-//! - [`build`] makes a zTOC from a layer blob in one streaming pass.
+//! - [`build`] makes a zTOC from a layer blob in one streaming pass; [`plan_cuts`] plans
+//!   extra checkpoints around the bytes a workload reads (`soci prefetch record`).
 //! - [`Ztoc::from_bytes`] / [`Ztoc::to_bytes`] read and write the flatbuffer.
 //! - [`Spans`] gives span ranges, verifies span digests and decompresses spans;
 //!   [`ReadPlan`] and [`Spans::decode_span`] are the one read pipeline (range -> spans ->
@@ -22,12 +23,13 @@ mod flat;
 pub mod limits;
 mod model;
 mod pipeline;
+mod refine;
 mod span;
 pub mod tar;
 mod time;
 mod zlib;
 
-pub use builder::{build, BuildOptions};
+pub use builder::{build, build_with_checkpoints, BuildOptions};
 pub use checkpoint::{Checkpoint, GzipCheckpoints, WINDOW_SIZE};
 pub use error::{Result, ZtocError};
 pub use extract::{normalize_name, read_uncompressed, SpanSource};
@@ -36,6 +38,9 @@ pub use model::{
     DEFAULT_BUILD_TOOL_IDENTIFIER, DEFAULT_SPAN_SIZE, XATTR_PAX_PREFIX, ZTOC_VERSION,
 };
 pub use pipeline::{DecodeError, ReadPlan, SpanRun};
+pub use refine::{
+    plan_cuts, CutPlan, CutPolicy, CHECKPOINT_COST, MAX_EXTRA_CHECKPOINTS, MAX_HOT_RANGES,
+};
 pub use span::{Span, SpanId, Spans, MAX_SPAN_BYTES};
 pub use tar::EntryKind;
 pub use time::{format_mod_time, parse_mod_time};

@@ -111,6 +111,11 @@ impl SpanManager {
         concurrency: usize,
         deadline: Instant,
     ) -> PrefetchReport {
+        for r in ranges {
+            for id in *r.start()..=(*r.end()).min(self.prefetched.len().saturating_sub(1)) {
+                self.prefetched[id].store(true, Ordering::Relaxed);
+            }
+        }
         let (runs, cached) = self.prefetch_requests(ranges);
         let mut total = PrefetchReport {
             cached,

@@ -35,6 +35,16 @@ impl RangeReader for Fake {
 
 /// An uncompressed tar layer with one `size`-byte file, spans of `span` bytes.
 fn manager(size: usize, span: u64, fake: Fake) -> (Arc<SpanManager>, Arc<Fake>, tempfile::TempDir) {
+    manager_with(size, span, fake, 0)
+}
+
+/// [`manager`] with `read_ahead_spans`.
+fn manager_with(
+    size: usize,
+    span: u64,
+    fake: Fake,
+    read_ahead_spans: usize,
+) -> (Arc<SpanManager>, Arc<Fake>, tempfile::TempDir) {
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_size(size as u64);
@@ -57,7 +67,7 @@ fn manager(size: usize, span: u64, fake: Fake) -> (Arc<SpanManager>, Arc<Fake>, 
         fetch_timeout: Duration::from_secs(5),
         poisoned_ttl: crate::spans::POISONED_SPAN_TTL,
         cache: SpanCache::new(1 << 20, 0),
-        read_ahead_spans: 0,
+        read_ahead_spans,
     };
     let m = SpanManager::new(
         "sha256:layer".into(),
@@ -212,4 +222,27 @@ async fn runs_are_cut_at_the_decode_limit_too() {
     }
     assert_eq!(runs.first().map(|r| r.start), Some(0));
     assert_eq!(runs.last().map(|r| r.end), Some(n));
+}
+
+#[tokio::test]
+async fn reads_of_prefetched_spans_start_no_read_ahead() {
+    // 1 MiB file at tar offset 512, 64 KiB spans, read-ahead of 4 spans.
+    let (m, fake, _d) = manager_with(1 << 20, 65536, Fake::default(), 4);
+    let file = 512..512 + (1 << 20);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let r = m.prefetch(&[0..=2], 4, deadline).await;
+    assert_eq!((r.spans, r.requests), (3, 1), "{r:?}");
+    // A read inside the prefetched spans: served locally, nothing fetched past them.
+    let got = m.read_in_file(70_000..140_000, file.clone()).await.unwrap();
+    assert_eq!(got, &fake.blob[70_000..140_000]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.calls.lock().unwrap().len(), 1);
+    // A cold read elsewhere in the file still reads ahead.
+    m.read_in_file(5 * 65536..5 * 65536 + 10, file)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls = fake.calls.lock().unwrap().clone();
+    assert!(calls.len() >= 3, "{calls:?}");
+    assert!(calls.iter().any(|c| c.start == 6 * 65536), "{calls:?}");
 }

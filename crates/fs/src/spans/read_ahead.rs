@@ -9,6 +9,10 @@
 //! [`MAX_READ_AHEAD_TASKS`] per layer run at once, only spans of the same file are fetched (a
 //! reader of a small file never pulls its neighbours), and only once a range request of the
 //! layer has been answered (no read-ahead into a registry that ignores ranges or is failing).
+//! A read whose spans a prefetch named starts none: the prefetch (recorded from a run, or
+//! listing whole files) already holds what the workload reads next, and fetching past it only
+//! takes bandwidth from the reads that need it (recorded prefetches of refined zTOCs name
+//! small spans of partly read files).
 
 use std::io;
 use std::ops::Range;
@@ -85,6 +89,13 @@ impl SpanManager {
         if self.closed.load(Ordering::Relaxed)
             || self.reader.whole_only()
             || !self.ranges_work.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        if self
+            .spans
+            .spans_for(range)
+            .all(|id| self.prefetched[id].load(Ordering::Relaxed))
         {
             return;
         }

@@ -8,13 +8,19 @@
 //! rewritten before the read that grew the list is answered, so it is complete by the time
 //! the container's last read returns. Bounded by the layer: at most one rewrite per span of
 //! the zTOC, each at most a few bytes per span. The file goes with the snapshot.
+//!
+//! The byte ranges read go to `<root>/record/<snapshot id>.ranges`, one `start end` line
+//! appended per read that added bytes (read order; `overflow` when the list stopped, see
+//! [`soci_fs::RangeEvent`]): an append per new read instead of a rewrite, so recording costs
+//! normal runs a small write per cold read.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use soci_fs::{DemandRecord, SpanManager};
-use soci_index::record::{RecordFile, RECORD_DIR, RECORD_VERSION};
+use soci_fs::{DemandRecord, RangeEvent, SpanManager};
+use soci_index::record::{RecordFile, RANGES_EXTENSION, RECORD_DIR, RECORD_VERSION};
 use soci_index::SociImage;
 use soci_registry::Descriptor;
 use tracing::warn;
@@ -54,9 +60,16 @@ pub(super) fn start(
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         span_count: mgr.span_count() as u64,
+        uncompressed_size: mgr.uncompressed_size(),
         spans: Vec::new(),
+        ranges: None,
     };
     let target = path(cache_root, id);
+    let ranges_path = target.with_extension(RANGES_EXTENSION);
+    let ranges = std::fs::File::create(&ranges_path)
+        .map_err(|e| warn!(file = %ranges_path.display(), error = %e, "no byte ranges in the demand record"))
+        .ok()
+        .map(std::sync::Mutex::new);
     write(&target, &file);
     let sink = move |order: &[usize]| {
         file.spans = order.iter().map(|&s| s as u64).collect();
@@ -64,14 +77,29 @@ pub(super) fn start(
     };
     // The sink runs under the record's lock; it owns its copy of the header.
     let sink = std::sync::Mutex::new(sink);
-    mgr.record_demand(Arc::new(DemandRecord::new(
+    let mut record = DemandRecord::new(
         mgr.span_count(),
         Some(Box::new(move |order: &[usize]| {
             if let Ok(mut s) = sink.lock() {
                 (*s)(order)
             }
         })),
-    )));
+    );
+    if let Some(f) = ranges {
+        // Called under the record's range lock: lines go out in read order.
+        record = record.with_range_sink(Box::new(move |e: &RangeEvent| {
+            let line = match e {
+                RangeEvent::Read(r) => format!("{} {}\n", r.start, r.end),
+                RangeEvent::Overflow => "overflow\n".to_string(),
+            };
+            if let Ok(mut f) = f.lock() {
+                if let Err(err) = f.write_all(line.as_bytes()) {
+                    warn!(error = %err, "appending to the demand record's byte ranges failed");
+                }
+            }
+        }));
+    }
+    mgr.record_demand(Arc::new(record));
 }
 
 fn write(target: &Path, file: &RecordFile) {
@@ -90,4 +118,5 @@ pub(super) fn forget(cache_root: &Path, id: u64) {
     let p = path(cache_root, id);
     let _ = std::fs::remove_file(&p);
     let _ = std::fs::remove_file(p.with_extension("json.tmp"));
+    let _ = std::fs::remove_file(p.with_extension(RANGES_EXTENSION));
 }
