@@ -186,8 +186,23 @@ fn read_records(dir: &Path, started: u64) -> Result<Vec<(PathBuf, RecordFile)>> 
         if p.extension().and_then(|x| x.to_str()) != Some("json") {
             continue;
         }
-        let meta = std::fs::metadata(&p)?;
+        // Records of earlier runs (the warm check, `started` = 0) only matter if usable: one
+        // that is gone, too big or malformed is skipped, never a reason to refuse this run.
+        let strict = started > 0;
+        let meta = match std::fs::metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+        };
         if meta.len() > soci_index::record::MAX_RECORD_BYTES {
+            if !strict {
+                eprintln!(
+                    "warning: skipping demand record {}: {} bytes",
+                    p.display(),
+                    meta.len()
+                );
+                continue;
+            }
             bail!(
                 "demand record {}: {} bytes, limit {}",
                 p.display(),
@@ -209,7 +224,14 @@ fn read_records(dir: &Path, started: u64) -> Result<Vec<(PathBuf, RecordFile)>> 
             Ok(h) if h.mounted_unix_ms < started => continue,
             _ => {}
         }
-        let mut r = RecordFile::parse(&bytes, &p.display().to_string())?;
+        let mut r = match RecordFile::parse(&bytes, &p.display().to_string()) {
+            Ok(r) => r,
+            Err(e) if !strict => {
+                eprintln!("warning: skipping demand record: {e}");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         // The byte ranges next to it (read now: the file goes with the snapshot).
         let rp = p.with_extension(soci_index::record::RANGES_EXTENSION);
         match std::fs::File::open(&rp) {
@@ -289,4 +311,24 @@ fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<String> {
         bail!("{what}: {status}: {}", err.trim());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unusable_old_record_is_skipped_but_one_of_this_run_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("7.json"),
+            b"{\"mounted_unix_ms\": 5, \"junk\"",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("8.json"), b"{ not json").unwrap();
+        let old = read_records(d.path(), 0).expect("warm check is not refused");
+        assert!(old.is_empty());
+        let e = read_records(d.path(), 1).unwrap_err().to_string();
+        assert!(e.contains(".json"), "{e}");
+    }
 }

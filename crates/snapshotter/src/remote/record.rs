@@ -6,8 +6,9 @@
 //! Why a file the daemon keeps current, rather than a request to the daemon: the CLI reads it
 //! once the container has exited, with nothing new to configure or expose, and the file is
 //! rewritten before the read that grew the list is answered, so it is complete by the time
-//! the container's last read returns. Bounded by the layer: at most one rewrite per span of
-//! the zTOC, each at most a few bytes per span. The file goes with the snapshot.
+//! the container's last read returns. Bounded: at most one rewrite per new span, and none past
+//! the first [`MAX_REWRITTEN_SPANS`] (the list then keeps the spans first read); layers with
+//! more spans than the CLI accepts are not recorded. The file goes with the snapshot.
 //!
 //! The byte ranges read go to `<root>/record/<snapshot id>.ranges`, one `start end` line
 //! appended per read that added bytes (read order; `overflow` when the list stopped, see
@@ -30,6 +31,11 @@ fn dir(cache_root: &Path) -> PathBuf {
     cache_root.with_file_name(RECORD_DIR)
 }
 
+/// Spans after which a layer's record file is no longer rewritten: each new span rewrites the
+/// whole list on the FUSE reader's thread, so a hostile zTOC of a million tiny spans would cost
+/// quadratic time there. 4096 spans of the default size are 16 GiB of layer.
+const MAX_REWRITTEN_SPANS: usize = 4096;
+
 fn path(cache_root: &Path, id: u64) -> PathBuf {
     dir(cache_root).join(format!("{id}.json"))
 }
@@ -43,6 +49,10 @@ pub(super) fn start(
     layer: &Descriptor,
     mgr: &Arc<SpanManager>,
 ) {
+    if mgr.span_count() as u64 > soci_index::record::MAX_RECORD_SPANS {
+        // The CLI would refuse such a record: do not spend the reads' time writing it.
+        return;
+    }
     let d = dir(cache_root);
     if let Err(e) = std::fs::create_dir_all(&d) {
         warn!(dir = %d.display(), error = %e, "no demand record for this layer");
@@ -72,6 +82,11 @@ pub(super) fn start(
         .map(std::sync::Mutex::new);
     write(&target, &file);
     let sink = move |order: &[usize]| {
+        // Rewritten on the reader's thread: past MAX_REWRITTEN_SPANS the list keeps its first
+        // spans (the byte ranges beside it go on, append-only and bounded on their own).
+        if order.len() > MAX_REWRITTEN_SPANS {
+            return;
+        }
         file.spans = order.iter().map(|&s| s as u64).collect();
         write(&target, &file);
     };
