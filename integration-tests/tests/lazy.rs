@@ -224,42 +224,28 @@ fn background_fetch_fills_layers_then_registry_is_not_needed() {
         "{after}"
     );
 
-    // The disk cache gauge is what is on disk, and goes when the snapshots go.
+    // The disk cache gauge is what is on disk, and goes when the snapshots go: span files at
+    // their size, passthrough backing files at their charge (whole 4 KiB blocks plus one for
+    // the inode); passthrough's bookkeeping (`.ids`, `.cached`) is not cache data.
     let on_disk = |dir: &std::path::Path| -> u64 {
-        let out = Command::new("du")
-            .args(["-sb", "--apparent-size"])
+        let out = Command::new("find")
             .arg(dir)
+            .args(["-type", "f", "-printf", "%s %p\\n"])
             .output()
             .unwrap();
-        let total: u64 = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let dirs = Command::new("find")
-            .arg(dir)
-            .args(["-type", "d"])
-            .output()
-            .unwrap();
-        // du counts each directory's own size too.
-        let dir_bytes: u64 = String::from_utf8_lossy(&dirs.stdout)
+        String::from_utf8_lossy(&out.stdout)
             .lines()
-            .map(|d| std::fs::metadata(d).map(|m| m.len()).unwrap_or(0))
-            .sum();
-        // Passthrough's bookkeeping (backing ids, a few bytes each) is not cache data.
-        let books = Command::new("find")
-            .arg(dir)
-            .args([
-                "-type", "f", "(", "-name", ".ids", "-o", "-name", ".cached", ")",
-            ])
-            .output()
-            .unwrap();
-        let book_bytes: u64 = String::from_utf8_lossy(&books.stdout)
-            .lines()
-            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-            .sum();
-        total - dir_bytes - book_bytes
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, p)| !p.ends_with("/.ids") && !p.ends_with("/.cached"))
+            .map(|(n, p)| {
+                let n: u64 = n.parse().unwrap();
+                if p.contains("/passthrough/") {
+                    (n.div_ceil(4096) + 1) * 4096
+                } else {
+                    n
+                }
+            })
+            .sum::<u64>()
     };
     let disk = metric(&after, "soci_span_cache_bytes{place=\"disk\"}");
     assert!(disk > 12 << 20, "{after}");
