@@ -379,7 +379,7 @@ mod read_ahead;
 pub(crate) mod record;
 mod whole;
 pub use background::BackgroundConfig;
-pub use prefetch::{PrefetchReport, MAX_PREFETCH_REQUEST_BYTES};
+pub use prefetch::{plan_prefetch, PrefetchReport, MAX_PREFETCH_REQUEST_BYTES};
 pub use read_ahead::{MAX_READ_AHEAD_BYTES, MAX_READ_AHEAD_TASKS};
 use whole::WholeState;
 

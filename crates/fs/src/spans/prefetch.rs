@@ -13,7 +13,7 @@ use std::ops::{Range, RangeInclusive};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use soci_ztoc::SpanId;
+use soci_ztoc::{SpanId, Spans};
 use tokio::time::Instant;
 
 use super::{Priority, SpanManager};
@@ -41,51 +41,74 @@ pub struct PrefetchReport {
     pub timed_out: bool,
 }
 
+/// The range requests a prefetch of `ranges` (inclusive span ids) of a layer with `spans`
+/// makes: ids past the layer dropped, ranges merged, spans `cached` says are held skipped, runs
+/// cut at [`MAX_PREFETCH_REQUEST_BYTES`] fetched and [`MAX_PREFETCH_DECODE_BYTES`] inflated.
+/// Also returns how many named spans are cached. Pure, so the daemon can fetch the same
+/// requests ahead of a layer's mount (the mount's prefetch then finds them).
+pub fn plan_prefetch(
+    spans: &Spans,
+    ranges: &[RangeInclusive<SpanId>],
+    cached: impl Fn(SpanId) -> bool,
+) -> (Vec<Range<SpanId>>, u64) {
+    let uncompressed_len = |run: Range<SpanId>| -> u64 {
+        run.filter_map(|id| spans.span(id).ok())
+            .map(|s| s.uncompressed.end - s.uncompressed.start)
+            .sum()
+    };
+    let compressed_len = |run: Range<SpanId>| -> u64 {
+        match (spans.span(run.start), spans.span(run.end - 1)) {
+            (Ok(a), Ok(b)) => b.compressed.end.saturating_sub(a.compressed.start),
+            _ => 0,
+        }
+    };
+    let n = spans.len();
+    let mut ids: Vec<Range<SpanId>> = ranges
+        .iter()
+        .filter(|r| r.start() <= r.end() && *r.start() < n)
+        .map(|r| *r.start()..(*r.end()).min(n - 1) + 1)
+        .collect();
+    ids.sort_by_key(|r| (r.start, r.end));
+    let mut out: Vec<Range<SpanId>> = Vec::new();
+    let mut held = 0;
+    let mut next = 0; // first id not yet looked at (ranges may overlap)
+    let mut run_plain = 0u64; // uncompressed bytes of the last run
+    for r in ids {
+        for id in r.start.max(next)..r.end {
+            if cached(id) {
+                held += 1;
+                continue;
+            }
+            let size = uncompressed_len(id..id + 1);
+            let extend = out.last().is_some_and(|last| {
+                last.end == id
+                    && compressed_len(last.start..id + 1) <= MAX_PREFETCH_REQUEST_BYTES
+                    && run_plain.saturating_add(size) <= MAX_PREFETCH_DECODE_BYTES
+            });
+            match out.last_mut() {
+                Some(last) if extend => {
+                    last.end = id + 1;
+                    run_plain += size;
+                }
+                _ => {
+                    out.push(id..id + 1);
+                    run_plain = size;
+                }
+            }
+        }
+        next = next.max(r.end);
+    }
+    (out, held)
+}
+
 impl SpanManager {
-    /// The range requests a prefetch of `ranges` (inclusive span ids) makes now: ids past the
-    /// layer dropped, ranges merged, cached spans skipped, runs cut at
-    /// [`MAX_PREFETCH_REQUEST_BYTES`]. Also returns how many named spans are cached.
+    /// The range requests a prefetch of `ranges` (inclusive span ids) makes now: see
+    /// [`plan_prefetch`] (cached spans skipped). Also returns how many named spans are cached.
     pub fn prefetch_requests(
         &self,
         ranges: &[RangeInclusive<SpanId>],
     ) -> (Vec<Range<SpanId>>, u64) {
-        let n = self.spans.len();
-        let mut ids: Vec<Range<SpanId>> = ranges
-            .iter()
-            .filter(|r| r.start() <= r.end() && *r.start() < n)
-            .map(|r| *r.start()..(*r.end()).min(n - 1) + 1)
-            .collect();
-        ids.sort_by_key(|r| (r.start, r.end));
-        let mut out: Vec<Range<SpanId>> = Vec::new();
-        let mut cached = 0;
-        let mut next = 0; // first id not yet looked at (ranges may overlap)
-        let mut run_plain = 0u64; // uncompressed bytes of the last run
-        for r in ids {
-            for id in r.start.max(next)..r.end {
-                if self.is_cached(id) {
-                    cached += 1;
-                    continue;
-                }
-                let size = self.uncompressed_len(id..id + 1);
-                let extend = out.last().is_some_and(|last| {
-                    last.end == id
-                        && self.compressed_len(last.start..id + 1) <= MAX_PREFETCH_REQUEST_BYTES
-                        && run_plain.saturating_add(size) <= MAX_PREFETCH_DECODE_BYTES
-                });
-                match out.last_mut() {
-                    Some(last) if extend => {
-                        last.end = id + 1;
-                        run_plain += size;
-                    }
-                    _ => {
-                        out.push(id..id + 1);
-                        run_plain = size;
-                    }
-                }
-            }
-            next = next.max(r.end);
-        }
-        (out, cached)
+        plan_prefetch(&self.spans, ranges, |id| self.is_cached(id))
     }
 
     /// Uncompressed bytes of spans `run` (0 for ids past the end).

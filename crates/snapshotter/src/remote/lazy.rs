@@ -25,6 +25,8 @@ use crate::holder::{Held, HolderClient};
 /// Range reads of a layer blob from the registry (or whole reads, if it ignores ranges).
 struct RegistryReader {
     client: Arc<Client>,
+    /// Prefetch ranges fetched at discovery (see `early.rs`).
+    early: Arc<super::early::EarlyBytes>,
     repo: Repository,
     layer: Descriptor,
 }
@@ -36,6 +38,9 @@ impl RangeReader for RegistryReader {
         deadline: tokio::time::Instant,
     ) -> soci_fs::ReadFuture<'_, Bytes> {
         Box::pin(async move {
+            if let Some(b) = self.early.take(&self.layer.digest, &range, deadline).await {
+                return Ok(b);
+            }
             self.client
                 .get_blob_range_until(&self.repo, &self.layer.digest, range, Some(deadline))
                 .await
@@ -97,6 +102,7 @@ impl Remote {
         self.resolver.prepared.remove(&ztoc.digest);
         let reader = Arc::new(RegistryReader {
             client: self.client.clone(),
+            early: self.early.clone(),
             repo: img.reference.repository.clone(),
             layer: layer.clone(),
         });

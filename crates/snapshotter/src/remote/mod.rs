@@ -19,6 +19,7 @@ use lazy::LazyState;
 use resolver::ResolverState;
 
 pub mod content;
+mod early;
 mod error;
 mod full_pull;
 mod health;
@@ -72,6 +73,8 @@ pub struct Remote {
     health: health::Health,
     /// Prefetch counters and bound.
     pub prefetch: prefetch::PrefetchState,
+    /// Prefetch bytes fetched at discovery, ahead of their layers' mounts.
+    early: Arc<early::EarlyBytes>,
 }
 
 /// How one layer will be provided.
@@ -158,6 +161,7 @@ impl Remote {
             layers_lazy: Default::default(),
             health: Default::default(),
             prefetch: prefetch::PrefetchState::new(&cfg.prefetch),
+            early: Arc::default(),
         })
     }
 

@@ -72,18 +72,15 @@ impl Remote {
         let st = &self.prefetch;
         st.layers.fetch_add(1, Ordering::Relaxed);
         let work = async {
-            let artifact = img
-                .fetch_prefetch(&self.client, &desc, &layer.digest, mgr.span_count())
-                .await
-                .map_err(|e| e.to_string())?;
+            // The plan discovery may have made already, its ranges fetched meanwhile.
+            let ranges = self
+                .prefetch_plan(img, &desc, layer, mgr.span_count(), None)
+                .await?;
             let _permit = match &st.slots {
                 Some(s) => Some(s.acquire().await.map_err(|e| e.to_string())?),
                 None => None,
             };
-            Ok::<_, String>(
-                mgr.prefetch(&artifact.span_ranges(), REQUESTS_PER_LAYER, deadline)
-                    .await,
-            )
+            Ok::<_, String>(mgr.prefetch(&ranges, REQUESTS_PER_LAYER, deadline).await)
         };
         // The span fetches end by `deadline` themselves; the margin lets them report.
         let outcome = tokio::time::timeout_at(deadline + Duration::from_secs(2), work).await;

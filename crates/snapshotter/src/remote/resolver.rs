@@ -118,7 +118,10 @@ impl Remote {
                     if let Some(z) = ztoc {
                         let (me, img) = (self.clone(), img.clone());
                         tokio::spawn(async move {
-                            let _ = me.prepare_layer(&img, &z, &layer).await;
+                            if let Ok(p) = me.prepare_layer(&img, &z, &layer).await {
+                                // Its prefetch need not wait for the layers below it.
+                                me.prefetch_early(&img, &layer, &p.spans).await;
+                            }
                         });
                     }
                 }
