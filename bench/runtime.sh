@@ -158,6 +158,8 @@ elif "$BIN/soci" prefetch record --help >/dev/null 2>&1; then
   fi
   stop_soci_containerd rec
   mkdir -p bench/results; grep -E '^layer|^soci:' "$W/record.log" > bench/results/runtime-record.log || true
+else
+  notes+=("soci-rec (recorded prefetch): not available (soci prefetch record --help fails in this build)")
 fi
 if [[ " ${KINDS:-} " == *" soci-keep "* ]]; then
   start_soci_containerd keep "$NEAR"
@@ -165,8 +167,6 @@ if [[ " ${KINDS:-} " == *" soci-keep "* ]]; then
     --dst "docker://$NEAR/py:soci-keep" "docker://$NEAR/py:soci" -- "${WORK[@]}" > "$W/record-keep.log" 2>&1 ||
     notes+=("soci-keep: soci prefetch record --keep-spans failed: $(tail -3 "$W/record-keep.log" | tr '\n' ' ')")
   stop_soci_containerd keep
-else
-  notes+=("soci-rec (recorded prefetch): not available (soci prefetch record --help fails in this build)")
 fi
 KINDS=${KINDS:-$KINDS_ALL}
 for n in "${notes[@]}"; do echo "note: $n" >&2; done
