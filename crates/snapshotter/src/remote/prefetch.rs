@@ -76,8 +76,6 @@ impl Remote {
             let ranges = self
                 .prefetch_plan(img, &desc, layer, mgr.span_count(), None)
                 .await?;
-            // Used up: a later mount of this layer plans afresh (and the map does not grow).
-            self.early.plans.remove(&desc.digest);
             let _permit = match &st.slots {
                 Some(s) => Some(s.acquire().await.map_err(|e| e.to_string())?),
                 None => None,
