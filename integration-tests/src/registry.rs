@@ -119,19 +119,41 @@ impl Registry {
             .join("data")
     }
 
-    /// Total body bytes of successful blob GETs in the access log so far.
-    pub fn blob_bytes_served(&self) -> u64 {
+    /// Body sizes of the successful GETs of blobs whose access-log line `pick`s, in order.
+    fn served(&self, pick: impl Fn(&str) -> bool) -> Vec<u64> {
         let log = fs::read_to_string(&self.log).unwrap_or_default();
         log.lines()
-            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+            .filter(|l| l.contains("\"GET /v2/") && pick(l))
             .filter_map(|l| {
-                let after = l.split("HTTP/1.1\" ").nth(1)?;
-                let mut it = after.split_whitespace();
+                let mut it = l.split("HTTP/1.1\" ").nth(1)?.split_whitespace();
                 let status: u16 = it.next()?.parse().ok()?;
                 let bytes: u64 = it.next()?.parse().ok()?;
                 (status == 200 || status == 206).then_some(bytes)
             })
-            .sum()
+            .collect()
+    }
+
+    /// Total body bytes of successful blob GETs in the access log so far.
+    pub fn blob_bytes_served(&self) -> u64 {
+        self.served(|l| l.contains("/blobs/sha256:")).iter().sum()
+    }
+
+    /// Body sizes of the successful GETs of blob `digest` so far, in order.
+    pub fn blob_gets(&self, digest: &str) -> Vec<u64> {
+        let needle = format!("/blobs/{digest} ");
+        self.served(|l| l.contains(&needle))
+    }
+
+    /// A registry client for this registry (plain HTTP).
+    pub fn client(&self) -> soci_registry::Client {
+        soci_registry::Client::new(soci_registry::ClientOptions {
+            hosts: soci_registry::HostsConfig {
+                plain_http_hosts: vec![self.addr.clone()],
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .expect("registry client")
     }
 }
 

@@ -16,24 +16,10 @@ use integration_tests::registry::Registry;
 use integration_tests::{bin, run, sha256_hex};
 use soci_index::{SociIndex, ANNOTATION_IMAGE_MANIFEST_DIGEST, ANNOTATION_INDEX_DIGEST};
 use soci_registry::oci::MEDIA_TYPE_OCI_MANIFEST;
-use soci_registry::{Client, ClientOptions, Descriptor, Digest, HostsConfig, Reference};
+use soci_registry::{Descriptor, Digest, Reference};
 
 const NS: &str = "prefetch";
 const MIB: usize = 1 << 20;
-
-/// Sizes of successful GETs of blob `digest` in the registry's access log.
-fn blob_gets(reg: &Registry, digest: &str) -> Vec<u64> {
-    let log = std::fs::read_to_string(&reg.log).unwrap_or_default();
-    log.lines()
-        .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
-        .filter_map(|l| {
-            let mut it = l.split("HTTP/1.1\" ").nth(1)?.split_whitespace();
-            let status: u16 = it.next()?.parse().ok()?;
-            let bytes: u64 = it.next()?.parse().ok()?;
-            (status == 200 || status == 206).then_some(bytes)
-        })
-        .collect()
-}
 
 /// An image `name` of busybox plus a gzip layer: `data/a.bin` (3 MiB), `data/filler.bin`
 /// (6 MiB, never prefetched), `data/b.bin` (3 MiB), all incompressible. Its command prints the
@@ -80,21 +66,10 @@ fn convert(repo: &str, extra: &[&str]) {
     run(&mut cmd).unwrap();
 }
 
-fn client(reg: &Registry) -> Client {
-    Client::new(ClientOptions {
-        hosts: HostsConfig {
-            plain_http_hosts: vec![reg.addr.clone()],
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .unwrap()
-}
-
 /// The SOCI index of `repo:tag` and the digest of the image's data layer (the last).
 fn soci_index(reg: &Registry, repo: &str, tag: &str) -> (SociIndex, String) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let c = client(reg);
+    let c = reg.client();
     let r = Reference::parse(&format!("{repo}:{tag}")).unwrap();
     rt.block_on(async {
         let (_, idx) = c.get_manifest(&r.repository, tag).await.unwrap();
@@ -121,7 +96,7 @@ fn soci_index(reg: &Registry, repo: &str, tag: &str) -> (SociIndex, String) {
 /// layer digest annotation, after the zTOCs).
 fn with_artifact(reg: &Registry, repo: &str, tag: &str, artifact: &[u8]) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let c = client(reg);
+    let c = reg.client();
     let r = Reference::parse(&format!("{repo}:soci")).unwrap();
     let repo = &r.repository;
     rt.block_on(async {
@@ -240,13 +215,13 @@ fn pull_and_run(
     id: &str,
     want: &str,
 ) -> Run {
-    let before = blob_gets(reg, layer).len();
+    let before = reg.blob_gets(layer).len();
     let mode = ctd.soci(&["-n", NS, "image", "rpull", "--plain-http", image]);
     assert!(mode.contains("lazy: 1 of 2 layers"), "{mode}");
-    let pulled = blob_gets(reg, layer);
+    let pulled = reg.blob_gets(layer);
     let out = ctd.ctr_ok(&["-n", NS, "run", "--rm", "--snapshotter", "soci", image, id]);
     assert_eq!(out, want);
-    let ran = blob_gets(reg, layer);
+    let ran = reg.blob_gets(layer);
     Run {
         at_pull: pulled[before..].to_vec(),
         at_run: ran[pulled.len()..].to_vec(),

@@ -18,7 +18,7 @@ use integration_tests::registry::Registry;
 use integration_tests::{bin, sha256_hex};
 use soci_index::prefetch::MEDIA_TYPE_PREFETCH;
 use soci_index::SociIndex;
-use soci_registry::{Client, ClientOptions, Digest, HostsConfig, Reference};
+use soci_registry::{Digest, Reference};
 
 const MIB: usize = 1 << 20;
 /// The data files the workload reads, with sizes; fillers between them are never read.
@@ -28,34 +28,10 @@ const READ: [(&str, usize); 3] = [
     ("data/c.bin", 3 * MIB / 2),
 ];
 
-fn blob_gets(reg: &Registry, digest: &str) -> Vec<u64> {
-    let log = std::fs::read_to_string(&reg.log).unwrap_or_default();
-    log.lines()
-        .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
-        .filter_map(|l| {
-            let mut it = l.split("HTTP/1.1\" ").nth(1)?.split_whitespace();
-            let status: u16 = it.next()?.parse().ok()?;
-            let bytes: u64 = it.next()?.parse().ok()?;
-            (status == 200 || status == 206).then_some(bytes)
-        })
-        .collect()
-}
-
-fn client(reg: &Registry) -> Client {
-    Client::new(ClientOptions {
-        hosts: HostsConfig {
-            plain_http_hosts: vec![reg.addr.clone()],
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .unwrap()
-}
-
 /// The image manifest digest, SOCI index and data layer digest (the last) of `repo:tag`.
 fn soci_index(reg: &Registry, repo: &str, tag: &str) -> (String, SociIndex, String) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let c = client(reg);
+    let c = reg.client();
     let r = Reference::parse(&format!("{repo}:{tag}")).unwrap();
     rt.block_on(async {
         let (_, idx) = c.get_manifest(&r.repository, tag).await.unwrap();
@@ -87,7 +63,7 @@ fn soci_index(reg: &Registry, repo: &str, tag: &str) -> (String, SociIndex, Stri
 /// The span ids a full read of each file of `READ` touches, from the data layer's zTOC.
 fn expected_spans(reg: &Registry, repo: &str, idx: &SociIndex, layer: &str) -> BTreeSet<usize> {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let c = client(reg);
+    let c = reg.client();
     let r = Reference::parse(&format!("{repo}:soci")).unwrap();
     let z = idx
         .ztoc_for(&Digest::parse(layer).unwrap())
@@ -117,12 +93,12 @@ fn pull_and_run(
     image: &str,
     layer: &str,
 ) -> (Vec<u64>, Vec<u64>, String) {
-    let before = blob_gets(reg, layer).len();
+    let before = reg.blob_gets(layer).len();
     let mode = ctd.soci(&["-n", ns, "image", "rpull", "--plain-http", image]);
     assert!(mode.contains("lazy: 1 of 2 layers"), "{mode}");
-    let pulled = blob_gets(reg, layer);
+    let pulled = reg.blob_gets(layer);
     let out = ctd.ctr_ok(&["-n", ns, "run", "--rm", "--snapshotter", "soci", image, ns]);
-    let ran = blob_gets(reg, layer);
+    let ran = reg.blob_gets(layer);
     (pulled[before..].to_vec(), ran[pulled.len()..].to_vec(), out)
 }
 
@@ -263,7 +239,7 @@ fn recorded_prefetch_replaces_demand_reads_and_hostile_records_are_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let r = Reference::parse(&format!("{repo}:rec")).unwrap();
     let pbytes = rt
-        .block_on(client(&reg).get_blob(&r.repository, &pf))
+        .block_on(reg.client().get_blob(&r.repository, &pf))
         .unwrap();
     let artifact =
         soci_index::prefetch::PrefetchArtifact::parse(&pbytes, "pf", &layer, 1 << 20).unwrap();
@@ -291,7 +267,7 @@ fn recorded_prefetch_replaces_demand_reads_and_hostile_records_are_refused() {
     );
     eprintln!(
         "record: without prefetch {} demand GETs ({base_bytes} B); recorded: {} prefetch GETs ({pulled} B), 0 demand",
-        blob_gets(&reg, &layer).len(),
+        reg.blob_gets(&layer).len(),
         at_pull.len()
     );
     let m = integration_tests::get_metrics(&maddr);

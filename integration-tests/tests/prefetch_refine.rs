@@ -17,41 +17,17 @@ use integration_tests::registry::Registry;
 use integration_tests::{bin, sha256_hex};
 use soci_index::prefetch::MEDIA_TYPE_PREFETCH;
 use soci_index::SociIndex;
-use soci_registry::{Client, ClientOptions, Descriptor, Digest, HostsConfig, Reference};
+use soci_registry::{Descriptor, Digest, Reference};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
 /// Hot files: 96 KiB each, 1.5 MiB of filler between them.
 const HOT: usize = 4;
 
-fn blob_gets(reg: &Registry, digest: &str) -> Vec<u64> {
-    let log = std::fs::read_to_string(&reg.log).unwrap_or_default();
-    log.lines()
-        .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
-        .filter_map(|l| {
-            let mut it = l.split("HTTP/1.1\" ").nth(1)?.split_whitespace();
-            let status: u16 = it.next()?.parse().ok()?;
-            let bytes: u64 = it.next()?.parse().ok()?;
-            (status == 200 || status == 206).then_some(bytes)
-        })
-        .collect()
-}
-
-fn client(reg: &Registry) -> Client {
-    Client::new(ClientOptions {
-        hosts: HostsConfig {
-            plain_http_hosts: vec![reg.addr.clone()],
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .unwrap()
-}
-
 /// The SOCI index and data layer digest (the last layer) of `repo:tag`.
 fn soci_index(reg: &Registry, repo: &str, tag: &str) -> (SociIndex, String) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let c = client(reg);
+    let c = reg.client();
     let r = Reference::parse(&format!("{repo}:{tag}")).unwrap();
     rt.block_on(async {
         let (_, idx) = c.get_manifest(&r.repository, tag).await.unwrap();
@@ -78,7 +54,9 @@ fn soci_index(reg: &Registry, repo: &str, tag: &str) -> (SociIndex, String) {
 fn get_ztoc(reg: &Registry, repo: &str, d: &Descriptor) -> soci_ztoc::Ztoc {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let r = Reference::parse(&format!("{repo}:x")).unwrap();
-    let bytes = rt.block_on(client(reg).get_blob(&r.repository, d)).unwrap();
+    let bytes = rt
+        .block_on(reg.client().get_blob(&r.repository, d))
+        .unwrap();
     soci_ztoc::Ztoc::from_bytes(&bytes).unwrap()
 }
 
@@ -90,12 +68,12 @@ fn pull_and_run(
     image: &str,
     layer: &str,
 ) -> (Vec<u64>, Vec<u64>, String) {
-    let before = blob_gets(reg, layer).len();
+    let before = reg.blob_gets(layer).len();
     let mode = ctd.soci(&["-n", ns, "image", "rpull", "--plain-http", image]);
     assert!(mode.contains("lazy: 1 of 2 layers"), "{mode}");
-    let pulled = blob_gets(reg, layer);
+    let pulled = reg.blob_gets(layer);
     let out = ctd.ctr_ok(&["-n", ns, "run", "--rm", "--snapshotter", "soci", image, ns]);
-    let ran = blob_gets(reg, layer);
+    let ran = reg.blob_gets(layer);
     ctd.ctr_ok(&["-n", ns, "images", "rm", "--sync", image]);
     (pulled[before..].to_vec(), ran[pulled.len()..].to_vec(), out)
 }
