@@ -51,6 +51,9 @@ pub struct SpanCache {
     /// Bytes being decompressed now, and the most at once (for tests and the curious).
     decoding_now: AtomicU64,
     decoding_peak: AtomicU64,
+    /// When the last demand read of any layer started, in ms since `born` (0: none yet).
+    last_demand_ms: AtomicU64,
+    born: std::time::Instant,
 }
 
 /// Room in the decode budget, held while a run of spans is decompressed.
@@ -92,7 +95,30 @@ impl SpanCache {
             disk_limit: disk_bytes,
             disk_used: AtomicU64::new(0),
             disk_reads: tokio::sync::Semaphore::new(DISK_READS),
+            last_demand_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
         })
+    }
+
+    /// Notes that a container read something (any layer, now).
+    pub(crate) fn stamp_demand(&self) {
+        let now = (self.born.elapsed().as_millis() as u64).max(1);
+        self.last_demand_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Waits until no container read started for `quiet` (any layer): work that only pays off
+    /// later (passthrough copies) waits for it instead of taking CPU and disk from a start.
+    pub(crate) async fn wait_quiet(&self, quiet: std::time::Duration) {
+        loop {
+            let last = self.last_demand_ms.load(Ordering::Relaxed);
+            // A read may stamp a later time than this elapsed() (a race): saturating.
+            let since = (self.born.elapsed().as_millis() as u64).saturating_sub(last);
+            let quiet_ms = quiet.as_millis() as u64;
+            if last == 0 || since >= quiet_ms {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(quiet_ms - since)).await;
+        }
     }
 
     /// Bytes of spans held in memory (gauge `soci_span_cache_bytes{place="memory"}`).

@@ -22,7 +22,7 @@ use crate::kernel::abi::{
 };
 use crate::kernel::{self, op, out_header, DirBuf, Operation, Reply, ReplySink, Request, Session};
 use crate::metrics::{count_fuse_failure, FuseOp};
-use crate::mount::Served;
+use crate::mount::{CacheTimeouts, Served};
 use crate::passthrough::{BackingFiles, Passthrough, PASSTHROUGH_FH};
 use crate::spans::{FsMetrics, SpanManager};
 use crate::tree::{LayerTree, Node, NodeKind};
@@ -76,7 +76,7 @@ pub struct LayerFs {
     pub(crate) tree: Arc<LayerTree>,
     pub(crate) spans: Arc<SpanManager>,
     rt: Handle,
-    ttl: Duration,
+    pub(crate) timeouts: CacheTimeouts,
     metrics: Arc<FsMetrics>,
     /// Negotiated protocol state, and a wait for the INIT that sets it.
     pub(crate) session: SessionState,
@@ -109,7 +109,7 @@ impl LayerFs {
             tree: served.tree,
             spans: served.spans,
             rt: served.rt,
-            ttl: served.ttl,
+            timeouts: served.timeouts,
             metrics: served.metrics,
             session: SessionState::new(session),
             inflight: Arc::new(InFlight::default()),
@@ -243,10 +243,10 @@ impl LayerFs {
         fuse_entry_out {
             nodeid: ino,
             generation: 0,
-            entry_valid: self.ttl.as_secs(),
-            attr_valid: self.ttl.as_secs(),
-            entry_valid_nsec: self.ttl.subsec_nanos(),
-            attr_valid_nsec: self.ttl.subsec_nanos(),
+            entry_valid: self.timeouts.entry.as_secs(),
+            attr_valid: self.timeouts.attr.as_secs(),
+            entry_valid_nsec: self.timeouts.entry.subsec_nanos(),
+            attr_valid_nsec: self.timeouts.attr.subsec_nanos(),
             attr: attr(ino, n),
         }
     }
@@ -295,15 +295,27 @@ impl LayerFs {
         if p.kind != NodeKind::Dir {
             return Err(libc::ENOTDIR);
         }
-        let ino = p.children.get(name).ok_or(libc::ENOENT)?;
+        let Some(ino) = p.children.get(name) else {
+            let neg = self.timeouts.negative;
+            if neg.is_zero() {
+                return Err(libc::ENOENT);
+            }
+            // Node id 0: "no such name", which the kernel caches for entry_valid.
+            let out = fuse_entry_out {
+                entry_valid: neg.as_secs(),
+                entry_valid_nsec: neg.subsec_nanos(),
+                ..Default::default()
+            };
+            return Ok(Answer::Now(Reply::with(unique, &out).finish()));
+        };
         let out = self.entry_out(ino, self.node(ino)?);
         Ok(Answer::Now(Reply::with(unique, &out).finish()))
     }
 
     fn getattr(&self, unique: u64, ino: u64) -> Handled {
         let out = fuse_attr_out {
-            attr_valid: self.ttl.as_secs(),
-            attr_valid_nsec: self.ttl.subsec_nanos(),
+            attr_valid: self.timeouts.attr.as_secs(),
+            attr_valid_nsec: self.timeouts.attr.subsec_nanos(),
             dummy: 0,
             attr: attr(ino, self.node(ino)?),
         };

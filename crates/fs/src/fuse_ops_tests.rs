@@ -115,7 +115,11 @@ pub(crate) fn fixture(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (L
         tree: Arc::new(LayerTree::build(&z).unwrap()),
         spans,
         rt: rt.handle().clone(),
-        ttl: Duration::from_secs(1),
+        timeouts: crate::CacheTimeouts {
+            entry: Duration::from_secs(3),
+            attr: Duration::from_secs(2),
+            negative: Duration::ZERO,
+        },
         metrics,
         passthrough: None,
     };
@@ -316,6 +320,25 @@ fn errors_per_opcode() {
 }
 
 #[test]
+fn missing_names_are_negative_entries_when_a_negative_timeout_is_set() {
+    let mut e = Env::new();
+    e.fs.timeouts.negative = Duration::from_millis(1500);
+    for name in [&b"nope\0"[..], b".wh.gone\0"] {
+        let p = e.ok(op::LOOKUP, ROOT_INO, name);
+        let entry = fuse_entry_out::read_from_bytes(&p).unwrap();
+        assert_eq!(
+            (entry.nodeid, entry.entry_valid, entry.entry_valid_nsec),
+            (0, 1, 500_000_000),
+            "{name:?}"
+        );
+    }
+    // Only a missing name is cached: other lookup errors stay errors.
+    let f = e.ino(ROOT_INO, "f");
+    assert_eq!(e.errno(op::LOOKUP, f, b"x\0"), libc::ENOTDIR);
+    assert_eq!(e.errno(op::LOOKUP, 9999, b"x\0"), libc::ENOENT);
+}
+
+#[test]
 fn metadata_replies() {
     let e = Env::new();
     let (f, l) = (e.ino(ROOT_INO, "f"), e.ino(ROOT_INO, "l"));
@@ -323,7 +346,7 @@ fn metadata_replies() {
     let entry = fuse_entry_out::read_from_bytes(&p).unwrap();
     assert_eq!(
         (entry.nodeid, entry.entry_valid, entry.attr_valid),
-        (f, 1, 1)
+        (f, 3, 2)
     );
     assert_eq!(entry.attr.size, e.data.len() as u64);
     assert_eq!(entry.attr.mode, libc::S_IFREG | 0o644);

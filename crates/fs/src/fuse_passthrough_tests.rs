@@ -44,7 +44,7 @@ impl Env {
             tree: plain.tree.clone(),
             spans: plain.spans.clone(),
             rt: rt.handle().clone(),
-            ttl: Duration::from_secs(1),
+            timeouts: crate::CacheTimeouts::all(Duration::from_secs(1)),
             // The span manager's counters (upstream's families are counted there).
             metrics: plain.metrics.clone(),
             passthrough: Some(PassthroughConfig {
@@ -102,6 +102,48 @@ impl Env {
         };
         self.ok(op::RELEASE, ino, arg.as_bytes());
     }
+}
+
+#[test]
+fn backing_files_are_written_only_once_containers_stop_reading() {
+    let e = Env::new();
+    e.init(init2::PASSTHROUGH | init2::HAS_RESEND);
+    let f = e.fs.tree.lookup(ROOT_INO, b"f").unwrap();
+    e.open(f);
+    let read = fuse_read_in {
+        offset: 0,
+        size: 131072,
+        ..Default::default()
+    };
+    assert_eq!(e.ok(op::READ, f, read.as_bytes()), e.data);
+    // Some container (any layer) keeps reading: the copy waits.
+    e.budget.stamp_demand();
+    e.release(f, 0);
+    let p = e.fs.passthrough.clone().unwrap();
+    let busy_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < busy_until {
+        e.budget.stamp_demand();
+        assert_eq!(
+            p.file_count(),
+            0,
+            "a backing file written while reads go on"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let quiet_from = Instant::now();
+    let deadline = quiet_from + Duration::from_secs(5);
+    while p.file_count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no backing file once reads stopped"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let waited = quiet_from.elapsed();
+    assert!(
+        waited + Duration::from_millis(150) >= crate::passthrough::WRITE_WHEN_QUIET,
+        "written {waited:?} after the last read"
+    );
 }
 
 #[test]

@@ -78,7 +78,7 @@ fn served_by(rt: &tokio::runtime::Runtime, dir: &Path, panics: bool) -> (Served,
         tree: Arc::new(LayerTree::build(&z).unwrap()),
         spans,
         rt: rt.handle().clone(),
-        ttl: Duration::from_secs(1),
+        timeouts: crate::CacheTimeouts::all(Duration::from_secs(1)),
         metrics,
         passthrough: None,
     };

@@ -17,7 +17,7 @@ mod tree;
 
 pub use fuse::LayerFs;
 pub use kernel::Session;
-pub use mount::{mount, resume, MountedLayer, Served};
+pub use mount::{mount, resume, CacheTimeouts, MountedLayer, Served};
 pub use passthrough::{Passthrough, PassthroughConfig, PassthroughMetrics};
 pub use spans::plan_prefetch;
 pub use spans::record::{DemandRecord, RangeEvent, RangeSink, RecordSink, MAX_RANGE_EVENTS};

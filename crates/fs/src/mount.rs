@@ -158,12 +158,36 @@ pub struct Served {
     pub spans: Arc<SpanManager>,
     /// Runtime the read tasks run on.
     pub rt: Handle,
-    /// Entry and attribute cache timeout.
-    pub ttl: Duration,
+    /// How long the kernel may cache what lookups and getattrs answer.
+    pub timeouts: CacheTimeouts,
     /// Counters.
     pub metrics: Arc<FsMetrics>,
     /// FUSE passthrough of complete files (`None`: off).
     pub passthrough: Option<PassthroughConfig>,
+}
+
+/// How long the kernel may keep what the filesystem told it. A layer never changes while
+/// mounted, so any value is correct; longer means fewer requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTimeouts {
+    /// A name found by LOOKUP (`entry_valid`).
+    pub entry: Duration,
+    /// A node's attributes (`attr_valid`).
+    pub attr: Duration,
+    /// A name LOOKUP did not find: answered as a negative entry (node id 0) cached this long;
+    /// zero answers `ENOENT`, which the kernel does not cache.
+    pub negative: Duration,
+}
+
+impl CacheTimeouts {
+    /// The same timeout for all three.
+    pub fn all(d: Duration) -> CacheTimeouts {
+        CacheTimeouts {
+            entry: d,
+            attr: d,
+            negative: d,
+        }
+    }
 }
 
 fn start(

@@ -7,6 +7,7 @@
 //! whose upstream meaning it does not implement.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -165,8 +166,15 @@ impl Default for BlobConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct FuseConfig {
-    /// Attribute and entry cache timeout in seconds. Default 1.
+    /// How long the kernel caches a node's attributes, in seconds. 0 means the default, 1
+    /// (as upstream).
     pub attr_timeout: u64,
+    /// How long the kernel caches a name lookup, in seconds. 0 means the default, 1 (as
+    /// upstream).
+    pub entry_timeout: u64,
+    /// How long the kernel caches a lookup that found nothing, in seconds. 0 means the
+    /// default, 1 (as upstream).
+    pub negative_timeout: u64,
     /// Keep lazy layers mounted across daemon restarts: a small holder process
     /// (`soci-snapshotter-grpc fd-holder`) keeps their `/dev/fuse` descriptors and the next
     /// daemon resumes serving them, so running containers keep reading. When false, layers
@@ -183,10 +191,24 @@ pub struct FuseConfig {
     pub passthrough: bool,
 }
 
+impl FuseConfig {
+    /// The three kernel cache timeouts, 0 read as upstream's default of 1 s.
+    pub fn cache_timeouts(&self) -> soci_fs::CacheTimeouts {
+        let secs = |s: u64| Duration::from_secs(if s == 0 { 1 } else { s });
+        soci_fs::CacheTimeouts {
+            entry: secs(self.entry_timeout),
+            attr: secs(self.attr_timeout),
+            negative: secs(self.negative_timeout),
+        }
+    }
+}
+
 impl Default for FuseConfig {
     fn default() -> Self {
         FuseConfig {
             attr_timeout: 1,
+            entry_timeout: 1,
+            negative_timeout: 1,
             keep_mounts_across_restart: true,
             holder_timeout_sec: 60,
             passthrough: true,

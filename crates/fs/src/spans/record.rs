@@ -202,6 +202,7 @@ impl SpanManager {
     /// this; so should any path that serves file bytes without a FUSE read, e.g. passthrough
     /// opens, with the file's whole range). Ranges past the layer are ignored.
     pub fn note_demand(&self, range: &Range<u64>) {
+        self.cfg.cache.stamp_demand();
         if let Some(r) = self.record.get() {
             if range.start < range.end && range.end <= self.spans.uncompressed_size() {
                 r.note(self.spans.spans_for(range));

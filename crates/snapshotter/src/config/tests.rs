@@ -49,7 +49,6 @@ fn upstream_shipped_config_loads_with_notes_for_what_differs() {
         "http",
         "directory_cache",
         "debug",
-        "fuse.entry_timeout",
         "background_fetch.max_queue_size",
         "resolver.auth_client_ttl_sec",
     ] {
@@ -98,6 +97,8 @@ fn upstream_shipped_config_loads_with_notes_for_what_differs() {
         "cri_keychain",
         "metrics_address",
         "fuse.attr_timeout",
+        "fuse.entry_timeout",
+        "fuse.negative_timeout",
         "blob.fetching_timeout_sec",
         "prefetch.enable",
         "prefetch.max_concurrency",

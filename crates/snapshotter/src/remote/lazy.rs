@@ -129,7 +129,7 @@ impl Remote {
             tree,
             spans: mgr.clone(),
             rt: tokio::runtime::Handle::current(),
-            ttl: Duration::from_secs(self.cfg.fuse.attr_timeout),
+            timeouts: self.cfg.fuse.cache_timeouts(),
             metrics: self.metrics.clone(),
             // Also when off: a connection taken over from a daemon that had it on keeps the
             // backing files its open inodes use.
