@@ -208,6 +208,27 @@ impl SociDaemon {
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Prefetches of `layer` the daemon reported complete ("prefetched" lines).
+    pub fn prefetches_done(&self, layer: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("prefetched") && l.contains(layer))
+            .count()
+    }
+
+    /// Waits (up to 60 s) until more than `before` prefetches of `layer` are complete: a
+    /// layer's mount does not wait for its prefetch.
+    pub fn wait_prefetched(&self, layer: &str, before: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.prefetches_done(layer) <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no prefetch of {layer} completed within 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 fn unsafe_kill(pid: u32, sig: i32) {

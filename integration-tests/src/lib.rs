@@ -92,3 +92,11 @@ pub fn get_metrics(addr: &str) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+/// The value of metric `name` (a line `name VALUE`, no labels) in a Prometheus text page.
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

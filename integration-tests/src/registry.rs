@@ -144,6 +144,21 @@ impl Registry {
         self.served(|l| l.contains(&needle))
     }
 
+    /// [`Registry::blob_gets`] once the access log stopped growing for them (a response's
+    /// line is written just after its last byte went out).
+    pub fn blob_gets_settled(&self, digest: &str) -> Vec<u64> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut last = self.blob_gets(digest);
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let now = self.blob_gets(digest);
+            if now == last || std::time::Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
     /// A registry client for this registry (plain HTTP).
     pub fn client(&self) -> soci_registry::Client {
         soci_registry::Client::new(soci_registry::ClientOptions {

@@ -85,21 +85,35 @@ fn expected_spans(reg: &Registry, repo: &str, idx: &SociIndex, layer: &str) -> B
     out
 }
 
-/// Pulls `image` lazily in `ns` and runs it; returns (GETs during pull, during run, output).
+/// Pulls `image` lazily in `ns` and runs it; returns the layer's GETs from the pull's start
+/// until the container exited and its prefetch (if the image has one) completed, the prefetch
+/// range requests made meanwhile, and the output. The mount does not wait for the prefetch:
+/// the container's reads overlap it, and any GET beyond the prefetch's is a demand read.
 fn pull_and_run(
     reg: &Registry,
     ctd: &Containerd,
+    (daemon, maddr): (&SociDaemon, &str),
     ns: &str,
     image: &str,
-    layer: &str,
-) -> (Vec<u64>, Vec<u64>, String) {
+    (layer, prefetched): (&str, bool),
+) -> (Vec<u64>, u64, String) {
     let before = reg.blob_gets(layer).len();
+    let requests = || {
+        integration_tests::metric_value(
+            &integration_tests::get_metrics(maddr),
+            "soci_prefetch_requests_total",
+        )
+        .unwrap_or(0)
+    };
+    let (done, req0) = (daemon.prefetches_done(layer), requests());
     let mode = ctd.soci(&["-n", ns, "image", "rpull", "--plain-http", image]);
     assert!(mode.contains("lazy: 1 of 2 layers"), "{mode}");
-    let pulled = reg.blob_gets(layer);
     let out = ctd.ctr_ok(&["-n", ns, "run", "--rm", "--snapshotter", "soci", image, ns]);
-    let ran = reg.blob_gets(layer);
-    (pulled[before..].to_vec(), ran[pulled.len()..].to_vec(), out)
+    if prefetched {
+        daemon.wait_prefetched(layer, done);
+    }
+    let gets = reg.blob_gets_settled(layer)[before..].to_vec();
+    (gets, requests() - req0, out)
 }
 
 /// `soci prefetch record` of `repo:soci` into `repo:dst_tag`; the command's output.
@@ -184,12 +198,19 @@ fn recorded_prefetch_replaces_demand_reads_and_hostile_records_are_refused() {
     let expected = expected_spans(&reg, &repo, &soci_idx, &layer);
 
     // Without prefetch: every span the workload needs is a demand read during the run.
-    let (at_pull, at_run, out) =
-        pull_and_run(&reg, &ctd, "record-base", &format!("{repo}:soci"), &layer);
+    let d = (&daemon, maddr.as_str());
+    let (gets, prefetch_requests, out) = pull_and_run(
+        &reg,
+        &ctd,
+        d,
+        "record-base",
+        &format!("{repo}:soci"),
+        (&layer, false),
+    );
     assert_eq!(out, want);
-    assert!(at_pull.is_empty(), "{at_pull:?}");
-    assert!(!at_run.is_empty());
-    let base_bytes: u64 = at_run.iter().sum();
+    assert_eq!(prefetch_requests, 0);
+    assert!(!gets.is_empty());
+    let base_bytes: u64 = gets.iter().sum();
 
     // 1. The layers are mounted already (record-base): refused, with what to do.
     let t = std::time::Instant::now();
@@ -249,18 +270,26 @@ fn recorded_prefetch_replaces_demand_reads_and_hostile_records_are_refused() {
     let ns = ctd.ctr_ok(&["namespaces", "ls", "-q"]);
     assert!(!ns.lines().any(|l| l == "record-rec1"), "{ns}");
 
-    // 2. The recorded image, fresh: the spans arrive during the pull, none during the run.
-    let (at_pull, at_run, out) =
-        pull_and_run(&reg, &ctd, "record-after", &format!("{repo}:rec"), &layer);
-    assert_eq!(out, want, "output byte-identical");
-    assert!(!at_pull.is_empty(), "no prefetch during the pull");
-    assert!(
-        at_run.is_empty(),
-        "demand reads went to the registry: {at_run:?}"
+    // 2. The recorded image, fresh: every GET is one of the prefetch's requests (the
+    //    container's reads, overlapping them, made none of their own).
+    let (gets, prefetch_requests, out) = pull_and_run(
+        &reg,
+        &ctd,
+        d,
+        "record-after",
+        &format!("{repo}:rec"),
+        (&layer, true),
     );
-    let pulled: u64 = at_pull.iter().sum();
+    assert_eq!(out, want, "output byte-identical");
+    assert!(prefetch_requests > 0, "no prefetch");
+    assert_eq!(
+        gets.len() as u64,
+        prefetch_requests,
+        "demand reads went to the registry: {gets:?}"
+    );
+    let pulled: u64 = gets.iter().sum();
     // Only the read spans (3 files of 1.5 MiB in 1 MiB spans: at most 2 + 1 spans each).
-    assert!(pulled <= 9 * MIB as u64 + MIB as u64, "{at_pull:?}");
+    assert!(pulled <= 9 * MIB as u64 + MIB as u64, "{gets:?}");
     assert!(
         pulled <= base_bytes + 2 * MIB as u64,
         "{pulled} vs {base_bytes}"
@@ -268,7 +297,7 @@ fn recorded_prefetch_replaces_demand_reads_and_hostile_records_are_refused() {
     eprintln!(
         "record: without prefetch {} demand GETs ({base_bytes} B); recorded: {} prefetch GETs ({pulled} B), 0 demand",
         reg.blob_gets(&layer).len(),
-        at_pull.len()
+        gets.len()
     );
     let m = integration_tests::get_metrics(&maddr);
     assert!(m.contains("soci_prefetch_layers_total 1"), "{m}");
@@ -291,7 +320,14 @@ fn recorded_prefetch_replaces_demand_reads_and_hostile_records_are_refused() {
         soci_idx.to_json(),
         "same SOCI index as convert's"
     );
-    let (_, _, out) = pull_and_run(&reg, &ctd, "record-empty", &format!("{repo}:empty"), &layer);
+    let (_, _, out) = pull_and_run(
+        &reg,
+        &ctd,
+        d,
+        "record-empty",
+        &format!("{repo}:empty"),
+        (&layer, false),
+    );
     assert_eq!(out, want);
     ctd.ctr_ok(&[
         "-n",

@@ -60,22 +60,34 @@ fn get_ztoc(reg: &Registry, repo: &str, d: &Descriptor) -> soci_ztoc::Ztoc {
     soci_ztoc::Ztoc::from_bytes(&bytes).unwrap()
 }
 
-/// Pulls `image` lazily in `ns` and runs it; returns (GETs during pull, during run, output).
+/// Pulls `image` (which has a prefetch) lazily in `ns`, runs it and removes it; returns the
+/// layer's GETs from the pull's start until the container exited and the prefetch completed,
+/// the prefetch's range requests, and the output. The mount does not wait for the prefetch:
+/// any GET beyond the prefetch's is a demand read.
 fn pull_and_run(
     reg: &Registry,
     ctd: &Containerd,
+    (daemon, maddr): (&SociDaemon, &str),
     ns: &str,
     image: &str,
     layer: &str,
-) -> (Vec<u64>, Vec<u64>, String) {
+) -> (Vec<u64>, u64, String) {
+    let requests = || {
+        integration_tests::metric_value(
+            &integration_tests::get_metrics(maddr),
+            "soci_prefetch_requests_total",
+        )
+        .unwrap_or(0)
+    };
     let before = reg.blob_gets(layer).len();
+    let (done, req0) = (daemon.prefetches_done(layer), requests());
     let mode = ctd.soci(&["-n", ns, "image", "rpull", "--plain-http", image]);
     assert!(mode.contains("lazy: 1 of 2 layers"), "{mode}");
-    let pulled = reg.blob_gets(layer);
     let out = ctd.ctr_ok(&["-n", ns, "run", "--rm", "--snapshotter", "soci", image, ns]);
-    let ran = reg.blob_gets(layer);
+    daemon.wait_prefetched(layer, done);
+    let gets = reg.blob_gets_settled(layer)[before..].to_vec();
     ctd.ctr_ok(&["-n", ns, "images", "rm", "--sync", image]);
-    (pulled[before..].to_vec(), ran[pulled.len()..].to_vec(), out)
+    (gets, requests() - req0, out)
 }
 
 /// `soci prefetch record` of `repo:soci` into `repo:dst_tag` with `flags`.
@@ -106,8 +118,9 @@ fn refined_ztocs_prefetch_fewer_bytes_same_output_no_demand_reads() {
         .prefix("refine")
         .tempdir_in("/tmp")
         .unwrap();
+    let maddr = format!("127.0.0.1:{}", integration_tests::registry::free_port());
     let cfg = format!(
-        "[resolver]\nplain_http_hosts = [\"{}\"]\n[background_fetch]\ndisable = true\n[prefetch]\nenable = true\n",
+        "metrics_address = \"{maddr}\"\n[resolver]\nplain_http_hosts = [\"{}\"]\n[background_fetch]\ndisable = true\n[prefetch]\nenable = true\n",
         reg.addr
     );
     let daemon = SociDaemon::start(&tmp.path().join("d"), &cfg);
@@ -203,19 +216,35 @@ fn refined_ztocs_prefetch_fewer_bytes_same_output_no_demand_reads() {
     );
 
     // 3. Fresh runs of both: same output, no demand GETs, the refined prefetch far smaller.
-    let (keep_pull, keep_run, keep_out) =
-        pull_and_run(&reg, &ctd, "refine-keep", &format!("{repo}:keep"), &layer);
-    let (ref_pull, ref_run, ref_out) = pull_and_run(
+    let d = (&daemon, maddr.as_str());
+    let (keep_pull, keep_requests, keep_out) = pull_and_run(
         &reg,
         &ctd,
+        d,
+        "refine-keep",
+        &format!("{repo}:keep"),
+        &layer,
+    );
+    let (ref_pull, ref_requests, ref_out) = pull_and_run(
+        &reg,
+        &ctd,
+        d,
         "refine-after",
         &format!("{repo}:refined"),
         &layer,
     );
     assert_eq!(keep_out, want);
     assert_eq!(ref_out, want, "output byte-identical");
-    assert!(keep_run.is_empty(), "keep: demand GETs {keep_run:?}");
-    assert!(ref_run.is_empty(), "refined: demand GETs {ref_run:?}");
+    assert_eq!(
+        keep_pull.len() as u64,
+        keep_requests,
+        "keep: demand GETs beside the prefetch's: {keep_pull:?}"
+    );
+    assert_eq!(
+        ref_pull.len() as u64,
+        ref_requests,
+        "refined: demand GETs beside the prefetch's: {ref_pull:?}"
+    );
     let (kb, rb): (u64, u64) = (keep_pull.iter().sum(), ref_pull.iter().sum());
     eprintln!(
         "refine: prefetch of the data layer: whole spans {kb} B in {} GETs, refined {rb} B in {} GETs",

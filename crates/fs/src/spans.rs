@@ -50,6 +50,14 @@ pub trait RangeReader: Send + Sync + 'static {
     /// Returns exactly the bytes `range` of the blob, within `deadline` (retries included).
     fn read_range(&self, range: Range<u64>, deadline: Instant) -> ReadFuture<'_, Bytes>;
 
+    /// Waits (until `deadline`) for bytes `range` if something is fetching them already (a
+    /// prefetch started before the mount); at once otherwise. A prefetch waits here before it
+    /// locks the spans it fetches, so a container's read of one of them meanwhile takes its
+    /// part as it arrives instead of waiting behind the whole request.
+    fn settled(&self, _range: Range<u64>, _deadline: Instant) -> ReadFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether the source was found not to support ranges: the blob is then read whole.
     fn whole_only(&self) -> bool {
         false

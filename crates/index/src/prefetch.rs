@@ -192,11 +192,17 @@ impl PrefetchArtifact {
         Ok(a)
     }
 
-    /// The ranges as span id ranges (inclusive), sorted and merged.
+    /// The ranges as span id ranges (inclusive), merged, lowest `priority` first (offset order
+    /// among equals): a recorded prefetch ranks its spans by when the workload first read
+    /// them, so the daemon asks for them in that order.
     pub fn span_ranges(&self) -> Vec<std::ops::RangeInclusive<usize>> {
-        normalize(self.spans().to_vec())
+        let mut spans: Vec<PrefetchSpan> = normalize(self.spans().to_vec())
             .into_iter()
             .filter(|s| s.start_span >= 0 && s.start_span <= s.end_span)
+            .collect();
+        spans.sort_by_key(|s| s.priority);
+        spans
+            .into_iter()
             .map(|s| s.start_span as usize..=s.end_span as usize)
             .collect()
     }

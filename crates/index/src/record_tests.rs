@@ -63,9 +63,9 @@ fn artifact_merges_ranges_and_keeps_first_access_order_as_priority() {
         json,
         r#"{"version":"1.0","prefetch_spans":[{"start_span":0,"end_span":0,"priority":2},{"start_span":2,"end_span":3,"priority":1},{"start_span":7,"end_span":9}]}"#
     );
-    // Reads back as any artifact does.
+    // Reads back as any artifact does, first-read first.
     let back = PrefetchArtifact::parse(json.as_bytes(), "d", "l", 10).unwrap();
-    assert_eq!(back.span_ranges(), vec![0..=0, 2..=3, 7..=9]);
+    assert_eq!(back.span_ranges(), vec![7..=9, 2..=3, 0..=0]);
     assert!(recorded_artifact(&[], "layer").unwrap().is_none());
 }
 

@@ -259,13 +259,28 @@ impl Client {
     /// `Content-Length` is not the range asked for, or whose body runs past it, is an error
     /// at once. A 200 (range ignored) is read only up to the range end, then dropped, and the
     /// registry is remembered as one without range support.
-    #[tracing::instrument(level = "debug", name = "get_range", skip_all, fields(digest = %digest, start = range.start, len = range.end - range.start))]
     pub async fn get_blob_range_until(
         &self,
         repo: &Repository,
         digest: &Digest,
         range: Range<u64>,
         deadline: Option<Instant>,
+    ) -> Result<Bytes> {
+        self.get_blob_range_streamed(repo, digest, range, deadline, &|_, _| {})
+            .await
+    }
+
+    /// As [`Client::get_blob_range_until`], also handing each part of the range to `progress`
+    /// as it arrives, with its offset in the range: bytes in order from 0, and from 0 again on
+    /// a retry (the same bytes, or the whole read fails).
+    #[tracing::instrument(level = "debug", name = "get_range", skip_all, fields(digest = %digest, start = range.start, len = range.end - range.start))]
+    pub async fn get_blob_range_streamed(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Range<u64>,
+        deadline: Option<Instant>,
+        progress: &(dyn Fn(u64, &[u8]) + Send + Sync),
     ) -> Result<Bytes> {
         let what = format!(
             "blob {digest} bytes {}-{} in {}/{}",
@@ -277,7 +292,7 @@ impl Client {
         let retries = AtomicU32::new(0);
         loop {
             let failure = match self
-                .range_once(repo, digest, &range, &what, deadline, &retries)
+                .range_once(repo, digest, &range, &what, (deadline, &retries), progress)
                 .await
             {
                 Ok(b) => return Ok(b),
@@ -304,8 +319,8 @@ impl Client {
         digest: &Digest,
         range: &Range<u64>,
         what: &str,
-        deadline: Option<Instant>,
-        retries: &AtomicU32,
+        (deadline, retries): (Option<Instant>, &AtomicU32),
+        progress: &(dyn Fn(u64, &[u8]) + Send + Sync),
     ) -> std::result::Result<Bytes, RangeFailure> {
         let want = range.end - range.start;
         // The send loop retried request failures within the shared budget: not again here.
@@ -387,7 +402,9 @@ impl Client {
             }
             let (a, b) = (cs.max(skip), ce.min(limit));
             if a < b {
-                out.extend_from_slice(&chunk[(a - cs) as usize..(b - cs) as usize]);
+                let part = &chunk[(a - cs) as usize..(b - cs) as usize];
+                progress(out.len() as u64, part);
+                out.extend_from_slice(part);
             }
             if !partial && pos >= limit {
                 // The rest of the blob is not needed: dropping the response closes the

@@ -1,5 +1,6 @@
-//! Prefetch: fetch the spans a prefetch artifact names before the layer's mount is reported
-//! ready, so the container's first reads of those files are served from the cache.
+//! Prefetch: fetch the spans a prefetch artifact names as the layer is mounted, in the order
+//! the artifact ranks them, so the container's first reads of those files find them cached or
+//! arriving.
 //!
 //! Why through the span manager: prefetched spans are verified, decompressed and cached exactly
 //! like spans a read fetches (same locks, so a read arriving meanwhile waits for the prefetch
@@ -43,7 +44,8 @@ pub struct PrefetchReport {
 
 /// The range requests a prefetch of `ranges` (inclusive span ids) of a layer with `spans`
 /// makes: ids past the layer dropped, ranges merged, spans `cached` says are held skipped, runs
-/// cut at [`MAX_PREFETCH_REQUEST_BYTES`] fetched and [`MAX_PREFETCH_DECODE_BYTES`] inflated.
+/// cut at [`MAX_PREFETCH_REQUEST_BYTES`] fetched and [`MAX_PREFETCH_DECODE_BYTES`] inflated,
+/// in the order `ranges` first names them (the order reads are expected in).
 /// Also returns how many named spans are cached. Pure, so the daemon can fetch the same
 /// requests ahead of a layer's mount (the mount's prefetch then finds them).
 pub fn plan_prefetch(
@@ -63,41 +65,48 @@ pub fn plan_prefetch(
         }
     };
     let n = spans.len();
-    let mut ids: Vec<Range<SpanId>> = ranges
+    // Each range with its place in the artifact: requests go out in that order (a recorded
+    // prefetch lists spans in the order the workload first read them).
+    let mut ids: Vec<(Range<SpanId>, usize)> = ranges
         .iter()
-        .filter(|r| r.start() <= r.end() && *r.start() < n)
-        .map(|r| *r.start()..(*r.end()).min(n - 1) + 1)
+        .enumerate()
+        .filter(|(_, r)| r.start() <= r.end() && *r.start() < n)
+        .map(|(i, r)| (*r.start()..(*r.end()).min(n - 1) + 1, i))
         .collect();
-    ids.sort_by_key(|r| (r.start, r.end));
-    let mut out: Vec<Range<SpanId>> = Vec::new();
+    ids.sort_by_key(|(r, _)| (r.start, r.end));
+    let mut out: Vec<(Range<SpanId>, usize)> = Vec::new();
     let mut held = 0;
     let mut next = 0; // first id not yet looked at (ranges may overlap)
     let mut run_plain = 0u64; // uncompressed bytes of the last run
-    for r in ids {
+    for (r, place) in ids {
         for id in r.start.max(next)..r.end {
             if cached(id) {
                 held += 1;
                 continue;
             }
             let size = uncompressed_len(id..id + 1);
-            let extend = out.last().is_some_and(|last| {
+            let extend = out.last().is_some_and(|(last, _)| {
                 last.end == id
                     && compressed_len(last.start..id + 1) <= MAX_PREFETCH_REQUEST_BYTES
                     && run_plain.saturating_add(size) <= MAX_PREFETCH_DECODE_BYTES
             });
             match out.last_mut() {
-                Some(last) if extend => {
+                Some((last, first)) if extend => {
                     last.end = id + 1;
+                    *first = (*first).min(place);
                     run_plain += size;
                 }
                 _ => {
-                    out.push(id..id + 1);
+                    out.push((id..id + 1, place));
                     run_plain = size;
                 }
             }
         }
         next = next.max(r.end);
     }
+    // Stable: runs named at the same place keep their offset order.
+    out.sort_by_key(|(_, place)| *place);
+    let out = out.into_iter().map(|(r, _)| r).collect();
     (out, held)
 }
 
@@ -127,19 +136,31 @@ impl SpanManager {
 
     /// Fetches the spans of `ranges` (inclusive span ids) that are not cached, with at most
     /// `concurrency` range requests at once, all by `deadline`. Never fails: what happened is
-    /// in the report (the caller logs it once).
-    pub async fn prefetch(
+    /// in the report (the caller logs it once). The spans are marked as prefetched (reads of
+    /// them start no read-ahead) and the requests planned when this is called; the fetching
+    /// is the future, which borrows nothing (it may run in a task of its own).
+    pub fn prefetch(
         self: &Arc<Self>,
         ranges: &[RangeInclusive<SpanId>],
         concurrency: usize,
         deadline: Instant,
-    ) -> PrefetchReport {
+    ) -> impl std::future::Future<Output = PrefetchReport> + Send + 'static {
         for r in ranges {
             for id in *r.start()..=(*r.end()).min(self.prefetched.len().saturating_sub(1)) {
                 self.prefetched[id].store(true, Ordering::Relaxed);
             }
         }
         let (runs, cached) = self.prefetch_requests(ranges);
+        self.clone().fetch_runs(runs, cached, concurrency, deadline)
+    }
+
+    async fn fetch_runs(
+        self: Arc<Self>,
+        runs: Vec<Range<SpanId>>,
+        cached: u64,
+        concurrency: usize,
+        deadline: Instant,
+    ) -> PrefetchReport {
         let mut total = PrefetchReport {
             cached,
             ..Default::default()
@@ -162,6 +183,9 @@ impl SpanManager {
                     }
                     let bytes = me.compressed_len(run.clone());
                     r.requests += 1;
+                    if let Ok(sr) = me.spans.run(run.clone()) {
+                        let _ = me.reader.settled(sr.compressed, deadline).await;
+                    }
                     let fetch = me.ensure_until(run.clone(), Priority::Background, deadline);
                     match tokio::time::timeout_at(deadline, fetch).await {
                         Ok(Ok(())) => {

@@ -15,12 +15,30 @@ struct Fake {
     calls: Mutex<Vec<Range<u64>>>,
     fail: AtomicU32,
     stall_ms: AtomicU64,
+    /// A range already being fetched (as discovery's early prefetch does) until the gate
+    /// opens: reading all of it waits for the gate, parts of it are there at once.
+    ahead: Mutex<Option<(Range<u64>, tokio::sync::watch::Receiver<bool>)>>,
+}
+
+impl Fake {
+    fn ahead_gate(&self, range: &Range<u64>) -> Option<tokio::sync::watch::Receiver<bool>> {
+        match &*self.ahead.lock().unwrap() {
+            Some((r, gate)) if r.start <= range.start && range.end <= r.end => Some(gate.clone()),
+            _ => None,
+        }
+    }
 }
 
 impl RangeReader for Fake {
     fn read_range(&self, range: Range<u64>, _deadline: Instant) -> ReadFuture<'_, Bytes> {
         Box::pin(async move {
             self.calls.lock().unwrap().push(range.clone());
+            if let Some(mut gate) = self.ahead_gate(&range) {
+                let whole = self.ahead.lock().unwrap().as_ref().map(|(r, _)| r.clone());
+                if whole.as_ref() == Some(&range) {
+                    let _ = gate.wait_for(|open| *open).await;
+                }
+            }
             let ms = self.stall_ms.load(Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             if self.fail.load(Ordering::SeqCst) > 0 {
@@ -29,6 +47,15 @@ impl RangeReader for Fake {
             Ok(Bytes::copy_from_slice(
                 &self.blob[range.start as usize..range.end as usize],
             ))
+        })
+    }
+
+    fn settled(&self, range: Range<u64>, _deadline: Instant) -> ReadFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(mut gate) = self.ahead_gate(&range) {
+                let _ = gate.wait_for(|open| *open).await;
+            }
+            Ok(())
         })
     }
 }
@@ -78,6 +105,65 @@ fn manager_with(
     )
     .unwrap();
     (m, fake, dir)
+}
+
+#[tokio::test]
+async fn a_read_during_a_prefetch_of_bytes_fetched_ahead_is_not_queued_behind_it() {
+    let (m, fake, _d) = manager(1 << 20, 65536, Fake::default());
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let run = m.spans.run(0..6).unwrap().compressed;
+    *fake.ahead.lock().unwrap() = Some((run.clone(), gate));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pf = {
+        let m = m.clone();
+        tokio::spawn(async move { m.prefetch(&[0..=5], 4, deadline).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The prefetch waits for the bytes fetched ahead without holding span 3: a read of it
+    // takes its part now (with the locks taken first, it waited for the whole range).
+    let span3 = m.spans.span(3).unwrap().uncompressed;
+    let got = tokio::time::timeout(Duration::from_secs(2), m.read(span3.clone()))
+        .await
+        .expect("the read waited behind the prefetch")
+        .unwrap();
+    assert_eq!(got, &fake.blob[span3.start as usize..span3.end as usize]);
+    assert!(!pf.is_finished());
+    open.send(true).unwrap();
+    let r = pf.await.unwrap();
+    assert!(r.error.is_none() && !r.timed_out, "{r:?}");
+    // Everything is local now, span 3 fetched once.
+    assert!(m.is_local(0..span3.end));
+    let calls = fake.calls.lock().unwrap().clone();
+    let span3c = m.spans.span(3).unwrap().compressed;
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.start <= span3c.start && span3c.end <= c.end)
+            .count(),
+        1,
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn requests_go_out_in_the_order_the_artifact_names_their_spans() {
+    let (m, fake, _d) = manager(1 << 20, 65536, Fake::default());
+    // First read: span 9, then 2, then 12 and 13; 3 comes last but joins 2's request.
+    let ranges = [9..=9, 2..=2, 12..=13, 5..=5, 3..=3];
+    let (runs, _) = m.prefetch_requests(&ranges);
+    assert_eq!(runs, vec![9..10, 2..4, 12..14, 5..6]);
+    // One request at a time: the registry sees them in that order.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let r = m.prefetch(&ranges, 1, deadline).await;
+    assert_eq!((r.requests, r.spans), (4, 6), "{r:?}");
+    let starts: Vec<u64> = fake
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.start / 65536)
+        .collect();
+    assert_eq!(starts, vec![9, 2, 12, 5]);
 }
 
 #[tokio::test]

@@ -9,7 +9,9 @@
 //! mount's prefetch then reads those ranges from here instead of the registry. Nothing is
 //! trusted early: the bytes are verified span by span when the mount's prefetch decodes them,
 //! as any fetched bytes. Bounded: at most [`MAX_EARLY_BYTES`] held daemon-wide, each range
-//! dropped [`EARLY_TTL`] after it arrived if no mount took it; a range is handed out once.
+//! dropped [`EARLY_TTL`] after it arrived if no mount took it, or when the layer's mount-time
+//! prefetch ended; a range is handed out once, and reads of parts of it (the container's, while
+//! the prefetch still runs) get slices of it.
 //!
 //! One plan per prefetch artifact ([`EarlyBytes::plans`]): the artifact is fetched once, and whichever of
 //! discovery and the mount gets there first decides. If discovery does, the ranges it fetches
@@ -38,8 +40,93 @@ pub const EARLY_TTL: Duration = Duration::from_secs(60);
 const REQUESTS_PER_LAYER: usize = 4;
 
 type Key = (Digest, u64, u64);
-/// A range's bytes once fetched (`None` while in flight).
-type Slot = tokio::sync::watch::Receiver<Option<Result<Bytes, String>>>;
+
+/// How far a range fetched ahead got.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// Bytes from the range's start that arrived.
+    received: u64,
+    /// Set when the fetch ended (`Err`: the rest will not come).
+    ended: Option<Result<(), String>>,
+}
+
+/// A range being fetched ahead: the bytes so far, and a wait for more.
+#[derive(Clone)]
+struct Slot {
+    data: Arc<std::sync::Mutex<Vec<u8>>>,
+    progress: tokio::sync::watch::Receiver<Progress>,
+    /// The fetch's own deadline: nobody waits for it longer (a stalled early fetch must not
+    /// hold a container's read past the point where it could still fetch for itself).
+    until: Instant,
+}
+
+/// The fetching end of a [`Slot`].
+struct Filler {
+    data: Arc<std::sync::Mutex<Vec<u8>>>,
+    progress: tokio::sync::watch::Sender<Progress>,
+}
+
+impl Filler {
+    fn new(until: Instant) -> (Filler, Slot) {
+        let data = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::watch::channel(Progress::default());
+        let slot = Slot {
+            data: data.clone(),
+            progress: rx,
+            until,
+        };
+        (Filler { data, progress: tx }, slot)
+    }
+
+    /// Bytes at offset `at` of the range arrived (a retry starts again from 0: only bytes past
+    /// those held count).
+    fn arrived(&self, at: u64, part: &[u8]) {
+        let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        let have = d.len() as u64;
+        let end = at + part.len() as u64;
+        if at > have || end <= have {
+            return;
+        }
+        d.extend_from_slice(&part[(have - at) as usize..]);
+        let n = d.len() as u64;
+        drop(d);
+        self.progress.send_modify(|p| p.received = n);
+    }
+
+    fn end(&self, outcome: Result<(), String>) {
+        self.progress.send_modify(|p| p.ended = Some(outcome));
+    }
+}
+
+impl Slot {
+    /// Bytes `from..to` of the range once they arrived (waits until `deadline`); `None` if
+    /// the fetch ended without them.
+    async fn read(&mut self, from: u64, to: u64, deadline: Instant) -> Option<Bytes> {
+        let arrived = tokio::time::timeout_at(
+            deadline.min(self.until),
+            self.progress
+                .wait_for(|p| p.received >= to || p.ended.is_some()),
+        )
+        .await
+        .ok()?
+        .ok()?
+        .received
+            >= to;
+        if !arrived {
+            return None;
+        }
+        let d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        let (from, to) = (usize::try_from(from).ok()?, usize::try_from(to).ok()?);
+        d.get(from..to).map(Bytes::copy_from_slice)
+    }
+
+    /// Waits until every byte arrived or the fetch ended, until `deadline`.
+    async fn settled(&mut self, deadline: Instant) {
+        let until = deadline.min(self.until);
+        let _ = tokio::time::timeout_at(until, self.progress.wait_for(|p| p.ended.is_some())).await;
+    }
+}
+
 /// A layer's prefetch plan: the span ranges its artifact names.
 pub(super) type Plan = Result<Arc<Vec<RangeInclusive<SpanId>>>, String>;
 
@@ -53,24 +140,49 @@ pub(super) struct EarlyBytes {
 }
 
 impl EarlyBytes {
-    /// The bytes fetched ahead for exactly `range` of `layer`, if any (waits for a fetch in
-    /// flight until `deadline`). Handed out once: a later read fetches normally.
+    /// The bytes fetched ahead for `range` of `layer`, if a range fetched ahead holds it
+    /// (waits for them until `deadline`). A range asked for exactly is handed out (the mount's
+    /// prefetch, which made the same plan); a part of one is copied out of it as soon as it
+    /// arrived (a read while the prefetch runs), and the range stays for the prefetch.
     pub(super) async fn take(
         &self,
         layer: &Digest,
         range: &Range<u64>,
         deadline: Instant,
     ) -> Option<Bytes> {
-        let key = (layer.clone(), range.start, range.end);
-        let mut slot = self.lock().remove(&key)?;
-        let got = tokio::time::timeout_at(deadline, slot.wait_for(Option::is_some))
+        let (key, mut slot) = self.find(layer, range, true)?;
+        // A part arrives as soon as its bytes did: a read need not wait for the whole range.
+        slot.read(range.start - key.1, range.end - key.1, deadline)
             .await
-            .ok()?
-            .ok()?;
-        match &*got {
-            Some(Ok(b)) => Some(b.clone()),
-            _ => None,
+    }
+
+    /// Waits until a range fetched ahead that holds `range` is complete or failed (at once if
+    /// there is none): a prefetch waits here before it locks the spans it will read from it,
+    /// so that the container's reads of those spans take their parts as they arrive.
+    pub(super) async fn settled(&self, layer: &Digest, range: &Range<u64>, deadline: Instant) {
+        if let Some((_, mut slot)) = self.find(layer, range, false) {
+            slot.settled(deadline).await;
         }
+    }
+
+    /// The range fetched ahead holding `range` of `layer`: exactly `range` (removed when
+    /// `take_exact`), else one containing it.
+    fn find(&self, layer: &Digest, range: &Range<u64>, take_exact: bool) -> Option<(Key, Slot)> {
+        let exact = (layer.clone(), range.start, range.end);
+        let mut m = self.lock();
+        if take_exact {
+            if let Some(slot) = m.remove(&exact) {
+                return Some((exact, slot));
+            }
+        }
+        m.iter()
+            .find(|((d, start, end), _)| d == layer && *start <= range.start && range.end <= *end)
+            .map(|(k, s)| (k.clone(), s.clone()))
+    }
+
+    /// Drops what was fetched ahead for `layer` and not taken (its mount's prefetch is over).
+    pub(super) fn release_layer(&self, layer: &Digest) {
+        self.lock().retain(|(d, _, _), _| d != layer);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Key, Slot>> {
@@ -152,7 +264,7 @@ fn fetch_early(
             break;
         }
         let key = (layer.digest.clone(), range.start, range.end);
-        let (tx, rx) = tokio::sync::watch::channel(None);
+        let (filler, slot) = Filler::new(deadline);
         {
             let mut m = early.lock();
             if m.contains_key(&key) {
@@ -160,7 +272,7 @@ fn fetch_early(
                 early.held.fetch_sub(len, Ordering::Relaxed);
                 continue;
             }
-            m.insert(key.clone(), rx);
+            m.insert(key.clone(), slot);
         }
         let (client, early, slots, repo) =
             (client.clone(), early.clone(), slots.clone(), repo.clone());
@@ -168,22 +280,24 @@ fn fetch_early(
             let got = {
                 let _slot = slots.acquire().await;
                 client
-                    .get_blob_range_until(&repo, &key.0, range, Some(deadline))
+                    .get_blob_range_streamed(&repo, &key.0, range, Some(deadline), &|at, part| {
+                        filler.arrived(at, part)
+                    })
                     .await
+                    .map(drop)
                     .map_err(|e| e.to_string())
             };
-            // Nobody waiting (taken and given up, or never taken): nothing to keep.
-            if tx.send(Some(got)).is_err() {
-                early.held.fetch_sub(len, Ordering::Relaxed);
-                return;
-            }
-            // Kept until the mount has taken them (its receiver dropped) or the TTL.
-            tokio::select! {
-                _ = tokio::time::sleep(EARLY_TTL) => {}
-                _ = tx.closed() => {}
+            filler.end(got);
+            // Kept until nobody holds them (the mount's prefetch took them, or its end
+            // released the layer's ranges) or the TTL.
+            if filler.progress.receiver_count() > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(EARLY_TTL) => {}
+                    _ = filler.progress.closed() => {}
+                }
             }
             early.lock().remove(&key);
-            drop(tx);
+            drop(filler);
             early.held.fetch_sub(len, Ordering::Relaxed);
         });
     }
@@ -197,26 +311,87 @@ mod tests {
     async fn bytes_fetched_ahead_are_handed_out_once_and_waited_for_in_flight() {
         let early = EarlyBytes::default();
         let layer = Digest::of(b"layer");
-        let (tx, rx) = tokio::sync::watch::channel(None);
-        early.lock().insert((layer.clone(), 10, 20), rx);
+        let (filler, slot) = Filler::new(Instant::now() + Duration::from_secs(5));
+        early.lock().insert((layer.clone(), 10, 20), slot);
         let deadline = Instant::now() + Duration::from_secs(5);
         // In flight (the fetch has not even started): the taker waits for it.
         let fill = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            tx.send(Some(Ok(Bytes::from_static(b"0123456789"))))
-                .unwrap();
-            tx
+            filler.arrived(0, b"0123456789");
+            filler.end(Ok(()));
+            filler
         });
         let got = early.take(&layer, &(10..20), deadline).await;
         drop(fill.await.unwrap());
         assert_eq!(got.as_deref(), Some(&b"0123456789"[..]));
-        // Once only, and only the exact range.
+        // Once only: after the exact range went, neither it nor a part of it is there.
         assert_eq!(early.take(&layer, &(10..20), deadline).await, None);
         assert_eq!(early.take(&layer, &(10..19), deadline).await, None);
         // A failed early fetch: the caller fetches itself.
-        let (tx, rx) = tokio::sync::watch::channel(None);
-        early.lock().insert((layer.clone(), 0, 5), rx);
-        tx.send(Some(Err("registry said no".into()))).unwrap();
+        let (filler, slot) = Filler::new(Instant::now() + Duration::from_secs(5));
+        early.lock().insert((layer.clone(), 0, 5), slot);
+        filler.end(Err("registry said no".into()));
         assert_eq!(early.take(&layer, &(0..5), deadline).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_read_inside_a_range_fetched_ahead_gets_its_part_as_soon_as_it_arrived() {
+        let early = Arc::new(EarlyBytes::default());
+        let (layer, other) = (Digest::of(b"layer"), Digest::of(b"other"));
+        let (filler, slot) = Filler::new(Instant::now() + Duration::from_secs(5));
+        early.lock().insert((layer.clone(), 100, 110), slot);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // The first half arrives; the rest does not yet.
+        filler.arrived(0, b"abcde");
+        let got = early.take(&layer, &(101..104), deadline).await;
+        assert_eq!(got.as_deref(), Some(&b"bcd"[..]));
+        // A part past what arrived waits for it; so does a prefetch waiting for the range.
+        let (e2, l2) = (early.clone(), layer.clone());
+        let later = tokio::spawn(async move { e2.take(&l2, &(103..108), deadline).await });
+        let (e3, l3) = (early.clone(), layer.clone());
+        let settled = tokio::spawn(async move { e3.settled(&l3, &(100..110), deadline).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!later.is_finished() && !settled.is_finished());
+        // A retry resends from the start: only the new bytes count.
+        filler.arrived(0, b"abcdefg");
+        filler.arrived(7, b"hij");
+        assert_eq!(later.await.unwrap().as_deref(), Some(&b"defgh"[..]));
+        assert!(!settled.is_finished(), "not ended yet");
+        filler.end(Ok(()));
+        settled.await.unwrap();
+        // Not past its ends, not another layer's.
+        assert_eq!(early.take(&layer, &(95..105), deadline).await, None);
+        assert_eq!(early.take(&layer, &(105..111), deadline).await, None);
+        assert_eq!(early.take(&other, &(103..106), deadline).await, None);
+        // Still there for the prefetch that asks for all of it.
+        let all = early.take(&layer, &(100..110), deadline).await;
+        assert_eq!(all.as_deref(), Some(&b"abcdefghij"[..]));
+        // A fetch that failed half-way still serves what arrived, and nothing past it.
+        let (f2, slot) = Filler::new(Instant::now() + Duration::from_secs(5));
+        early.lock().insert((layer.clone(), 0, 10), slot);
+        f2.arrived(0, b"short");
+        f2.end(Err("reset".into()));
+        assert_eq!(
+            early.take(&layer, &(1..4), deadline).await.as_deref(),
+            Some(&b"hor"[..])
+        );
+        assert_eq!(early.take(&layer, &(2..7), deadline).await, None);
+        // The layer's mount-time prefetch is over: nothing of it is kept.
+        early.release_layer(&layer);
+        assert!(early.lock().is_empty());
+        assert!(filler.progress.is_closed() && f2.progress.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_fetch_ahead_holds_a_read_no_longer_than_its_own_deadline() {
+        let early = EarlyBytes::default();
+        let layer = Digest::of(b"layer");
+        let (_filler, slot) = Filler::new(Instant::now() + Duration::from_millis(200));
+        early.lock().insert((layer.clone(), 0, 100), slot);
+        let t = Instant::now();
+        let deadline = t + Duration::from_secs(30);
+        assert_eq!(early.take(&layer, &(10..20), deadline).await, None);
+        early.settled(&layer, &(0..100), deadline).await;
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 }

@@ -48,6 +48,19 @@ impl RangeReader for RegistryReader {
         })
     }
 
+    fn settled(
+        &self,
+        range: Range<u64>,
+        deadline: tokio::time::Instant,
+    ) -> soci_fs::ReadFuture<'_, ()> {
+        Box::pin(async move {
+            self.early
+                .settled(&self.layer.digest, &range, deadline)
+                .await;
+            Ok(())
+        })
+    }
+
     fn whole_only(&self) -> bool {
         !self.client.supports_ranges(&self.repo.registry)
     }

@@ -72,7 +72,7 @@ pub struct Remote {
     /// Lazy layers not served, and their restore locks.
     health: health::Health,
     /// Prefetch counters and bound.
-    pub prefetch: prefetch::PrefetchState,
+    pub prefetch: Arc<prefetch::PrefetchState>,
     /// Prefetch bytes fetched at discovery, ahead of their layers' mounts.
     early: Arc<early::EarlyBytes>,
 }
@@ -160,7 +160,7 @@ impl Remote {
             handed_back: Mutex::new(BTreeMap::new()),
             layers_lazy: Default::default(),
             health: Default::default(),
-            prefetch: prefetch::PrefetchState::new(&cfg.prefetch),
+            prefetch: Arc::new(prefetch::PrefetchState::new(&cfg.prefetch)),
             early: Arc::default(),
         })
     }
