@@ -185,7 +185,8 @@ impl Snapshotter {
         })
     }
 
-    /// Removes snapshot directories no snapshot refers to; returns how many.
+    /// Removes snapshot directories (and lazy layer caches) no snapshot refers to; returns how
+    /// many.
     pub fn cleanup(&self) -> Result<usize> {
         let _guard = self.dirs.lock().expect("dirs lock");
         let ids: std::collections::HashSet<u64> =
@@ -206,6 +207,9 @@ impl Snapshotter {
                     }
                 }
             }
+        }
+        if let Some(r) = &self.remote {
+            removed += r.remove_orphan_caches(&ids);
         }
         Ok(removed)
     }

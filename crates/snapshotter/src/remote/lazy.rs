@@ -306,6 +306,43 @@ impl Remote {
         super::record::forget(&self.lazy.cache_root, id);
     }
 
+    /// Removes the span caches, passthrough directories and demand records of snapshots not in
+    /// `live` and not mounted: what a crash between a snapshot's removal and
+    /// [`Remote::release`] left behind (disk the budget no longer counts). Returns how many
+    /// went.
+    pub fn remove_orphan_caches(&self, live: &std::collections::HashSet<u64>) -> usize {
+        let mut removed = 0;
+        let root = &self.lazy.cache_root;
+        for dir in [root.clone(), root.join("passthrough")] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                // Only `<id>` directories (not `passthrough` itself, nor symlinks: never followed).
+                let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                    continue;
+                };
+                let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                if !is_dir || live.contains(&id) || self.is_mounted(id) {
+                    continue;
+                }
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => removed += 1,
+                    Err(err) => {
+                        warn!(path = %e.path().display(), error = %err, "cannot remove an orphan layer cache")
+                    }
+                }
+            }
+        }
+        for id in super::record::recorded_ids(root) {
+            if !live.contains(&id) && !self.is_mounted(id) {
+                super::record::forget(root, id);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Whether snapshot `id` is a mounted lazy layer.
     pub fn is_mounted(&self, id: u64) -> bool {
         self.lazy.mounts.lock().expect("mounts").contains_key(&id)

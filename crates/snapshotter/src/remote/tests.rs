@@ -126,6 +126,71 @@ async fn a_lazy_layer_is_mounted_at_its_dir_and_released() {
 }
 
 #[tokio::test]
+async fn caches_of_snapshots_that_are_gone_are_removed_and_live_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, _) = fake_remote(dir.path());
+    let labels = seed_lazy_image(&remote).await;
+    let super::LayerPlan::Lazy { image, ztoc, layer } = remote.plan(&labels).await.unwrap() else {
+        panic!("not lazy");
+    };
+    // Snapshot 7 is mounted (not in the list given: still kept), 8 is live, 9 is gone.
+    let fs = dir.path().join("snapshots/7/fs");
+    remote
+        .mount_lazy(7, &fs, &image, &ztoc, &layer)
+        .await
+        .unwrap();
+    let cache = dir.path().join("cache");
+    for d in [
+        "7",
+        "8",
+        "9",
+        "passthrough/8",
+        "passthrough/9",
+        "passthrough/x",
+        "other",
+    ] {
+        std::fs::create_dir_all(cache.join(d)).unwrap();
+        std::fs::write(cache.join(d).join("f"), b"x").unwrap();
+    }
+    // A link named like a snapshot is not followed.
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("keep"), b"x").unwrap();
+    std::os::unix::fs::symlink(&outside, cache.join("10")).unwrap();
+    let record = dir.path().join("record");
+    std::fs::create_dir_all(&record).unwrap();
+    for f in ["8.json", "9.json", "9.ranges", "notes.txt"] {
+        std::fs::write(record.join(f), b"{}").unwrap();
+    }
+    let live: std::collections::HashSet<u64> = [8].into();
+    assert_eq!(remote.remove_orphan_caches(&live), 3);
+    let mut left: Vec<String> = std::fs::read_dir(&record)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    // 7's own record (mounted) stays as well.
+    assert!(
+        left.contains(&"8.json".to_string()) && left.contains(&"notes.txt".to_string()),
+        "{left:?}"
+    );
+    assert!(!left.iter().any(|f| f.starts_with("9.")), "{left:?}");
+    for (d, kept) in [
+        ("7", true),
+        ("8", true),
+        ("9", false),
+        ("passthrough/8", true),
+        ("passthrough/9", false),
+        ("passthrough/x", true),
+        ("other", true),
+    ] {
+        assert_eq!(cache.join(d).exists(), kept, "{d}");
+    }
+    assert!(outside.join("keep").exists());
+    remote.release(7);
+}
+
+#[tokio::test]
 async fn a_plan_without_labels_is_an_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
     let (remote, mounter) = fake_remote(dir.path());
