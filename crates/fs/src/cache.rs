@@ -106,18 +106,22 @@ impl SpanCache {
         self.last_demand_ms.store(now, Ordering::Relaxed);
     }
 
-    /// Waits until no container read started for `quiet` (any layer): work that only pays off
-    /// later (passthrough copies) waits for it instead of taking CPU and disk from a start.
-    pub(crate) async fn wait_quiet(&self, quiet: std::time::Duration) {
+    /// Waits until no container read started for `quiet` (any layer), or `max` passed: work
+    /// that only pays off later (passthrough copies) waits for it instead of taking CPU and
+    /// disk from a start.
+    pub(crate) async fn wait_quiet(&self, quiet: std::time::Duration, max: std::time::Duration) {
+        let give_up = tokio::time::Instant::now() + max;
         loop {
             let last = self.last_demand_ms.load(Ordering::Relaxed);
             // A read may stamp a later time than this elapsed() (a race): saturating.
             let since = (self.born.elapsed().as_millis() as u64).saturating_sub(last);
             let quiet_ms = quiet.as_millis() as u64;
-            if last == 0 || since >= quiet_ms {
+            if last == 0 || since >= quiet_ms || tokio::time::Instant::now() >= give_up {
                 return;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(quiet_ms - since)).await;
+            let wake =
+                tokio::time::Instant::now() + std::time::Duration::from_millis(quiet_ms - since);
+            tokio::time::sleep_until(wake.min(give_up)).await;
         }
     }
 

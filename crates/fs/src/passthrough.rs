@@ -93,6 +93,9 @@ const CHUNK: u64 = 1 << 20;
 /// it (file creation and fsync were a third of the daemon's time while a Python start read
 /// 300 files).
 pub(crate) const WRITE_WHEN_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+/// ... but a layer read at least once a second gets its copies after this long anyway (each
+/// copy waits again for a quiet second once it is its turn, within the same bound).
+pub(crate) const MAX_WRITE_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
 /// Backing files one mount writes at most: each is an inode and a kernel file reference
 /// while passed through, so a layer of a million tiny files must not make a million.
 pub(crate) const MAX_BACKING_FILES: usize = 16 << 10;
@@ -423,16 +426,27 @@ impl Passthrough {
     /// verified spans, within the disk budget, once containers read nothing for
     /// [`WRITE_WHEN_QUIET`].
     pub(crate) async fn write(self: Arc<Self>, spans: Arc<SpanManager>, extent: Extent) {
-        self.disk.wait_quiet(WRITE_WHEN_QUIET).await;
+        self.disk
+            .wait_quiet(WRITE_WHEN_QUIET, MAX_WRITE_DELAY)
+            .await;
         let Ok(_permit) = self.writer.acquire().await else {
             return;
         };
+        // Queued behind other copies: a container may have started since.
+        self.disk
+            .wait_quiet(WRITE_WHEN_QUIET, MAX_WRITE_DELAY)
+            .await;
+        let range = extent.0..extent.0 + extent.1;
+        // Gone, or evicted while waiting: a copy is not worth fetching the spans again.
+        if !self.lock().on || !spans.is_local(range.clone()) {
+            self.lock().claimed.remove(&extent);
+            return;
+        }
         let cost = disk_cost(extent.1);
         if !self.disk.try_reserve_disk(cost) {
             debug!(dir = %self.dir.display(), ?extent, "disk budget full: no backing file");
             return;
         }
-        let range = extent.0..extent.0 + extent.1;
         match self.copy(&spans, range).await {
             Ok(()) => {
                 let mut t = self.lock();
@@ -444,6 +458,7 @@ impl Passthrough {
                     self.disk.release_disk(cost);
                     return;
                 }
+                t.claimed.remove(&extent);
                 t.files.insert(extent);
                 drop(t);
                 self.metrics

@@ -58,6 +58,10 @@ pub trait RangeReader: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Forgets any bytes held for `range` (some of them failed verification): the next read
+    /// of it asks the source itself, so a retry never gets the same bad bytes again.
+    fn discard(&self, _range: Range<u64>) {}
+
     /// Whether the source was found not to support ranges: the blob is then read whole.
     fn whole_only(&self) -> bool {
         false

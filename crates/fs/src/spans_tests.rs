@@ -18,6 +18,9 @@ struct FakeReader {
     /// Offset of a byte flipped in whole-blob reads.
     whole_flip: Option<usize>,
     whole_calls: AtomicU32,
+    /// Every range read is corrupt until `discard` is called (bytes held ahead that are bad).
+    bad_until_discarded: std::sync::atomic::AtomicBool,
+    discards: AtomicU32,
 }
 
 impl RangeReader for FakeReader {
@@ -34,9 +37,16 @@ impl RangeReader for FakeReader {
             if self.corrupt.load(Ordering::SeqCst) > 0 {
                 self.corrupt.fetch_sub(1, Ordering::SeqCst);
                 data[0] ^= 1;
+            } else if self.bad_until_discarded.load(Ordering::SeqCst) {
+                data[0] ^= 1;
             }
             Ok(Bytes::from(data))
         })
+    }
+
+    fn discard(&self, _range: Range<u64>) {
+        self.discards.fetch_add(1, Ordering::SeqCst);
+        self.bad_until_discarded.store(false, Ordering::SeqCst);
     }
 
     fn whole_only(&self) -> bool {
@@ -251,6 +261,22 @@ async fn disk_budget_bounds_the_span_files_and_is_given_back() {
     m.remove_cache();
     assert_eq!(disk.disk_bytes(), 0);
     assert_eq!(m.cached_count(), 0);
+}
+
+#[tokio::test]
+async fn a_verification_retry_never_gets_the_same_held_bytes_again() {
+    // Bytes held ahead (a prefetch's range) that are bad: the retry must not be served them.
+    let (m, reader, blob, _d) = build(
+        false,
+        FakeReader {
+            bad_until_discarded: true.into(),
+            ..Default::default()
+        },
+        |c| c.max_verification_retries = 1,
+    );
+    assert_eq!(m.read(0..1000).await.unwrap(), &blob[0..1000]);
+    assert_eq!(reader.discards.load(Ordering::SeqCst), 1);
+    assert_eq!(reader.calls.lock().unwrap().len(), 2);
 }
 
 #[tokio::test]

@@ -196,10 +196,24 @@ impl PrefetchArtifact {
     /// among equals): a recorded prefetch ranks its spans by when the workload first read
     /// them, so the daemon asks for them in that order.
     pub fn span_ranges(&self) -> Vec<std::ops::RangeInclusive<usize>> {
-        let mut spans: Vec<PrefetchSpan> = normalize(self.spans().to_vec())
-            .into_iter()
+        let mut valid: Vec<PrefetchSpan> = self
+            .spans()
+            .iter()
             .filter(|s| s.start_span >= 0 && s.start_span <= s.end_span)
+            .copied()
             .collect();
+        valid.sort_by_key(|s| (s.start_span, s.end_span));
+        // Merged as `normalize` does, but a merged range keeps its most urgent priority.
+        let mut spans: Vec<PrefetchSpan> = Vec::with_capacity(valid.len());
+        for s in valid {
+            match spans.last_mut() {
+                Some(cur) if (s.start_span as i64) <= cur.end_span as i64 + 1 => {
+                    cur.end_span = cur.end_span.max(s.end_span);
+                    cur.priority = cur.priority.min(s.priority);
+                }
+                _ => spans.push(s),
+            }
+        }
         spans.sort_by_key(|s| s.priority);
         spans
             .into_iter()

@@ -66,6 +66,10 @@ fn artifact_merges_ranges_and_keeps_first_access_order_as_priority() {
     // Reads back as any artifact does, first-read first.
     let back = PrefetchArtifact::parse(json.as_bytes(), "d", "l", 10).unwrap();
     assert_eq!(back.span_ranges(), vec![7..=9, 2..=3, 0..=0]);
+    // Adjacent ranges merge into one request, which goes out at its most urgent rank.
+    let json = br#"{"version":"1.0","prefetch_spans":[{"start_span":0,"end_span":1,"priority":5},{"start_span":2,"end_span":2,"priority":1},{"start_span":6,"end_span":6,"priority":3}]}"#;
+    let a = PrefetchArtifact::parse(json, "d", "l", 10).unwrap();
+    assert_eq!(a.span_ranges(), vec![0..=2, 6..=6]);
     assert!(recorded_artifact(&[], "layer").unwrap().is_none());
 }
 

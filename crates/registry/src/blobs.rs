@@ -123,6 +123,9 @@ fn parse_content_range(v: &str) -> Option<Range<u64>> {
     Some(a..end)
 }
 
+/// Where a streamed range read hands its bytes: (offset in the range, bytes).
+type Progress<'a> = &'a (dyn Fn(u64, &[u8]) + Send + Sync);
+
 impl Client {
     async fn blob_response(
         &self,
@@ -266,14 +269,12 @@ impl Client {
         range: Range<u64>,
         deadline: Option<Instant>,
     ) -> Result<Bytes> {
-        self.get_blob_range_streamed(repo, digest, range, deadline, &|_, _| {})
-            .await
+        self.range_read(repo, digest, range, deadline, None).await
     }
 
-    /// As [`Client::get_blob_range_until`], also handing each part of the range to `progress`
-    /// as it arrives, with its offset in the range: bytes in order from 0, and from 0 again on
-    /// a retry (the same bytes, or the whole read fails).
-    #[tracing::instrument(level = "debug", name = "get_range", skip_all, fields(digest = %digest, start = range.start, len = range.end - range.start))]
+    /// As [`Client::get_blob_range_until`], but handing each part of the range to `progress`
+    /// as it arrives (with its offset in the range) instead of collecting it: bytes in order
+    /// from 0, and from 0 again on a retry. Ok once all of the range went to `progress`.
     pub async fn get_blob_range_streamed(
         &self,
         repo: &Repository,
@@ -281,6 +282,20 @@ impl Client {
         range: Range<u64>,
         deadline: Option<Instant>,
         progress: &(dyn Fn(u64, &[u8]) + Send + Sync),
+    ) -> Result<()> {
+        self.range_read(repo, digest, range, deadline, Some(progress))
+            .await
+            .map(drop)
+    }
+
+    #[tracing::instrument(level = "debug", name = "get_range", skip_all, fields(digest = %digest, start = range.start, len = range.end - range.start))]
+    async fn range_read(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Range<u64>,
+        deadline: Option<Instant>,
+        progress: Option<Progress<'_>>,
     ) -> Result<Bytes> {
         let what = format!(
             "blob {digest} bytes {}-{} in {}/{}",
@@ -320,7 +335,7 @@ impl Client {
         range: &Range<u64>,
         what: &str,
         (deadline, retries): (Option<Instant>, &AtomicU32),
-        progress: &(dyn Fn(u64, &[u8]) + Send + Sync),
+        progress: Option<Progress<'_>>,
     ) -> std::result::Result<Bytes, RangeFailure> {
         let want = range.end - range.start;
         // The send loop retried request failures within the shared budget: not again here.
@@ -377,7 +392,9 @@ impl Client {
             (range.start, range.end)
         };
         // Grows as bytes arrive; never more than `want` bytes are kept.
+        // Collected only without `progress` (which gets the bytes instead).
         let mut out: Vec<u8> = Vec::new();
+        let mut got: u64 = 0;
         let mut pos: u64 = 0;
         loop {
             let chunk = match resp.chunk().await {
@@ -387,7 +404,7 @@ impl Client {
                     return Err(RangeFailure::retry(RegistryError::Transport {
                         what: what.into(),
                         url,
-                        message: format!("{e} after {} of {want} bytes", out.len()),
+                        message: format!("{e} after {got} of {want} bytes"),
                     }))
                 }
             };
@@ -403,8 +420,11 @@ impl Client {
             let (a, b) = (cs.max(skip), ce.min(limit));
             if a < b {
                 let part = &chunk[(a - cs) as usize..(b - cs) as usize];
-                progress(out.len() as u64, part);
-                out.extend_from_slice(part);
+                match progress {
+                    Some(p) => p(got, part),
+                    None => out.extend_from_slice(part),
+                }
+                got += part.len() as u64;
             }
             if !partial && pos >= limit {
                 // The rest of the blob is not needed: dropping the response closes the
@@ -412,11 +432,11 @@ impl Client {
                 break;
             }
         }
-        if out.len() as u64 != want {
+        if got != want {
             return Err(RangeFailure::retry(RegistryError::Transport {
                 what: what.into(),
                 url,
-                message: format!("short body: {} of {want} bytes", out.len()),
+                message: format!("short body: {got} of {want} bytes"),
             }));
         }
         Ok(Bytes::from(out))

@@ -203,6 +203,11 @@ impl SpanManager {
                 debug!(layer = %self.layer, spans = ?todo.spans, "spans fetched and verified");
                 return Ok(got);
             };
+            if f.kind == FailureKind::BadBytes {
+                if let Ok(bad) = self.spans.span(f.id) {
+                    self.reader.discard(bad.compressed);
+                }
+            }
             if f.kind == FailureKind::BadBytes && attempt < retries && Instant::now() < deadline {
                 attempt += 1;
                 self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);

@@ -185,6 +185,9 @@ impl SpanManager {
                     r.requests += 1;
                     if let Ok(sr) = me.spans.run(run.clone()) {
                         let _ = me.reader.settled(sr.compressed, deadline).await;
+                        if me.closed.load(Ordering::Relaxed) {
+                            break;
+                        }
                     }
                     let fetch = me.ensure_until(run.clone(), Priority::Background, deadline);
                     match tokio::time::timeout_at(deadline, fetch).await {

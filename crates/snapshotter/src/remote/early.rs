@@ -36,6 +36,9 @@ use super::Remote;
 pub const MAX_EARLY_BYTES: u64 = 256 << 20;
 /// How long fetched bytes wait for their mount.
 pub const EARLY_TTL: Duration = Duration::from_secs(60);
+/// A read waiting for its part of a range fetched ahead gives up (and fetches for itself)
+/// after this long without new bytes.
+pub const STALLED: Duration = Duration::from_secs(2);
 /// Range requests one layer's early prefetch runs at once (as the mount's).
 const REQUESTS_PER_LAYER: usize = 4;
 
@@ -81,39 +84,62 @@ impl Filler {
     /// Bytes at offset `at` of the range arrived (a retry starts again from 0: only bytes past
     /// those held count).
     fn arrived(&self, at: u64, part: &[u8]) {
+        if self.progress.borrow().ended.is_some() {
+            return;
+        }
         let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
         let have = d.len() as u64;
         let end = at + part.len() as u64;
-        if at > have || end <= have {
+        if at > have {
             return;
         }
-        d.extend_from_slice(&part[(have - at) as usize..]);
+        // A retry's bytes must be the ones already held: else nothing here is kept for use.
+        let overlap = (have.min(end) - at) as usize;
+        if d[at as usize..at as usize + overlap] != part[..overlap] {
+            drop(d);
+            self.end(Err("the registry sent different bytes on a retry".into()));
+            return;
+        }
+        if end <= have {
+            return;
+        }
+        d.extend_from_slice(&part[overlap..]);
         let n = d.len() as u64;
         drop(d);
         self.progress.send_modify(|p| p.received = n);
     }
 
     fn end(&self, outcome: Result<(), String>) {
-        self.progress.send_modify(|p| p.ended = Some(outcome));
+        self.progress.send_modify(|p| {
+            // The first outcome stands (a retry that changed bytes, then the fetch's own end).
+            if p.ended.is_none() {
+                p.ended = Some(outcome);
+            }
+        });
     }
 }
 
 impl Slot {
-    /// Bytes `from..to` of the range once they arrived (waits until `deadline`); `None` if
-    /// the fetch ended without them.
+    /// Bytes `from..to` of the range once they arrived (waits until `deadline`, and no longer
+    /// than [`STALLED`] without new bytes); `None` if the fetch ended (or stalled) without
+    /// them: the caller then fetches for itself.
     async fn read(&mut self, from: u64, to: u64, deadline: Instant) -> Option<Bytes> {
-        let arrived = tokio::time::timeout_at(
-            deadline.min(self.until),
-            self.progress
-                .wait_for(|p| p.received >= to || p.ended.is_some()),
-        )
-        .await
-        .ok()?
-        .ok()?
-        .received
-            >= to;
-        if !arrived {
-            return None;
+        let until = deadline.min(self.until);
+        loop {
+            {
+                let p = self.progress.borrow_and_update();
+                if p.received >= to {
+                    break;
+                }
+                if p.ended.is_some() {
+                    return None;
+                }
+            }
+            let wake = until.min(Instant::now() + STALLED);
+            match tokio::time::timeout_at(wake, self.progress.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
         }
         let d = self.data.lock().unwrap_or_else(|p| p.into_inner());
         let (from, to) = (usize::try_from(from).ok()?, usize::try_from(to).ok()?);
@@ -178,6 +204,12 @@ impl EarlyBytes {
         m.iter()
             .find(|((d, start, end), _)| d == layer && *start <= range.start && range.end <= *end)
             .map(|(k, s)| (k.clone(), s.clone()))
+    }
+
+    /// Forgets ranges of `layer` overlapping `range` (bytes from there failed verification).
+    pub(super) fn discard(&self, layer: &Digest, range: &Range<u64>) {
+        self.lock()
+            .retain(|(d, start, end), _| d != layer || *end <= range.start || range.end <= *start);
     }
 
     /// Drops what was fetched ahead for `layer` and not taken (its mount's prefetch is over).
@@ -284,7 +316,6 @@ fn fetch_early(
                         filler.arrived(at, part)
                     })
                     .await
-                    .map(drop)
                     .map_err(|e| e.to_string())
             };
             filler.end(got);
@@ -296,7 +327,15 @@ fn fetch_early(
                     _ = filler.progress.closed() => {}
                 }
             }
-            early.lock().remove(&key);
+            {
+                // Only this fetch's slot: the key may hold a newer fetch of the same bytes.
+                let mut m = early.lock();
+                if m.get(&key)
+                    .is_some_and(|s| Arc::ptr_eq(&s.data, &filler.data))
+                {
+                    m.remove(&key);
+                }
+            }
             drop(filler);
             early.held.fetch_sub(len, Ordering::Relaxed);
         });
@@ -393,5 +432,40 @@ mod tests {
         assert_eq!(early.take(&layer, &(10..20), deadline).await, None);
         early.settled(&layer, &(0..100), deadline).await;
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_read_gives_up_on_a_range_that_stopped_arriving_and_bad_bytes_are_forgotten() {
+        let early = EarlyBytes::default();
+        let layer = Digest::of(b"layer");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (filler, slot) = Filler::new(deadline);
+        early.lock().insert((layer.clone(), 0, 100), slot);
+        filler.arrived(0, b"0123456789");
+        // What arrived is served; past it, a stall ends the wait after STALLED, not at the
+        // fetch's or the read's deadline.
+        assert_eq!(
+            early.take(&layer, &(2..5), deadline).await.as_deref(),
+            Some(&b"234"[..])
+        );
+        let t = Instant::now();
+        assert_eq!(early.take(&layer, &(5..20), deadline).await, None);
+        assert!(
+            t.elapsed() >= STALLED && t.elapsed() < STALLED * 2,
+            "{:?}",
+            t.elapsed()
+        );
+        // A retry that sends other bytes ends the fetch: nothing more is taken from it.
+        filler.arrived(0, b"0123X56789abc");
+        assert_eq!(early.take(&layer, &(8..12), deadline).await, None);
+        // Bytes that failed verification: the ranges overlapping them are forgotten.
+        let (_f2, s2) = Filler::new(deadline);
+        let (_f3, s3) = Filler::new(deadline);
+        early.lock().insert((layer.clone(), 100, 200), s2);
+        early.lock().insert((layer.clone(), 200, 300), s3);
+        early.discard(&layer, &(150..160));
+        let mut left: Vec<u64> = early.lock().keys().map(|k| k.1).collect();
+        left.sort();
+        assert_eq!(left, vec![0, 200]);
     }
 }

@@ -61,6 +61,10 @@ impl RangeReader for RegistryReader {
         })
     }
 
+    fn discard(&self, range: Range<u64>) {
+        self.early.discard(&self.layer.digest, &range);
+    }
+
     fn whole_only(&self) -> bool {
         !self.client.supports_ranges(&self.repo.registry)
     }
@@ -306,10 +310,10 @@ impl Remote {
         super::record::forget(&self.lazy.cache_root, id);
     }
 
-    /// Removes the span caches, passthrough directories and demand records of snapshots not in
-    /// `live` and not mounted: what a crash between a snapshot's removal and
-    /// [`Remote::release`] left behind (disk the budget no longer counts). Returns how many
-    /// went.
+    /// Removes the span caches and passthrough directories of snapshots not in `live` and not
+    /// mounted: what a crash between a snapshot's removal and [`Remote::release`] left behind
+    /// (disk the budget no longer counts). Returns how many went. Demand records are left:
+    /// small, and `soci prefetch record` skips the ones it cannot use.
     pub fn remove_orphan_caches(&self, live: &std::collections::HashSet<u64>) -> usize {
         let mut removed = 0;
         let root = &self.lazy.cache_root;
@@ -332,12 +336,6 @@ impl Remote {
                         warn!(path = %e.path().display(), error = %err, "cannot remove an orphan layer cache")
                     }
                 }
-            }
-        }
-        for id in super::record::recorded_ids(root) {
-            if !live.contains(&id) && !self.is_mounted(id) {
-                super::record::forget(root, id);
-                removed += 1;
             }
         }
         removed

@@ -129,24 +129,6 @@ fn write(target: &Path, file: &RecordFile) {
 }
 
 /// Removes snapshot `id`'s record (the snapshot is gone).
-/// Snapshot ids that have a record file (any of `<id>.json`, `.json.tmp`, `.ranges`).
-pub(super) fn recorded_ids(cache_root: &Path) -> Vec<u64> {
-    let Ok(entries) = std::fs::read_dir(dir(cache_root)) else {
-        return Vec::new();
-    };
-    let mut ids: Vec<u64> = entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name();
-            let name = name.to_str()?;
-            name.split('.').next()?.parse().ok()
-        })
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
 pub(super) fn forget(cache_root: &Path, id: u64) {
     let p = path(cache_root, id);
     let _ = std::fs::remove_file(&p);
