@@ -90,7 +90,7 @@ fn notify_ready_with_socket_activation_and_upstream_config() {
     for key in [
         "http",
         "directory_cache",
-        "fuse.entry_timeout",
+        "fuse.log_fuse_operations",
         "kubeconfig_keychain",
     ] {
         let want = format!("config key `{key}` is not supported by soci-rs and is ignored");

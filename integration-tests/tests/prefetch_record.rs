@@ -280,7 +280,17 @@ fn recorded_prefetch_replaces_demand_reads_and_hostile_records_are_refused() {
         &format!("{repo}:rec"),
         (&layer, true),
     );
-    assert_eq!(out, want, "output byte-identical");
+    assert_eq!(
+        out,
+        want,
+        "output byte-identical; daemon warnings:\n{}",
+        daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert!(prefetch_requests > 0, "no prefetch");
     assert_eq!(
         gets.len() as u64,
