@@ -93,6 +93,11 @@ pub fn get_metrics(addr: &str) -> String {
     out
 }
 
+/// Counter `name` (no labels) of the daemon serving metrics at `addr`; 0 when absent.
+pub fn counter(addr: &str, name: &str) -> u64 {
+    metric_value(&get_metrics(addr), name).unwrap_or(0)
+}
+
 /// The value of metric `name` (a line `name VALUE`, no labels) in a Prometheus text page.
 pub fn metric_value(text: &str, name: &str) -> Option<u64> {
     text.lines()

@@ -98,13 +98,7 @@ fn pull_and_run(
     (layer, prefetched): (&str, bool),
 ) -> (Vec<u64>, u64, String) {
     let before = reg.blob_gets(layer).len();
-    let requests = || {
-        integration_tests::metric_value(
-            &integration_tests::get_metrics(maddr),
-            "soci_prefetch_requests_total",
-        )
-        .unwrap_or(0)
-    };
+    let requests = || integration_tests::counter(maddr, "soci_prefetch_requests_total");
     let (done, req0) = (daemon.prefetches_done(layer), requests());
     let mode = ctd.soci(&["-n", ns, "image", "rpull", "--plain-http", image]);
     assert!(mode.contains("lazy: 1 of 2 layers"), "{mode}");

@@ -72,13 +72,7 @@ fn pull_and_run(
     image: &str,
     layer: &str,
 ) -> (Vec<u64>, u64, String) {
-    let requests = || {
-        integration_tests::metric_value(
-            &integration_tests::get_metrics(maddr),
-            "soci_prefetch_requests_total",
-        )
-        .unwrap_or(0)
-    };
+    let requests = || integration_tests::counter(maddr, "soci_prefetch_requests_total");
     let before = reg.blob_gets(layer).len();
     let (done, req0) = (daemon.prefetches_done(layer), requests());
     let mode = ctd.soci(&["-n", ns, "image", "rpull", "--plain-http", image]);

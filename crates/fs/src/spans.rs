@@ -310,7 +310,6 @@ impl SpanManager {
     async fn read_uncounted(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
         self.last_demand_ms
             .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
-        self.cfg.cache.stamp_demand();
         self.read_as(range, Priority::Demand).await
     }
 

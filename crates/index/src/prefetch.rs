@@ -196,24 +196,14 @@ impl PrefetchArtifact {
     /// among equals): a recorded prefetch ranks its spans by when the workload first read
     /// them, so the daemon asks for them in that order.
     pub fn span_ranges(&self) -> Vec<std::ops::RangeInclusive<usize>> {
-        let mut valid: Vec<PrefetchSpan> = self
+        let valid: Vec<PrefetchSpan> = self
             .spans()
             .iter()
             .filter(|s| s.start_span >= 0 && s.start_span <= s.end_span)
             .copied()
             .collect();
-        valid.sort_by_key(|s| (s.start_span, s.end_span));
         // Merged as `normalize` does, but a merged range keeps its most urgent priority.
-        let mut spans: Vec<PrefetchSpan> = Vec::with_capacity(valid.len());
-        for s in valid {
-            match spans.last_mut() {
-                Some(cur) if (s.start_span as i64) <= cur.end_span as i64 + 1 => {
-                    cur.end_span = cur.end_span.max(s.end_span);
-                    cur.priority = cur.priority.min(s.priority);
-                }
-                _ => spans.push(s),
-            }
-        }
+        let mut spans = merge(valid, i64::min);
         spans.sort_by_key(|s| s.priority);
         spans
             .into_iter()
@@ -224,13 +214,20 @@ impl PrefetchArtifact {
 
 /// Sorts ranges and merges overlapping and adjacent ones (upstream's
 /// `normalizePrefetchSpans`: the merged range keeps the first range's priority).
-pub fn normalize(mut spans: Vec<PrefetchSpan>) -> Vec<PrefetchSpan> {
+pub fn normalize(spans: Vec<PrefetchSpan>) -> Vec<PrefetchSpan> {
+    merge(spans, |first, _| first)
+}
+
+/// Sorts ranges and merges overlapping and adjacent ones; a merged range's priority is
+/// `priority(kept, merged in)`.
+fn merge(mut spans: Vec<PrefetchSpan>, priority: fn(i64, i64) -> i64) -> Vec<PrefetchSpan> {
     spans.sort_by_key(|s| (s.start_span, s.end_span));
     let mut out: Vec<PrefetchSpan> = Vec::with_capacity(spans.len());
     for s in spans {
         match out.last_mut() {
             Some(cur) if (s.start_span as i64) <= cur.end_span as i64 + 1 => {
                 cur.end_span = cur.end_span.max(s.end_span);
+                cur.priority = priority(cur.priority, s.priority);
             }
             _ => out.push(s),
         }
