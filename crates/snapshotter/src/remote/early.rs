@@ -18,6 +18,7 @@
 //! exist before the mount sees the plan (so the mount never fetches them again); if the mount
 //! does, nothing is fetched early.
 
+use std::collections::{BTreeMap, HashMap};
 use std::ops::{Range, RangeInclusive};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -156,10 +157,76 @@ impl Slot {
 /// A layer's prefetch plan: the span ranges its artifact names.
 pub(super) type Plan = Result<Arc<Vec<RangeInclusive<SpanId>>>, String>;
 
+/// The ranges fetched ahead, by layer and then by (start, end): a read looks only at its own
+/// layer's ranges and finds the one holding it by its start. A layer's ranges are the disjoint
+/// runs of one prefetch plan; should two plans overlap, a read may miss a range that holds it
+/// and fetch for itself, never get wrong bytes.
+#[derive(Default)]
+struct Held(HashMap<Digest, BTreeMap<(u64, u64), Slot>>);
+
+impl Held {
+    fn insert(&mut self, (layer, start, end): Key, slot: Slot) {
+        self.0.entry(layer).or_default().insert((start, end), slot);
+    }
+
+    fn get(&self, (layer, start, end): &Key) -> Option<&Slot> {
+        self.0.get(layer)?.get(&(*start, *end))
+    }
+
+    fn contains_key(&self, key: &Key) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn remove(&mut self, (layer, start, end): &Key) -> Option<Slot> {
+        let ranges = self.0.get_mut(layer)?;
+        let slot = ranges.remove(&(*start, *end));
+        if ranges.is_empty() {
+            self.0.remove(layer);
+        }
+        slot
+    }
+
+    /// The range of `layer` that holds all of `range`, if any.
+    fn containing(&self, layer: &Digest, range: &Range<u64>) -> Option<(Key, Slot)> {
+        let ((start, end), slot) = self
+            .0
+            .get(layer)?
+            .range(..=(range.start, u64::MAX))
+            .next_back()?;
+        (range.end <= *end).then(|| ((layer.clone(), *start, *end), slot.clone()))
+    }
+
+    /// Drops the ranges of `layer` overlapping `range` (all of them without one).
+    fn drop_ranges(&mut self, layer: &Digest, range: Option<&Range<u64>>) {
+        let Some(ranges) = self.0.get_mut(layer) else {
+            return;
+        };
+        match range {
+            Some(r) => ranges.retain(|(start, end), _| *end <= r.start || r.end <= *start),
+            None => ranges.clear(),
+        }
+        if ranges.is_empty() {
+            self.0.remove(layer);
+        }
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    #[cfg(test)]
+    fn keys(&self) -> impl Iterator<Item = Key> + '_ {
+        self.0
+            .iter()
+            .flat_map(|(l, r)| r.keys().map(move |(s, e)| (l.clone(), *s, *e)))
+    }
+}
+
 /// Bytes fetched ahead of mounts, and the per-layer plans.
 #[derive(Default)]
 pub(super) struct EarlyBytes {
-    ranges: std::sync::Mutex<std::collections::HashMap<Key, Slot>>,
+    ranges: std::sync::Mutex<Held>,
     /// Prefetch plans by artifact digest (span ids belong to the zTOC the artifact was made for).
     pub(super) plans: SingleFlight<Digest, Plan>,
     held: AtomicU64,
@@ -201,23 +268,20 @@ impl EarlyBytes {
                 return Some((exact, slot));
             }
         }
-        m.iter()
-            .find(|((d, start, end), _)| d == layer && *start <= range.start && range.end <= *end)
-            .map(|(k, s)| (k.clone(), s.clone()))
+        m.containing(layer, range)
     }
 
     /// Forgets ranges of `layer` overlapping `range` (bytes from there failed verification).
     pub(super) fn discard(&self, layer: &Digest, range: &Range<u64>) {
-        self.lock()
-            .retain(|(d, start, end), _| d != layer || *end <= range.start || range.end <= *start);
+        self.lock().drop_ranges(layer, Some(range));
     }
 
     /// Drops what was fetched ahead for `layer` and not taken (its mount's prefetch is over).
     pub(super) fn release_layer(&self, layer: &Digest) {
-        self.lock().retain(|(d, _, _), _| d != layer);
+        self.lock().drop_ranges(layer, None);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Key, Slot>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         // Plain data: consistent even if a holder panicked.
         self.ranges.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -345,6 +409,30 @@ fn fetch_early(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_finds_the_range_of_its_own_layer_that_holds_it() {
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let mut held = Held::default();
+        let until = Instant::now() + Duration::from_secs(5);
+        for (l, s, e) in [(&a, 0, 10), (&a, 10, 20), (&a, 30, 40), (&b, 0, 100)] {
+            held.insert((l.clone(), s, e), Filler::new(until).1);
+        }
+        let found = |l: &Digest, r: Range<u64>| held.containing(l, &r).map(|(k, _)| (k.1, k.2));
+        assert_eq!(found(&a, 12..18), Some((10, 20)));
+        assert_eq!(found(&a, 30..40), Some((30, 40)));
+        assert_eq!(found(&a, 5..15), None, "across two ranges");
+        assert_eq!(found(&a, 20..25), None, "in a gap");
+        assert_eq!(found(&a, 35..45), None, "past the end");
+        assert_eq!(found(&b, 50..60), Some((0, 100)));
+        held.drop_ranges(&a, Some(&(15..31)));
+        let mut left: Vec<(u64, u64)> = held.keys().map(|k| (k.1, k.2)).collect();
+        left.sort();
+        assert_eq!(left, vec![(0, 10), (0, 100)]);
+        held.drop_ranges(&b, None);
+        assert!(held.remove(&(a.clone(), 0, 10)).is_some());
+        assert!(held.is_empty());
+    }
 
     #[tokio::test]
     async fn bytes_fetched_ahead_are_handed_out_once_and_waited_for_in_flight() {
