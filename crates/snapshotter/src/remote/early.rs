@@ -227,7 +227,9 @@ impl Held {
 #[derive(Default)]
 pub(super) struct EarlyBytes {
     ranges: std::sync::Mutex<Held>,
-    /// Prefetch plans by artifact digest (span ids belong to the zTOC the artifact was made for).
+    /// Prefetch plans by artifact digest (span ids belong to the zTOC the artifact was made
+    /// for), each kept [`EARLY_TTL`] (the discovery and mounts of one pull share it; a later
+    /// pull fetches the small artifact again).
     pub(super) plans: SingleFlight<Digest, Plan>,
     held: AtomicU64,
 }
@@ -307,6 +309,11 @@ impl Remote {
                     .await
                     .map_err(|e| e.to_string())?;
                 let ranges = Arc::new(artifact.span_ranges());
+                let (held, digest) = (self.early.clone(), desc.digest.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(EARLY_TTL).await;
+                    held.plans.remove(&digest);
+                });
                 if let Some(spans) = early {
                     let timeout = Duration::from_secs(self.cfg.prefetch.timeout_sec.max(1));
                     fetch_early(
