@@ -128,9 +128,29 @@ impl FullPulls {
                 };
                 let (me, repo, limits) = (me.clone(), repo.clone(), limits.clone());
                 tokio::spawn(content::with_namespace(ns.clone(), async move {
-                    let r = cell
-                        .get_or_init(|| me.download(&repo, &layer, &limits, Some(slot)))
-                        .await;
+                    let slot = std::sync::Mutex::new(Some(slot));
+                    let take = || slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let mut init = std::pin::pin!(cell.get_or_init(|| me.download(
+                        &repo,
+                        &layer,
+                        &limits,
+                        take()
+                    )));
+                    // The first poll runs the download (which takes the slot) unless a Prepare
+                    // of this layer is downloading it already: then the slot is given back at
+                    // once, since that download may itself be waiting for one (with one slot
+                    // per image, holding it here would deadlock them).
+                    let r = match std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(std::future::Future::poll(init.as_mut(), cx))
+                    })
+                    .await
+                    {
+                        std::task::Poll::Ready(r) => r,
+                        std::task::Poll::Pending => {
+                            drop(take());
+                            init.await
+                        }
+                    };
                     if r.is_err() {
                         // Only a Prepare already waiting sees this failure; a later one
                         // downloads afresh (the registry may be back).
