@@ -20,8 +20,9 @@ pub enum GateMode {
     BlobsDown = 1,
     /// Close every connection without an answer.
     Down = 2,
-    /// Hold every ranged blob GET (span fetch) until the mode changes (at most two minutes),
-    /// then handle it in the new mode; forward the rest.
+    /// Hold every ranged blob GET (span fetch; of the blobs named by [`Gate::hold_only`] if
+    /// any) until the mode changes (at most two minutes), then handle it in the new mode;
+    /// forward the rest.
     HoldRanges = 3,
 }
 
@@ -32,6 +33,7 @@ pub struct Gate {
     mode: Arc<AtomicU8>,
     stop: Arc<AtomicBool>,
     held: Arc<AtomicUsize>,
+    only: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Gate {
@@ -42,10 +44,12 @@ impl Gate {
         let mode = Arc::new(AtomicU8::new(GateMode::Open as u8));
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(AtomicUsize::new(0));
-        let (m, st, h, up) = (
+        let only = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (m, st, h, o, up) = (
             mode.clone(),
             stop.clone(),
             held.clone(),
+            only.clone(),
             upstream.to_string(),
         );
         std::thread::spawn(move || {
@@ -54,8 +58,8 @@ impl Gate {
                     return;
                 }
                 let Ok(c) = c else { continue };
-                let (m, h, up) = (m.clone(), h.clone(), up.clone());
-                std::thread::spawn(move || serve(c, &up, &m, &h));
+                let (m, h, o, up) = (m.clone(), h.clone(), o.clone(), up.clone());
+                std::thread::spawn(move || serve(c, &up, &m, &h, &o));
             }
         });
         Gate {
@@ -63,7 +67,14 @@ impl Gate {
             mode,
             stop,
             held,
+            only,
         }
+    }
+
+    /// [`GateMode::HoldRanges`] holds only ranged GETs of these blobs (e.g. the layers, not
+    /// their zTOCs, which a mount may also read by ranges).
+    pub fn hold_only(&self, digests: &[String]) {
+        *self.only.lock().unwrap() = digests.to_vec();
     }
 
     /// Span fetches waiting at the gate now ([`GateMode::HoldRanges`]).
@@ -96,13 +107,23 @@ fn read_head(c: &mut TcpStream) -> Option<Vec<u8>> {
     Some(head)
 }
 
-fn serve(mut c: TcpStream, upstream: &str, mode: &AtomicU8, held: &AtomicUsize) {
+fn serve(
+    mut c: TcpStream,
+    upstream: &str,
+    mode: &AtomicU8,
+    held: &AtomicUsize,
+    only: &std::sync::Mutex<Vec<String>>,
+) {
     let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
     while let Some(head) = read_head(&mut c) {
         let text = String::from_utf8_lossy(&head).to_string();
         let ranged_blob = text.starts_with("GET ")
             && text.contains("/blobs/")
-            && text.to_ascii_lowercase().contains("\r\nrange:");
+            && text.to_ascii_lowercase().contains("\r\nrange:")
+            && {
+                let only = only.lock().unwrap();
+                only.is_empty() || only.iter().any(|d| text.contains(d.as_str()))
+            };
         if ranged_blob && mode.load(Ordering::SeqCst) == GateMode::HoldRanges as u8 {
             held.fetch_add(1, Ordering::SeqCst);
             let deadline = Instant::now() + Duration::from_secs(120);

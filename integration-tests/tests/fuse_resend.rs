@@ -111,6 +111,17 @@ fn reads_in_flight_at_kill_9_are_answered_by_the_next_daemon() {
 
     // Close the gate, start the readers: their reads reach the daemon, which waits on the
     // registry with the requests taken from /dev/fuse.
+    // Only the data layer's span fetches (the next daemon reads the zTOC by ranges too).
+    let layer = {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let r = soci_registry::Reference::parse(&format!("{repo}:v1")).unwrap();
+        let (_, m) = rt
+            .block_on(reg.client().get_manifest(&r.repository, "v1"))
+            .unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        m["layers"][1]["digest"].as_str().unwrap().to_string()
+    };
+    gate.hold_only(&[layer]);
     gate.set(GateMode::HoldRanges);
     std::fs::write(out.join("go"), b"").unwrap();
     wait_for(

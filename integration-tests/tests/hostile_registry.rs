@@ -174,9 +174,11 @@ fn registry_without_ranges_is_read_whole_once_per_layer() {
     let gets = proxy.blob_gets();
     eprintln!("blob GETs: {gets:?}");
     // One range request reveals that ranges are ignored; after that each lazy layer blob is
-    // fetched whole once (spans: 8 files x 1.2 MB / 256 KiB ≈ 37).
+    // fetched whole once (spans: 8 files x 1.2 MB / 256 KiB ≈ 37). Before any answer: the two
+    // range requests of each zTOC's skeleton (two zTOCs, fetched in parallel at discovery;
+    // then each zTOC is fetched whole) and the first span fetch.
     assert!(
-        gets.ranged.len() <= 2,
+        gets.ranged.len() <= 2 + 2 * 2,
         "range requests after the registry showed it ignores them: {:?}",
         gets.ranged
     );

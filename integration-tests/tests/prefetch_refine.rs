@@ -51,13 +51,15 @@ fn soci_index(reg: &Registry, repo: &str, tag: &str) -> (SociIndex, String) {
     })
 }
 
-fn get_ztoc(reg: &Registry, repo: &str, d: &Descriptor) -> soci_ztoc::Ztoc {
+fn get_ztoc_bytes(reg: &Registry, repo: &str, d: &Descriptor) -> bytes::Bytes {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let r = Reference::parse(&format!("{repo}:x")).unwrap();
-    let bytes = rt
-        .block_on(reg.client().get_blob(&r.repository, d))
-        .unwrap();
-    soci_ztoc::Ztoc::from_bytes(&bytes).unwrap()
+    rt.block_on(reg.client().get_blob(&r.repository, d))
+        .unwrap()
+}
+
+fn get_ztoc(reg: &Registry, repo: &str, d: &Descriptor) -> soci_ztoc::Ztoc {
+    soci_ztoc::Ztoc::from_bytes(&get_ztoc_bytes(reg, repo, d)).unwrap()
 }
 
 /// Pulls `image` (which has a prefetch) lazily in `ns`, runs it and removes it; returns the
@@ -180,9 +182,19 @@ fn refined_ztocs_prefetch_fewer_bytes_same_output_no_demand_reads() {
     let (ref_idx, _) = soci_index(&reg, &repo, "refined");
     let new_ztoc = ref_idx.ztoc_for(&ldigest).unwrap().clone();
     assert_ne!(new_ztoc.digest, orig_ztoc.digest);
+    // Same span size etc.; the checkpoint index is the new zTOC's.
+    let without_index = |d: &Descriptor| {
+        let mut a = d.annotations.clone();
+        a.remove(soci_index::ANNOTATION_CHECKPOINT_INDEX);
+        a
+    };
+    assert_eq!(without_index(&new_ztoc), without_index(&orig_ztoc));
+    let idx = soci_index::checkpoint_index(&new_ztoc)
+        .expect("refined zTOC has a checkpoint index")
+        .unwrap();
     assert_eq!(
-        new_ztoc.annotations, orig_ztoc.annotations,
-        "same span size etc."
+        Some(idx),
+        soci_ztoc::WindowIndex::of(&get_ztoc_bytes(&reg, &repo, &new_ztoc)).unwrap()
     );
     assert!(ref_idx
         .ztocs

@@ -62,6 +62,17 @@ pub trait RangeReader: Send + Sync + 'static {
     /// of it asks the source itself, so a retry never gets the same bad bytes again.
     fn discard(&self, _range: Range<u64>) {}
 
+    /// Returns exactly bytes `range` of the layer's zTOC blob (checkpoint records, when the
+    /// zTOC was fetched without them: [`soci_ztoc::Spans::windows_missing`]).
+    fn read_ztoc_range(&self, _range: Range<u64>, _deadline: Instant) -> ReadFuture<'_, Bytes> {
+        Box::pin(async {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this source has no zTOC to read checkpoint records from",
+            ))
+        })
+    }
+
     /// Whether the source was found not to support ranges: the blob is then read whole.
     fn whole_only(&self) -> bool {
         false
@@ -398,3 +409,6 @@ use whole::WholeState;
 #[cfg(test)]
 #[path = "spans_tests.rs"]
 mod tests;
+#[cfg(test)]
+#[path = "spans/windows_tests.rs"]
+mod windows_tests;

@@ -450,13 +450,17 @@ pub async fn index_layers(
             z.entries.len(),
             z.span_count()
         ));
-        let zdesc = ztoc_descriptor(
+        let mut zdesc = ztoc_descriptor(
             zdigest.clone(),
             zbytes.len() as u64,
             layer,
             opts.span_size,
             z.has_xattrs(),
         );
+        annotate_checkpoint_index(&mut zdesc, &zbytes).map_err(|source| ConvertError::Ztoc {
+            layer: layer.digest.clone(),
+            source,
+        })?;
         dst.put_blob(&zdigest, Bytes::from(zbytes)).await?;
         ztocs.push(zdesc);
         if !opts.prefetch_files.is_empty() {

@@ -10,7 +10,7 @@ use soci_registry::oci::{is_index, is_manifest, layer_compression, LayerCompress
 use soci_registry::{
     Client, Descriptor, Digest, ImageIndex, ImageManifest, Platform, Reference, RegistryError,
 };
-use soci_ztoc::Ztoc;
+use soci_ztoc::{Spans, WindowIndex, Ztoc};
 
 use crate::soci::{
     SociIndex, SociVersion, ANNOTATION_IMAGE_MANIFEST_DIGEST, ANNOTATION_INDEX_DIGEST,
@@ -156,19 +156,94 @@ impl SociImage {
         let _parse = tracing::debug_span!("ztoc_parse", layer = %layer.digest).entered();
         let z = Ztoc::from_bytes(&bytes)
             .map_err(|e| NoSoci::CorruptZtoc(ztoc.digest.to_string(), e.to_string()))?;
-        if z.compressed_archive_size != layer.size {
-            return Err(NoSoci::CorruptZtoc(
-                ztoc.digest.to_string(),
-                format!(
-                    "built for a {}-byte layer, layer {} has {}",
-                    z.compressed_archive_size, layer.digest, layer.size
-                ),
-            ));
-        }
+        check_ztoc(&z, ztoc, layer)?;
         z.spans()
             .map_err(|e| NoSoci::CorruptZtoc(ztoc.digest.to_string(), e.to_string()))?;
         Ok(z)
     }
+
+    /// The zTOC of a layer and its span table, for a mount: when the descriptor carries a
+    /// checkpoint index ([`crate::ANNOTATION_CHECKPOINT_INDEX`]) and the registry serves
+    /// ranges, only the zTOC's skeleton is fetched (two range requests, verified against
+    /// the index) and the span table loads each checkpoint's window when a read needs it;
+    /// otherwise, or when that fails for any reason, the whole zTOC as [`SociImage::fetch_ztoc`].
+    pub async fn fetch_ztoc_for_mount(
+        &self,
+        client: &Client,
+        ztoc: &Descriptor,
+        layer: &Descriptor,
+    ) -> Result<(Ztoc, Spans), NoSoci> {
+        if let Some(idx) = crate::soci::checkpoint_index(ztoc) {
+            let split = match idx {
+                Ok(idx) if client.supports_ranges(&self.reference.repository.registry) => {
+                    self.fetch_skeleton(client, ztoc, layer, &idx).await
+                }
+                Ok(_) => Err("the registry does not serve ranges".to_string()),
+                Err(e) => Err(e),
+            };
+            match split {
+                Ok(got) => return Ok(got),
+                Err(e) => tracing::warn!(
+                    ztoc = %ztoc.digest, layer = %layer.digest, error = %e,
+                    "zTOC without its checkpoint records: unusable, fetching it whole"
+                ),
+            }
+        }
+        let z = self.fetch_ztoc(client, ztoc, layer).await?;
+        let spans = z
+            .spans()
+            .map_err(|e| NoSoci::CorruptZtoc(ztoc.digest.to_string(), e.to_string()))?;
+        Ok((z, spans))
+    }
+
+    #[tracing::instrument(level = "debug", name = "fetch_ztoc", skip_all, fields(ztoc = %ztoc.digest, layer = %layer.digest, size = ztoc.size, records = idx.records.len()))]
+    async fn fetch_skeleton(
+        &self,
+        client: &Client,
+        ztoc: &Descriptor,
+        layer: &Descriptor,
+        idx: &WindowIndex,
+    ) -> Result<(Ztoc, Spans), String> {
+        if ztoc.size > MAX_ZTOC_BYTES {
+            return Err(format!("larger than {MAX_ZTOC_BYTES} bytes"));
+        }
+        let [head, tail] = idx
+            .skeleton_ranges(ztoc.size)
+            .ok_or_else(|| format!("its records do not fit the {}-byte zTOC", ztoc.size))?;
+        let repo = &self.reference.repository;
+        let get = |r: std::ops::Range<u64>| async move {
+            if r.is_empty() {
+                return Ok(bytes::Bytes::new());
+            }
+            client.get_blob_range(repo, &ztoc.digest, r).await
+        };
+        let (h, t) = tokio::try_join!(get(head), get(tail)).map_err(|e| e.to_string())?;
+        if !client.supports_ranges(&repo.registry) {
+            // Every record would cost a read of the blob up to it.
+            return Err("the registry ignores range requests".into());
+        }
+        let _parse = tracing::debug_span!("ztoc_parse", layer = %layer.digest).entered();
+        let z = idx
+            .ztoc_from_skeleton(ztoc.size, &h, &t)
+            .map_err(|e| e.to_string())?;
+        check_ztoc(&z, ztoc, layer).map_err(|e| e.to_string())?;
+        let spans = Spans::with_window_index(&z, idx).map_err(|e| e.to_string())?;
+        Ok((z, spans))
+    }
+}
+
+/// Checks a zTOC was built for `layer`.
+fn check_ztoc(z: &Ztoc, ztoc: &Descriptor, layer: &Descriptor) -> Result<(), NoSoci> {
+    if z.compressed_archive_size != layer.size {
+        return Err(NoSoci::CorruptZtoc(
+            ztoc.digest.to_string(),
+            format!(
+                "built for a {}-byte layer, layer {} has {}",
+                z.compressed_archive_size, layer.digest, layer.size
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Finds the SOCI index of `reference` for `opts.platform`.

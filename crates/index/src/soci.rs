@@ -19,6 +19,13 @@ pub const ANNOTATION_LAYER_DIGEST: &str = "com.amazon.soci.image-layer-digest";
 pub const ANNOTATION_SPAN_SIZE: &str = "com.amazon.soci.span-size";
 /// zTOC descriptor annotation: no entry has xattrs.
 pub const ANNOTATION_DISABLE_XATTRS: &str = "com.amazon.soci.disable-xattrs";
+/// zTOC descriptor annotation (soci-rs; upstream readers ignore it): base64 of the zTOC's
+/// [`soci_ztoc::WindowIndex`], so a mount can fetch the zTOC without its checkpoint records
+/// and each record when a read needs it.
+pub const ANNOTATION_CHECKPOINT_INDEX: &str = "io.github.soci-rs.checkpoint-index.v1";
+/// Longest [`ANNOTATION_CHECKPOINT_INDEX`] value read (~64k checkpoints, a 256 GiB layer at
+/// the default span size).
+pub const MAX_CHECKPOINT_INDEX_CHARS: usize = 4 << 20;
 /// SOCI index annotation: build tool.
 pub const ANNOTATION_BUILD_TOOL: &str = "com.amazon.soci.build-tool-identifier";
 /// On the image manifest (and its index entry): digest of its SOCI index.
@@ -162,6 +169,45 @@ pub fn ztoc_descriptor(
             .insert(ANNOTATION_DISABLE_XATTRS.into(), "true".into());
     }
     d
+}
+
+/// Sets (or, for a zTOC without separable records, removes) the
+/// [`ANNOTATION_CHECKPOINT_INDEX`] of `desc`, the descriptor of `ztoc` (its bytes).
+pub fn annotate_checkpoint_index(
+    desc: &mut Descriptor,
+    ztoc: &[u8],
+) -> Result<(), soci_ztoc::ZtocError> {
+    use base64::Engine as _;
+    match soci_ztoc::WindowIndex::of(ztoc)? {
+        Some(idx) => {
+            let v = base64::engine::general_purpose::STANDARD.encode(idx.encode());
+            desc.annotations
+                .insert(ANNOTATION_CHECKPOINT_INDEX.into(), v);
+        }
+        None => {
+            desc.annotations.remove(ANNOTATION_CHECKPOINT_INDEX);
+        }
+    }
+    Ok(())
+}
+
+/// The [`ANNOTATION_CHECKPOINT_INDEX`] of a zTOC descriptor: `None` without one, else the
+/// index or why it is unusable.
+pub fn checkpoint_index(desc: &Descriptor) -> Option<Result<soci_ztoc::WindowIndex, String>> {
+    use base64::Engine as _;
+    let v = desc.annotations.get(ANNOTATION_CHECKPOINT_INDEX)?;
+    if v.len() > MAX_CHECKPOINT_INDEX_CHARS {
+        return Some(Err(format!(
+            "{ANNOTATION_CHECKPOINT_INDEX} of {} characters (at most {MAX_CHECKPOINT_INDEX_CHARS})",
+            v.len()
+        )));
+    }
+    Some(
+        base64::engine::general_purpose::STANDARD
+            .decode(v)
+            .map_err(|e| format!("{ANNOTATION_CHECKPOINT_INDEX}: {e}"))
+            .and_then(|b| soci_ztoc::WindowIndex::decode(&b).map_err(|e| e.to_string())),
+    )
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 //! version 1 omits checkpoint 0 (implied: in 10, out 0, bits 0, zero window). The two are told
 //! apart by the blob length.
 
+use std::sync::Arc;
+
 use crate::error::{Result, ZtocError};
+use crate::windows::{LazyWindows, WindowIndex};
 
 /// Size of the deflate window stored with each checkpoint.
 pub const WINDOW_SIZE: usize = 32 * 1024;
@@ -24,10 +27,12 @@ pub struct Checkpoint {
     pub bits: u8,
 }
 
-/// Parsed gzip checkpoint blob. Windows stay in the blob and are borrowed on use.
+/// Parsed gzip checkpoint blob. Windows stay in the blob and are borrowed on use, or, for a
+/// zTOC fetched without its records (`windows.rs`), are loaded as records are fetched.
 #[derive(Debug, Clone)]
 pub struct GzipCheckpoints {
     blob: Vec<u8>,
+    lazy: Option<Arc<LazyWindows>>,
     legacy_v1: bool,
     span_size: i64,
     points: Vec<Checkpoint>,
@@ -74,30 +79,63 @@ impl GzipCheckpoints {
         for rec in blob[HEADER_SIZE..].chunks_exact(CHECKPOINT_SIZE) {
             let cin = i64::from_le_bytes(rec[0..8].try_into().expect("8 bytes"));
             let cout = i64::from_le_bytes(rec[8..16].try_into().expect("8 bytes"));
-            let bits = rec[16];
             let (Ok(cin), Ok(cout)) = (u64::try_from(cin), u64::try_from(cout)) else {
                 return Err(bad("negative checkpoint offset"));
             };
-            if bits > 7 || (bits > 0 && cin == 0) {
-                return Err(bad(format!("invalid bit count {bits} at offset {cin}")));
-            }
-            if let Some(prev) = points.last() {
-                if cin < prev.compressed_offset || cout < prev.uncompressed_offset {
-                    return Err(bad("checkpoints are not in stream order"));
-                }
-            }
             points.push(Checkpoint {
                 compressed_offset: cin,
                 uncompressed_offset: cout,
-                bits,
+                bits: rec[16],
             });
         }
+        check_points(&points)?;
         Ok(GzipCheckpoints {
             blob,
+            lazy: None,
             legacy_v1,
             span_size,
             points,
         })
+    }
+
+    /// Checkpoints whose windows come later: `header` is the blob's 12-byte header (count and
+    /// span size), the offsets come from the index (validated as [`GzipCheckpoints::parse`]
+    /// validates a blob's).
+    pub(crate) fn lazy(header: &[u8], idx: &WindowIndex) -> Result<Self> {
+        if header.len() != HEADER_SIZE {
+            return Err(bad(format!(
+                "{} header bytes for checkpoints fetched apart",
+                header.len()
+            )));
+        }
+        let count = i32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+        let span_size = i64::from_le_bytes(header[4..12].try_into().expect("8 bytes"));
+        if usize::try_from(count).ok() != Some(idx.records.len()) {
+            return Err(bad(format!(
+                "blob header says {count} checkpoints, the index lists {}",
+                idx.records.len()
+            )));
+        }
+        let points: Vec<Checkpoint> = idx.records.iter().map(|(p, _)| *p).collect();
+        if points
+            .iter()
+            .any(|p| i64::try_from(p.compressed_offset.max(p.uncompressed_offset)).is_err())
+        {
+            return Err(bad("negative checkpoint offset"));
+        }
+        check_points(&points)?;
+        Ok(GzipCheckpoints {
+            blob: header.to_vec(),
+            lazy: Some(Arc::new(LazyWindows::new(idx))),
+            legacy_v1: false,
+            span_size,
+            points,
+        })
+    }
+
+    /// The windows still to fetch, when they come apart from the zTOC.
+    pub(crate) fn lazy_windows(&self) -> Option<&LazyWindows> {
+        self.lazy.as_deref()
     }
 
     /// The checkpoints, one per span.
@@ -115,8 +153,11 @@ impl GzipCheckpoints {
         self.legacy_v1
     }
 
-    /// The 32 KiB window of checkpoint `i`.
-    pub fn window(&self, i: usize) -> &[u8] {
+    /// The 32 KiB window of checkpoint `i` (`None`: fetched apart and not loaded yet).
+    pub fn window(&self, i: usize) -> Option<&[u8]> {
+        if let Some(l) = &self.lazy {
+            return l.window(i);
+        }
         let stored = if self.legacy_v1 {
             i.checked_sub(1)
         } else {
@@ -125,11 +166,31 @@ impl GzipCheckpoints {
         match stored {
             Some(j) => {
                 let start = HEADER_SIZE + j * CHECKPOINT_SIZE + 17;
-                &self.blob[start..start + WINDOW_SIZE]
+                self.blob.get(start..start + WINDOW_SIZE)
             }
-            None => &ZERO_WINDOW,
+            None => Some(&ZERO_WINDOW),
         }
     }
+}
+
+/// Checks bit counts and stream order.
+fn check_points(points: &[Checkpoint]) -> Result<()> {
+    for (k, p) in points.iter().enumerate() {
+        if p.bits > 7 || (p.bits > 0 && p.compressed_offset == 0) {
+            return Err(bad(format!(
+                "invalid bit count {} at offset {}",
+                p.bits, p.compressed_offset
+            )));
+        }
+        if let Some(prev) = k.checked_sub(1).map(|j| points[j]) {
+            if p.compressed_offset < prev.compressed_offset
+                || p.uncompressed_offset < prev.uncompressed_offset
+            {
+                return Err(bad("checkpoints are not in stream order"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Appends a checkpoint record to a blob under construction (see [`blob_header`]).
@@ -174,13 +235,13 @@ mod tests {
         let v2 = GzipCheckpoints::parse(blob(&pts, false)).unwrap();
         assert!(!v2.is_legacy_v1());
         assert_eq!(v2.points()[1].bits, 3);
-        assert_eq!(v2.window(1)[0], 1);
+        assert_eq!(v2.window(1).unwrap()[0], 1);
         let v1 = GzipCheckpoints::parse(blob(&pts, true)).unwrap();
         assert!(v1.is_legacy_v1());
         assert_eq!(v1.points().len(), 2);
         assert_eq!(v1.points()[0].compressed_offset, 10);
-        assert!(v1.window(0).iter().all(|&b| b == 0));
-        assert_eq!(v1.window(1)[0], 1);
+        assert!(v1.window(0).unwrap().iter().all(|&b| b == 0));
+        assert_eq!(v1.window(1).unwrap()[0], 1);
     }
 
     #[test]

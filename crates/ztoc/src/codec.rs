@@ -152,6 +152,12 @@ fn malformed(e: String) -> ZtocError {
 /// Parses zTOC flatbuffer bytes. Everything copied out of `buf` is charged to a budget in
 /// proportion to `buf.len()` first (see [`crate::limits`]).
 pub fn decode(buf: &[u8]) -> Result<Ztoc> {
+    decode_parts(buf, None)
+}
+
+/// [`decode`], except that with `records` (the checkpoint records' bytes, left out of `buf`:
+/// see `windows.rs`) only the checkpoint blob's header is copied.
+pub(crate) fn decode_parts(buf: &[u8], records: Option<std::ops::Range<usize>>) -> Result<Ztoc> {
     let mut budget = DecodeBudget::new(buf.len());
     let root = Table::root(buf).map_err(malformed)?;
     let mut text = |t: &Table<'_>, slot, what: &str| -> Result<String> {
@@ -216,6 +222,12 @@ pub fn decode(buf: &[u8]) -> Result<Ztoc> {
         .bytes(fb::CompressionInfo::VT_CHECKPOINTS)
         .map_err(malformed)?
         .unwrap_or_default();
+    let checkpoints = match records {
+        Some(_) => checkpoints
+            .get(..crate::checkpoint::HEADER_SIZE)
+            .ok_or_else(|| malformed("checkpoints shorter than their header".into()))?,
+        None => checkpoints,
+    };
     budget.bytes("checkpoints", checkpoints.len())?;
     Ok(Ztoc {
         version,

@@ -27,6 +27,7 @@ mod refine;
 mod span;
 pub mod tar;
 mod time;
+mod windows;
 mod zlib;
 
 pub use builder::{build, build_with_checkpoints, BuildOptions};
@@ -44,6 +45,7 @@ pub use refine::{
 pub use span::{Span, SpanId, Spans, MAX_SPAN_BYTES};
 pub use tar::EntryKind;
 pub use time::{format_mod_time, parse_mod_time};
+pub use windows::WindowIndex;
 pub use zlib::ZlibError;
 
 impl Ztoc {

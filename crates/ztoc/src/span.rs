@@ -70,6 +70,17 @@ fn bad(msg: impl Into<String>) -> ZtocError {
 impl Spans {
     /// Builds and validates the span table of `z`.
     pub fn new(z: &Ztoc) -> Result<Self> {
+        Spans::build(z, None)
+    }
+
+    /// The span table of a zTOC parsed from its skeleton
+    /// ([`crate::WindowIndex::ztoc_from_skeleton`]): checkpoints from `idx`, windows loaded
+    /// as their records are fetched ([`Spans::windows_missing`], [`Spans::load_windows`]).
+    pub fn with_window_index(z: &Ztoc, idx: &crate::WindowIndex) -> Result<Self> {
+        Spans::build(z, Some(idx))
+    }
+
+    fn build(z: &Ztoc, idx: Option<&crate::WindowIndex>) -> Result<Self> {
         let c = &z.compression;
         let count = usize::try_from(i64::from(c.max_span_id) + 1)
             .map_err(|_| bad(format!("invalid max span id {}", c.max_span_id)))?;
@@ -82,7 +93,10 @@ impl Spans {
         }
         let layout = match c.algorithm {
             CompressionAlgorithm::Gzip => {
-                let cps = GzipCheckpoints::parse(c.checkpoints.clone())?;
+                let cps = match idx {
+                    Some(idx) => GzipCheckpoints::lazy(&c.checkpoints, idx)?,
+                    None => GzipCheckpoints::parse(c.checkpoints.clone())?,
+                };
                 if cps.points().len() != count {
                     return Err(bad(format!(
                         "{} checkpoints for {count} spans",
@@ -90,6 +104,9 @@ impl Spans {
                     )));
                 }
                 Layout::Gzip(cps)
+            }
+            CompressionAlgorithm::Uncompressed if idx.is_some() => {
+                return Err(bad("a checkpoint index for an uncompressed layer"));
             }
             CompressionAlgorithm::Uncompressed => {
                 let (_, span_size, size) = decode_tar_zinfo(&c.checkpoints).map_err(bad)?;
@@ -249,6 +266,29 @@ impl Spans {
         self.span_of(range.start)..self.span_of(range.end - 1) + 1
     }
 
+    /// The zTOC blob's bytes to fetch for the windows spans `ids` need, when the zTOC was
+    /// fetched without its records and some of them are not loaded yet (one range: from the
+    /// first missing record to the last).
+    pub fn windows_missing(&self, ids: Range<SpanId>) -> Option<Range<u64>> {
+        match &self.layout {
+            Layout::Gzip(cps) => cps.lazy_windows()?.missing(ids),
+            Layout::Tar { .. } => None,
+        }
+    }
+
+    /// Verifies the checkpoint records in `data` (zTOC blob bytes from `offset`, whole
+    /// records, as [`Spans::windows_missing`] named them) against the index and keeps their
+    /// windows for every clone of this table; returns how many were new.
+    pub fn load_windows(&self, offset: u64, data: &[u8]) -> Result<usize> {
+        match &self.layout {
+            Layout::Gzip(cps) => match cps.lazy_windows() {
+                Some(l) => l.load(cps.points(), offset, data),
+                None => Ok(0),
+            },
+            Layout::Tar { .. } => Ok(0),
+        }
+    }
+
     /// Checks span `id`'s compressed bytes against its digest.
     pub fn verify(&self, id: SpanId, compressed: &[u8]) -> Result<()> {
         let expected = self
@@ -281,7 +321,12 @@ impl Spans {
             Layout::Tar { .. } => Ok(compressed.to_vec()),
             Layout::Gzip(cps) => {
                 let p = cps.points()[id];
-                inflate_span(compressed, p.bits, cps.window(id), want)
+                let window = cps.window(id).ok_or_else(|| {
+                    ZtocError::OutOfRange(format!(
+                        "span {id}: its checkpoint's window is not loaded"
+                    ))
+                })?;
+                inflate_span(compressed, p.bits, window, want)
                     .map_err(|e| ZtocError::Gzip(format!("span {id}: {e}")))
             }
         }

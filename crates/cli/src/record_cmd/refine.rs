@@ -143,6 +143,8 @@ pub(super) async fn refine_layer(
     let mut desc = rec.ztoc_desc.clone();
     desc.digest = digest.clone();
     desc.size = bytes.len() as u64;
+    soci_index::annotate_checkpoint_index(&mut desc, &bytes)
+        .with_context(|| format!("refined zTOC of layer {layer}"))?;
 
     // Prefetch: the new spans holding the bytes read, in first-read order.
     let mut seen = BTreeSet::new();

@@ -191,10 +191,14 @@ impl SpanManager {
                 bytes = todo.compressed.end - todo.compressed.start,
                 attempt
             );
-            let data = self
-                .fetch_bytes(&todo, prio, deadline)
-                .instrument(span)
-                .await?;
+            // The windows those spans decompress from, if the zTOC came without them, are
+            // fetched alongside their bytes (no round trip added).
+            let (data, windows) = tokio::join!(
+                self.fetch_bytes(&todo, prio, deadline).instrument(span),
+                self.ensure_windows(todo.spans.clone(), prio, deadline)
+            );
+            windows?;
+            let data = data?;
             let (decoded, failure) = self
                 .decode_store(todo.spans.clone(), todo.compressed.start, data, prio)
                 .await?;
@@ -284,6 +288,92 @@ impl SpanManager {
         Ok(data)
     }
 
+    /// Fetches and verifies the checkpoint records spans `ids` need, if the zTOC was fetched
+    /// without them and they are not loaded yet (one range request of the zTOC blob; records
+    /// that fail verification are fetched again as spans are, `max_verification_retries`).
+    pub(super) async fn ensure_windows(
+        &self,
+        ids: Range<SpanId>,
+        prio: Priority,
+        deadline: Instant,
+    ) -> io::Result<()> {
+        let mut attempt = 0;
+        loop {
+            let Some(range) = self.spans.windows_missing(ids.clone()) else {
+                return Ok(());
+            };
+            let data = self
+                .fetch_records(&ids, range.clone(), prio, deadline)
+                .await?;
+            let spans = self.spans.clone();
+            let loaded =
+                tokio::task::spawn_blocking(move || spans.load_windows(range.start, &data))
+                    .await
+                    .map_err(|e| {
+                        eio(format!(
+                            "layer {}: checkpoint records task: {e}",
+                            self.layer
+                        ))
+                    })?;
+            let Err(e) = loaded else { return Ok(()) };
+            // Bytes that do not match the index are never used.
+            self.metrics.verify_failures.fetch_add(1, Ordering::Relaxed);
+            if attempt < self.cfg.max_verification_retries && Instant::now() < deadline {
+                attempt += 1;
+                warn!(layer = %self.layer, spans = ?ids, attempt, error = %e, "checkpoint records failed verification; fetching again");
+                continue;
+            }
+            ids.clone().for_each(|i| self.negative.poison(i));
+            error!(layer = %self.layer, spans = ?ids, error = %e, "checkpoint records failed verification; giving up");
+            return Err(eio(format!("layer {}: zTOC {e}", self.layer)));
+        }
+    }
+
+    /// Bytes `range` of the zTOC blob (records of spans `ids`), within `deadline`.
+    async fn fetch_records(
+        &self,
+        ids: &Range<SpanId>,
+        range: Range<u64>,
+        prio: Priority,
+        deadline: Instant,
+    ) -> io::Result<Bytes> {
+        let want = range.end - range.start;
+        let failed = |msg: String| {
+            ids.clone().for_each(|i| self.negative.fetch_failed(i));
+            error!(layer = %self.layer, spans = ?ids, error = %msg, "checkpoint records fetch failed");
+            eio(format!(
+                "layer {}: fetching the checkpoint records of spans {ids:?} from its zTOC: {msg}",
+                self.layer
+            ))
+        };
+        let fetched = tokio::time::timeout_at(
+            deadline,
+            self.reader.read_ztoc_range(range, deadline),
+        )
+        .instrument(
+            tracing::debug_span!("windows_fetch", layer = %self.layer, spans = ?ids, bytes = want),
+        )
+        .await;
+        let data = match fetched {
+            Ok(Ok(d)) if d.len() as u64 == want => d,
+            Ok(Ok(d)) => return Err(failed(format!("got {} of {want} bytes", d.len()))),
+            Ok(Err(e)) => return Err(failed(e.to_string())),
+            Err(_) => {
+                return Err(failed(format!(
+                    "timed out after {:?}",
+                    self.cfg.fetch_timeout
+                )))
+            }
+        };
+        // Counted with the bytes fetched for reads (not in the layer's own fetched size).
+        let counter = match prio {
+            Priority::Demand => &self.metrics.demand_bytes,
+            Priority::Background => &self.metrics.background_bytes,
+        };
+        counter.fetch_add(want, Ordering::Relaxed);
+        Ok(data)
+    }
+
     /// Verifies, decompresses and stores spans `ids` from `data` (blob bytes from offset
     /// `base`) on the blocking pool, in order, stopping at the first that fails. Spans before
     /// it are stored and returned.
@@ -295,6 +385,7 @@ impl SpanManager {
         prio: Priority,
     ) -> io::Result<Decoded> {
         let deadline = Instant::now() + self.cfg.fetch_timeout;
+        self.ensure_windows(ids.clone(), prio, deadline).await?;
         let slot = self
             .cache
             .decode_slot(ids.clone(), deadline)

@@ -319,7 +319,7 @@ impl Remote {
                     fetch_early(
                         &self.client,
                         &self.early,
-                        &img.reference.repository,
+                        img,
                         layer,
                         spans,
                         &ranges,
@@ -346,17 +346,78 @@ impl Remote {
     }
 }
 
-/// Spawns the range requests of `ranges` for a fresh layer, within the byte bound.
+/// Records closer than this are fetched in one request (the bytes between are fetched too).
+const WINDOW_GAP: u64 = 4 * 32785;
+
+/// Spawns the fetch of the checkpoint records the planned runs decompress from, when the zTOC
+/// came without them: verified into `spans`, whose windows the mount shares, so its prefetch
+/// finds them there. Best effort: a failure leaves the mount to fetch them itself.
+fn fetch_windows_early(
+    client: &Arc<Client>,
+    repo: &Repository,
+    ztoc: &Descriptor,
+    spans: &Spans,
+    runs: &[Range<SpanId>],
+    deadline: Instant,
+) {
+    let mut merged: Vec<Range<u64>> = Vec::new();
+    for r in runs
+        .iter()
+        .filter_map(|run| spans.windows_missing(run.clone()))
+    {
+        match merged.last_mut() {
+            Some(last) if r.start >= last.end && r.start - last.end <= WINDOW_GAP => {
+                last.end = r.end
+            }
+            _ => merged.push(r),
+        }
+    }
+    let slots = Arc::new(tokio::sync::Semaphore::new(REQUESTS_PER_LAYER));
+    for range in merged {
+        let (client, repo, digest, spans, slots) = (
+            client.clone(),
+            repo.clone(),
+            ztoc.digest.clone(),
+            spans.clone(),
+            slots.clone(),
+        );
+        tokio::spawn(async move {
+            let _slot = slots.acquire().await;
+            let fetched = client
+                .get_blob_range_until(&repo, &digest, range.clone(), Some(deadline))
+                .await;
+            drop(_slot);
+            let start = range.start;
+            let got = match fetched {
+                Ok(data) => tokio::task::spawn_blocking(move || spans.load_windows(start, &data))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map(drop).map_err(|e| e.to_string())),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = got {
+                tracing::debug!(ztoc = %digest, ?range, error = %e, "early checkpoint records: left to the mount");
+            }
+        });
+    }
+}
+
+/// Spawns the range requests of `ranges` for a fresh layer, within the byte bound (and of the
+/// checkpoint records they need, when the layer's zTOC came without them).
 fn fetch_early(
     client: &Arc<Client>,
     early: &Arc<EarlyBytes>,
-    repo: &Repository,
+    img: &SociImage,
     layer: &Descriptor,
     spans: &Spans,
     ranges: &[RangeInclusive<SpanId>],
     deadline: Instant,
 ) {
+    let repo = &img.reference.repository;
     let (runs, _) = soci_fs::plan_prefetch(spans, ranges, |_| false);
+    if let Some(ztoc) = img.index.ztoc_for(&layer.digest) {
+        fetch_windows_early(client, repo, ztoc, spans, &runs, deadline);
+    }
     let slots = Arc::new(tokio::sync::Semaphore::new(REQUESTS_PER_LAYER));
     for run in runs {
         let Ok(run) = spans.run(run) else { continue };

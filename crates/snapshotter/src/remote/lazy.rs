@@ -29,6 +29,8 @@ struct RegistryReader {
     early: Arc<super::early::EarlyBytes>,
     repo: Repository,
     layer: Descriptor,
+    /// The layer's zTOC (its checkpoint records, when the mount fetched it without them).
+    ztoc: Descriptor,
 }
 
 impl RangeReader for RegistryReader {
@@ -63,6 +65,19 @@ impl RangeReader for RegistryReader {
 
     fn discard(&self, range: Range<u64>) {
         self.early.discard(&self.layer.digest, &range);
+    }
+
+    fn read_ztoc_range(
+        &self,
+        range: Range<u64>,
+        deadline: tokio::time::Instant,
+    ) -> soci_fs::ReadFuture<'_, Bytes> {
+        Box::pin(async move {
+            self.client
+                .get_blob_range_until(&self.repo, &self.ztoc.digest, range, Some(deadline))
+                .await
+                .map_err(io::Error::other)
+        })
     }
 
     fn whole_only(&self) -> bool {
@@ -122,6 +137,7 @@ impl Remote {
             early: self.early.clone(),
             repo: img.reference.repository.clone(),
             layer: layer.clone(),
+            ztoc: ztoc.clone(),
         });
         let cfg = SpanConfig {
             cache_dir: self.lazy.cache_root.join(id.to_string()),

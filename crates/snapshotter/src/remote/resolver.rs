@@ -235,14 +235,11 @@ impl Remote {
             .prepared
             .run(&ztoc.digest, async {
                 let started = std::time::Instant::now();
-                let z = img
-                    .fetch_ztoc(&self.client, ztoc, layer)
+                let (z, spans) = img
+                    .fetch_ztoc_for_mount(&self.client, ztoc, layer)
                     .await
                     .map_err(|e| RemoteError::Ztoc(e.to_string()))?;
                 self.observe(UpOp::ZTOC_FETCH, layer.digest.as_str(), started);
-                let spans = z
-                    .spans()
-                    .map_err(|e| RemoteError::Ztoc(format!("zTOC {}: {e}", ztoc.digest)))?;
                 let span = tracing::Span::current();
                 let tree =
                     tokio::task::spawn_blocking(move || span.in_scope(|| LayerTree::build(&z)))
