@@ -158,7 +158,9 @@ pub fn decode(buf: &[u8]) -> Result<Ztoc> {
 /// [`decode`], except that with `records` (the checkpoint records' bytes, left out of `buf`:
 /// see `windows.rs`) only the checkpoint blob's header is copied.
 pub(crate) fn decode_parts(buf: &[u8], records: Option<std::ops::Range<usize>>) -> Result<Ztoc> {
-    let mut budget = DecodeBudget::new(buf.len());
+    // In proportion to the bytes that arrived: the records left out are not input.
+    let left_out = records.as_ref().map_or(0, |r| r.len());
+    let mut budget = DecodeBudget::new(buf.len().saturating_sub(left_out));
     let root = Table::root(buf).map_err(malformed)?;
     let mut text = |t: &Table<'_>, slot, what: &str| -> Result<String> {
         let b = t.bytes(slot).map_err(malformed)?.unwrap_or_default();

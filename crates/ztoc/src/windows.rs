@@ -72,19 +72,23 @@ impl WindowIndex {
         }))
     }
 
-    /// The zTOC blob's bytes holding the records.
+    /// The zTOC blob's bytes holding the records (empty if the index's numbers overflow).
     pub fn records_range(&self) -> Range<u64> {
-        self.records_offset..self.records_end()
+        self.records_offset..self.records_end().unwrap_or(self.records_offset)
     }
 
-    fn records_end(&self) -> u64 {
-        self.records_offset + (self.records.len() * CHECKPOINT_SIZE) as u64
+    /// End of the records; `None` when the index's numbers overflow (a hostile index).
+    fn records_end(&self) -> Option<u64> {
+        let len = u64::try_from(self.records.len())
+            .ok()?
+            .checked_mul(CHECKPOINT_SIZE as u64)?;
+        self.records_offset.checked_add(len)
     }
 
     /// The two ranges of a `ztoc_size`-byte blob that make its skeleton: before and after
     /// the records (`None` if the index does not fit that size).
     pub fn skeleton_ranges(&self, ztoc_size: u64) -> Option<[Range<u64>; 2]> {
-        let end = self.records_end();
+        let end = self.records_end()?;
         (self.records_offset >= HEADER_SIZE as u64 && end <= ztoc_size)
             .then_some([0..self.records_offset, end..ztoc_size])
     }
@@ -173,7 +177,8 @@ impl WindowIndex {
         buf[..head.len()].copy_from_slice(head);
         buf[t.start as usize..].copy_from_slice(tail);
         let data = checkpoints_vector(&buf)?;
-        let hole = self.records_offset as usize..self.records_end() as usize;
+        // Both ends fit `ztoc_size` (checked by `skeleton_ranges`), hence `usize`.
+        let hole = h.end as usize..t.start as usize;
         if data.start + HEADER_SIZE != hole.start || data.end != hole.end {
             return Err(bad(format!(
                 "the zTOC's checkpoints lie at {data:?}, the index says records at {hole:?}"
@@ -225,8 +230,12 @@ impl LazyWindows {
         let missing = |i: &usize| self.loaded.get(*i).is_some_and(|w| w.get().is_none());
         let first = ids.clone().find(missing)?;
         let last = ids.rev().find(missing).unwrap_or(first);
-        let at = |i: usize| self.records_offset + (i * CHECKPOINT_SIZE) as u64;
-        Some(at(first)..at(last + 1))
+        let at = |i: usize| {
+            (i as u64)
+                .checked_mul(CHECKPOINT_SIZE as u64)?
+                .checked_add(self.records_offset)
+        };
+        Some(at(first)?..at(last + 1)?)
     }
 
     /// Verifies and keeps the records in `data` (blob bytes from `offset`, whole records).

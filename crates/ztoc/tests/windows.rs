@@ -207,11 +207,24 @@ fn malformed_index_bytes_are_errors() {
     ] {
         assert!(WindowIndex::decode(&bad).is_err());
     }
-    // Records past the zTOC's end.
+    // Records past the zTOC's end, or where the end overflows.
     let mut far = s.idx.clone();
     far.records_offset = u64::MAX / 2;
     assert!(far.skeleton_ranges(s.ztoc.len() as u64).is_none());
+    let mut wrap = s.idx.clone();
+    wrap.records_offset = u64::MAX - 5;
+    assert!(wrap.skeleton_ranges(s.ztoc.len() as u64).is_none());
+    assert!(wrap.records_range().is_empty());
+    // A span table made with such an index (skipping the skeleton's checks) names no records
+    // to fetch and decodes nothing.
     let (head, tail) = skeleton(&s);
+    let z = s
+        .idx
+        .ztoc_from_skeleton(s.ztoc.len() as u64, &head, &tail)
+        .unwrap();
+    let spans = Spans::with_window_index(&z, &wrap).unwrap();
+    assert_eq!(spans.windows_missing(0..spans.len()), None);
+    assert!(spans.load_windows(0, &[]).is_err());
     assert!(far
         .ztoc_from_skeleton(s.ztoc.len() as u64, &head, &tail)
         .is_err());

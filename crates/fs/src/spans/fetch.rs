@@ -297,6 +297,13 @@ impl SpanManager {
         prio: Priority,
         deadline: Instant,
     ) -> io::Result<()> {
+        // A source that ignores ranges answers each request with the blob from its start: one
+        // request for every record then, not one per span.
+        let ids = if self.reader.whole_only() && self.spans.windows_missing(ids.clone()).is_some() {
+            0..self.spans.len()
+        } else {
+            ids
+        };
         let mut attempt = 0;
         loop {
             let Some(range) = self.spans.windows_missing(ids.clone()) else {
@@ -325,7 +332,10 @@ impl SpanManager {
             }
             ids.clone().for_each(|i| self.negative.poison(i));
             error!(layer = %self.layer, spans = ?ids, error = %e, "checkpoint records failed verification; giving up");
-            return Err(eio(format!("layer {}: zTOC {e}", self.layer)));
+            return Err(eio(format!(
+                "layer {}: checkpoint records fetched from its zTOC failed verification: {e}",
+                self.layer
+            )));
         }
     }
 

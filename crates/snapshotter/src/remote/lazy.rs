@@ -131,7 +131,9 @@ impl Remote {
     ) -> Result<()> {
         let PreparedLayer { spans, tree } = self.prepare_layer(img, ztoc, layer).await?;
         // Mounted layers keep their own copy; the prepared one is not needed any more.
-        self.resolver.prepared.remove(&ztoc.digest);
+        self.resolver
+            .prepared
+            .remove(&super::resolver::prepared_key(ztoc));
         let reader = Arc::new(RegistryReader {
             client: self.client.clone(),
             early: self.early.clone(),

@@ -46,8 +46,21 @@ pub(super) struct PreparedLayer {
     pub(super) tree: Arc<LayerTree>,
 }
 
-/// Prepared zTOCs by zTOC digest.
+/// Prepared zTOCs by [`prepared_key`].
 pub(super) type PreparedLayers = SingleFlight<Digest, Result<PreparedLayer>>;
+
+/// The key a prepared layer is shared under: the zTOC digest, and its checkpoint index when it
+/// has one. Windows loaded on demand are verified against that index, which the zTOC digest does
+/// not bind: two images naming the same zTOC with different indexes must not share them.
+pub(super) fn prepared_key(ztoc: &Descriptor) -> Digest {
+    match ztoc
+        .annotations
+        .get(soci_index::ANNOTATION_CHECKPOINT_INDEX)
+    {
+        Some(idx) => Digest::of(format!("{}\n{idx}", ztoc.digest).as_bytes()),
+        None => ztoc.digest.clone(),
+    }
+}
 
 /// The resolver's state: discoveries shared by the layers of a pull, zTOCs prepared ahead.
 #[derive(Default)]
@@ -223,7 +236,8 @@ impl Remote {
         }
     }
 
-    /// Fetches, verifies and parses a layer's zTOC and builds its tree, once per zTOC.
+    /// Fetches, verifies and parses a layer's zTOC and builds its tree, once per zTOC (and
+    /// checkpoint index: [`prepared_key`]).
     #[tracing::instrument(level = "debug", name = "prepare_layer", skip_all, fields(image = %img.reference, layer = %layer.digest))]
     pub(super) async fn prepare_layer(
         &self,
@@ -233,7 +247,7 @@ impl Remote {
     ) -> Result<PreparedLayer> {
         self.resolver
             .prepared
-            .run(&ztoc.digest, async {
+            .run(&prepared_key(ztoc), async {
                 let started = std::time::Instant::now();
                 let (z, spans) = img
                     .fetch_ztoc_for_mount(&self.client, ztoc, layer)

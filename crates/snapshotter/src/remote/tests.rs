@@ -88,7 +88,9 @@ pub(crate) async fn seed_lazy_image(remote: &Remote) -> BTreeMap<String, String>
     let _ = remote
         .resolver
         .prepared
-        .run(&ztoc.digest, async { Ok(prepared) })
+        .run(&super::resolver::prepared_key(&ztoc), async {
+            Ok(prepared)
+        })
         .await;
     BTreeMap::from([
         (soci_index::labels::IMAGE_REF.into(), IMAGE.into()),
@@ -276,4 +278,21 @@ async fn a_prepare_that_starts_the_download_itself_keeps_the_image_unpack_limit(
         remote.full.stats().peak_unpacking.load(Ordering::Relaxed),
         1
     );
+}
+
+#[test]
+fn layers_naming_one_ztoc_with_different_checkpoint_indexes_are_prepared_apart() {
+    use super::resolver::prepared_key;
+    let plain = Descriptor::new(soci_index::MEDIA_TYPE_ZTOC, digest_of(b"ztoc"), 4);
+    assert_eq!(prepared_key(&plain), plain.digest, "no index: the zTOC digest");
+    let with = |idx: &str| {
+        let mut d = plain.clone();
+        d.annotations
+            .insert(soci_index::ANNOTATION_CHECKPOINT_INDEX.into(), idx.into());
+        d
+    };
+    let (a, b) = (with("AAAA"), with("BBBB"));
+    assert_ne!(prepared_key(&a), prepared_key(&plain));
+    assert_ne!(prepared_key(&a), prepared_key(&b));
+    assert_eq!(prepared_key(&a), prepared_key(&with("AAAA")));
 }
