@@ -284,7 +284,11 @@ async fn a_prepare_that_starts_the_download_itself_keeps_the_image_unpack_limit(
 fn layers_naming_one_ztoc_with_different_checkpoint_indexes_are_prepared_apart() {
     use super::resolver::prepared_key;
     let plain = Descriptor::new(soci_index::MEDIA_TYPE_ZTOC, digest_of(b"ztoc"), 4);
-    assert_eq!(prepared_key(&plain), plain.digest, "no index: the zTOC digest");
+    assert_eq!(
+        prepared_key(&plain),
+        plain.digest,
+        "no index: the zTOC digest"
+    );
     let with = |idx: &str| {
         let mut d = plain.clone();
         d.annotations
