@@ -386,7 +386,7 @@ impl SpanManager {
 
     /// Verifies, decompresses and stores spans `ids` from `data` (blob bytes from offset
     /// `base`) on the blocking pool, in order, stopping at the first that fails. Spans before
-    /// it are stored and returned.
+    /// it are stored and returned. Their windows must be loaded ([`Self::ensure_windows`]).
     pub(super) async fn decode_store(
         &self,
         ids: Range<SpanId>,
@@ -395,7 +395,6 @@ impl SpanManager {
         prio: Priority,
     ) -> io::Result<Decoded> {
         let deadline = Instant::now() + self.cfg.fetch_timeout;
-        self.ensure_windows(ids.clone(), prio, deadline).await?;
         let slot = self
             .cache
             .decode_slot(ids.clone(), deadline)

@@ -127,7 +127,12 @@ impl SpanManager {
             if !self.is_cached(id) {
                 let len = (s.compressed.end - s.compressed.start) as usize;
                 let data = Bytes::copy_from_slice(&buf[..len]);
-                match self.decode_store(id..id + 1, base, data, prio).await {
+                let deadline = Instant::now() + self.cfg.fetch_timeout;
+                let decoded = match self.ensure_windows(id..id + 1, prio, deadline).await {
+                    Ok(()) => self.decode_store(id..id + 1, base, data, prio).await,
+                    Err(e) => Err(e),
+                };
+                match decoded {
                     Ok((_, None)) => {}
                     Ok((_, Some(f))) => {
                         let e = self.settle(f);
