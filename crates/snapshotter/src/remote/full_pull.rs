@@ -2,7 +2,8 @@
 //! layers without a zTOC and images without a usable SOCI index. Each layer is fetched with
 //! chunked parallel range requests (`concurrent_download_chunk_size`) within the download
 //! limits and unpacked into a staging directory: streamed straight into the unpacker when an
-//! unpack slot is free, else spooled to a temp file until one is (see `parallel.rs`). The
+//! unpack slot is free, else spooled to a temp file that is unpacked from as soon as a slot
+//! frees, while the download goes on (see `parallel.rs`, `spool.rs`). The
 //! Prepare only renames the staging directory into place, and only once the whole blob's
 //! size and digest matched. With `experimental_parallel_pull_as_fallback` (or parallel mode)
 //! the coming layers of an image are pulled ahead of their Prepare.
@@ -18,6 +19,7 @@ use soci_registry::oci::layer_compression;
 use soci_registry::{Descriptor, Digest, Reference, Repository};
 
 use super::singleflight::SingleFlight;
+use super::spool;
 use super::{content, ImageLayers, ImageLimits, LayerPlan, Remote, RemoteError, Result};
 use crate::config::Config;
 use soci_index::labels as label;
@@ -182,42 +184,95 @@ impl FullPulls {
             self.stream_unpack(repo, layer, &opts, &staged.0).await?;
             return Ok(Arc::new(Fetched::Unpacked(staged)));
         }
-        // No unpack slot now: download to a temp file (removed on drop) meanwhile.
+        // No unpack slot now: download to a temp file (removed on drop), and unpack it from
+        // there as soon as a slot frees, while the download goes on (see `spool.rs`).
         self.limits.stats.spooled.fetch_add(1, Ordering::Relaxed);
+        let what = |w: &str| format!("{w} for layer {}", layer.digest);
         let tmp = tempfile::NamedTempFile::new_in(&self.tmp_root)
-            .map_err(|e| RemoteError::io(format!("temp file for layer {}", layer.digest), e))?
+            .map_err(|e| RemoteError::io(what("temp file"), e))?
             .into_temp_path();
-        let mut f = tokio::fs::File::create(&tmp)
+        let f = tokio::fs::File::create(&tmp)
             .await
-            .map_err(|e| RemoteError::io(format!("temp file for layer {}", layer.digest), e))?;
-        let mut blob = content::BlobSink::begin(&self.cfg, repo, layer);
-        let fetched = (self.client)
-            .get_blob_chunked_to(
-                repo,
-                layer,
-                &opts,
-                &mut content::Tee::new(&mut f, blob.as_mut()),
-            )
+            .map_err(|e| RemoteError::io(what("temp file"), e))?;
+        let reader =
+            std::fs::File::open(&tmp).map_err(|e| RemoteError::io(what("temp file"), e))?;
+        let (mut f, progress) = spool::spool(f);
+        let unpack_failed = tokio::sync::Notify::new();
+        let download = async {
+            let mut blob = content::BlobSink::begin(&self.cfg, repo, layer);
+            let mut fetched = (self.client)
+                .get_blob_chunked_to(
+                    repo,
+                    layer,
+                    &opts,
+                    &mut content::Tee::new(&mut f, blob.as_mut()),
+                )
+                .await
+                .map_err(RemoteError::from);
+            if fetched.is_ok() {
+                if let Err(e) = tokio::io::AsyncWriteExt::flush(&mut f).await {
+                    fetched = Err(RemoteError::io(what("temp file"), e));
+                }
+            }
+            f.finish(fetched.is_ok());
+            if let Some(b) = blob {
+                b.finish(fetched.is_ok()).await;
+            }
+            let stats = fetched?;
+            self.limits.record(&stats);
+            Ok::<(), RemoteError>(())
+        };
+        let download = async {
+            // An unpack that failed (a hostile tar) stops the download: its bytes are of no use.
+            let r = tokio::select! {
+                r = download => Some(r),
+                () = unpack_failed.notified() => None,
+            };
+            drop(downloading);
+            r
+        };
+        let unpack = async {
+            let r = async {
+                let mut failed = progress.clone();
+                let _unpacking = tokio::select! {
+                    slot = self.limits.unpack(img) => slot?,
+                    // No slot is needed for a download that failed.
+                    _ = failed.wait_for(|p| *p == spool::Progress::Failed) => {
+                        return Err(RemoteError::io(what("download"), std::io::Error::other("failed")));
+                    }
+                };
+                let (dir, compression, rt) = (
+                    staged.0.clone(),
+                    layer_compression(&layer.media_type),
+                    tokio::runtime::Handle::current(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    let file = std::io::BufReader::with_capacity(
+                        1 << 20,
+                        spool::SpoolReader::new(reader, progress, rt),
+                    );
+                    crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir)
+                })
+                .await?
+                .map_err(|e| RemoteError::io(what("unpacking"), e))
+            }
             .await;
-        if let Some(b) = blob {
-            b.finish(fetched.is_ok()).await;
+            if r.is_err() {
+                unpack_failed.notify_one();
+            }
+            r
+        };
+        match tokio::join!(download, unpack) {
+            // The download's own failure says more than the unpack's that followed from it.
+            (Some(Err(e)), _) => Err(e),
+            (_, Err(e)) => Err(e),
+            (Some(Ok(())), Ok(_)) => Ok(Arc::new(Fetched::Unpacked(staged))),
+            // Not reached: the download stops early only when the unpack failed.
+            (None, Ok(_)) => Err(RemoteError::io(
+                what("download"),
+                std::io::Error::other("stopped"),
+            )),
         }
-        let stats = fetched?;
-        self.limits.record(&stats);
-        drop((f, downloading));
-        let _unpacking = self.limits.unpack(img).await?;
-        let (path, dir, compression) = (
-            tmp.to_path_buf(),
-            staged.0.clone(),
-            layer_compression(&layer.media_type),
-        );
-        tokio::task::spawn_blocking(move || {
-            let file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&path)?);
-            crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir)
-        })
-        .await?
-        .map_err(|e| RemoteError::io(format!("unpacking layer {}", layer.digest), e))?;
-        Ok(Arc::new(Fetched::Unpacked(staged)))
     }
 
     /// Streams a layer blob into the unpacker: chunks arrive in order, are hashed, and are

@@ -31,6 +31,7 @@ mod prefetch;
 mod record;
 mod resolver;
 mod singleflight;
+mod spool;
 
 pub use parallel::{ImageLimits, PullStats};
 

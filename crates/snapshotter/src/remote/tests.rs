@@ -189,6 +189,16 @@ async fn a_plan_without_labels_is_an_invalid_argument() {
 
 /// Serves `blob` for any GET on 127.0.0.1 (whole, ignoring ranges), one connection at a time.
 async fn serve_blob(blob: Vec<u8>) -> std::net::SocketAddr {
+    let n = blob.len();
+    serve_blob_held(blob, n, Arc::new(tokio::sync::Notify::new())).await
+}
+
+/// As [`serve_blob`], but each answer stops after `held_from` bytes until `gate` is notified.
+async fn serve_blob_held(
+    blob: Vec<u8>,
+    held_from: usize,
+    gate: Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -207,7 +217,11 @@ async fn serve_blob(blob: Vec<u8>) -> std::net::SocketAddr {
                 blob.len()
             );
             let _ = s.write_all(resp.as_bytes()).await;
-            let _ = s.write_all(&blob).await;
+            let _ = s.write_all(&blob[..held_from]).await;
+            if held_from < blob.len() {
+                gate.notified().await;
+                let _ = s.write_all(&blob[held_from..]).await;
+            }
             let _ = s.shutdown().await;
         }
     });
@@ -278,6 +292,106 @@ async fn a_prepare_that_starts_the_download_itself_keeps_the_image_unpack_limit(
         remote.full.stats().peak_unpacking.load(Ordering::Relaxed),
         1
     );
+}
+
+/// A layer spooled for want of an unpack slot starts unpacking when the slot frees, from its
+/// temp file while the download goes on; and its unpacked tree is used only if the whole
+/// blob's digest matched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_layer_unpacks_while_it_downloads_and_only_a_verified_one_is_used() {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(6);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "first", &b"first\n"[..]).unwrap();
+    let big: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(big.len() as u64);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "second", &big[..]).unwrap();
+    let blob = b.into_inner().unwrap();
+    for tampered in [false, true] {
+        let mut served = blob.clone();
+        if tampered {
+            let last = served.len() - 2048;
+            served[last] ^= 1; // in the tar's end padding: unpacks fine, digest differs
+        }
+        let layer = Descriptor::new(
+            soci_registry::oci::MEDIA_TYPE_LAYER_TAR,
+            digest_of(&blob),
+            blob.len() as u64,
+        );
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let addr = serve_blob_held(served, 64 * 1024, gate.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.background_fetch.disable = true;
+        cfg.resolver.plain_http_hosts = vec![addr.to_string()];
+        cfg.pull_modes
+            .parallel_pull_unpack
+            .max_concurrent_unpacks_per_image = 1;
+        let remote = Arc::new(
+            Remote::with_mounter(dir.path(), &cfg, Arc::new(FakeMounter::default())).unwrap(),
+        );
+        let repo = Reference::parse(&format!("{addr}/soci-test-spool:v1"))
+            .unwrap()
+            .repository;
+        let list = remote
+            .full
+            .layer_list("img", async { Ok(vec![layer.clone()]) })
+            .await
+            .unwrap();
+        let busy = remote.full.limits.try_unpack(&list.limits).expect("slot");
+        let fs = dir.path().join("fs");
+        let task = {
+            let (remote, fs, repo, layer, limits) = (
+                remote.clone(),
+                fs.clone(),
+                repo.clone(),
+                layer.clone(),
+                list.limits.clone(),
+            );
+            tokio::spawn(async move { remote.full.unpack_full(&fs, &repo, &layer, &limits).await })
+        };
+        // The download is held after 64 KiB; the slot frees: "first" appears in the staging
+        // directory before the download can end.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(remote.full.stats().spooled.load(Ordering::Relaxed), 1);
+        drop(busy);
+        let staged_first = || {
+            std::fs::read_dir(dir.path().join("tmp"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.path().join("first").exists())
+        };
+        let t0 = std::time::Instant::now();
+        while !staged_first() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "the unpack did not start while the download was held"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!task.is_finished());
+        gate.notify_one();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("bounded")
+            .unwrap();
+        if tampered {
+            let e = r.expect_err("digest mismatch");
+            assert!(e.to_string().contains("digest"), "{e}");
+            assert!(!fs.exists(), "an unverified tree was moved into place");
+        } else {
+            r.expect("unpacked");
+            assert_eq!(std::fs::read(fs.join("second")).unwrap(), big);
+        }
+        assert_eq!(
+            remote.full.stats().peak_unpacking.load(Ordering::Relaxed),
+            1
+        );
+    }
 }
 
 #[test]
