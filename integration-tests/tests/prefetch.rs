@@ -218,7 +218,7 @@ fn pull_and_run(
     let mode = ctd.soci(&["-n", NS, "image", "rpull", "--plain-http", image]);
     assert!(mode.contains("lazy: 1 of 2 layers"), "{mode}");
     let out = ctd.ctr_ok(&["-n", NS, "run", "--rm", "--snapshotter", "soci", image, id]);
-    assert_eq!(out, want);
+    assert_eq!(out, want, "{id}: daemon log:\n{}", daemon.log_text());
     if prefetched {
         daemon.wait_prefetched(layer, done);
     }

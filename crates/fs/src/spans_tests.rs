@@ -300,6 +300,30 @@ async fn transport_failures_are_not_retried_by_the_span_manager() {
     assert_eq!(m.read(0..1000).await.unwrap(), &blob[0..1000]);
 }
 
+#[tokio::test]
+async fn a_failed_background_fetch_does_not_fail_the_read_after_it() {
+    // A read-ahead or prefetch that failed (a transient registry error) is not remembered: a
+    // demand read right after it makes its own attempt instead of getting EIO.
+    let (m, reader, blob, _d) = build(
+        false,
+        FakeReader {
+            fail: AtomicU32::new(1),
+            ..Default::default()
+        },
+        |_| {},
+    );
+    let report = m
+        .prefetch(
+            &[0..=0],
+            1,
+            tokio::time::Instant::now() + Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(reader.calls.lock().unwrap().len(), 1, "{report:?}");
+    assert_eq!(m.read(0..1000).await.unwrap(), &blob[0..1000]);
+    assert_eq!(reader.calls.lock().unwrap().len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_deadline_covers_waiting_for_another_readers_fetch() {
     let (m, reader, _blob, _d) = build(

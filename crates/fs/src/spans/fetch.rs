@@ -236,6 +236,15 @@ impl SpanManager {
         f.error
     }
 
+    /// Remembers briefly that fetching `ids` failed, for the kernel's immediate retry of a
+    /// demand read. A background fetch's failure (read-ahead, prefetch, fill) is not
+    /// remembered: a read waiting for that fetch then makes its own attempt.
+    fn memo_fetch_failure(&self, ids: Range<SpanId>, prio: Priority) {
+        if prio == Priority::Demand {
+            ids.for_each(|i| self.negative.fetch_failed(i));
+        }
+    }
+
     /// The compressed bytes of `run`, within `deadline` (the client retries transport
     /// failures inside it); a failure is remembered briefly for the kernel's retry.
     async fn fetch_bytes(
@@ -252,7 +261,7 @@ impl SpanManager {
         drop(get);
         let spans = &run.spans;
         let failed = |msg: String| {
-            spans.clone().for_each(|i| self.negative.fetch_failed(i));
+            self.memo_fetch_failure(spans.clone(), prio);
             error!(layer = %self.layer, spans = ?spans, error = %msg, "span fetch failed");
             eio(format!(
                 "layer {}: fetching spans {spans:?}: {msg}",
@@ -349,7 +358,7 @@ impl SpanManager {
     ) -> io::Result<Bytes> {
         let want = range.end - range.start;
         let failed = |msg: String| {
-            ids.clone().for_each(|i| self.negative.fetch_failed(i));
+            self.memo_fetch_failure(ids.clone(), prio);
             error!(layer = %self.layer, spans = ?ids, error = %msg, "checkpoint records fetch failed");
             eio(format!(
                 "layer {}: fetching the checkpoint records of spans {ids:?} from its zTOC: {msg}",
