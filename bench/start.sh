@@ -132,6 +132,29 @@ trace_run() {
   cp "$d/markers" "bench/results/markers-$p"
 }
 
+# trace_full: one soci-rs fallback full pull (unconverted image, far profile, `true`) with the
+# daemon's timeline on, drawn as bench/results/waterfall-full-far.png (+ .md): each layer's
+# download, unpack-slot wait and unpack.
+trace_full() {
+  local a d t0 t1 t2 ctd
+  a=$(addr far); d=$W/trace-full
+  mkdir -p "$d"
+  SOCI_SNAPSHOTTER_TIMELINE=$d/timeline.jsonl start_soci_containerd run "$a"
+  ctd=$W/run/ctd.sock
+  t0=$(now)
+  "$BIN/soci" -a "$ctd" image rpull --plain-http "$a/bench:v1" > /dev/null
+  t1=$(now)
+  ctr -a "$ctd" run --rm --snapshotter soci "$a/bench:v1" c /bin/true > /dev/null
+  t2=$(now)
+  stop_soci_containerd run
+  printf 'rpull %s %s\nrun %s %s\n' "$t0" "$t1" "$t1" "$t2" > "$d/markers"
+  mkdir -p bench/results
+  python3 bench/waterfall.py "$d/timeline.jsonl" --markers "$d/markers" \
+    --title "soci-rs fallback full pull (no SOCI index), far profile, workload true" \
+    --png bench/results/waterfall-full-far.png --md bench/results/waterfall-full-far.md >&2
+  cp "$d/timeline.jsonl" bench/results/timeline-full-far.jsonl
+}
+
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 : > "$W/results"
@@ -149,6 +172,7 @@ for p in $PROFILES; do
     for i in $(seq "$RUNS"); do
       echo "$p $W1 soci-full $(measure soci-full "$p" "$W1")" | tee -a "$W/results" >&2
     done
+    [ "${WATERFALL:-1}" = 1 ] && trace_full
   fi
 done
 shape near

@@ -19,10 +19,12 @@ import tempfile
 # Steps drawn one bar each (containers like `prepare` too, to show the sequence).
 STEPS = {"prepare", "discover", "get_manifest", "referrers", "prepare_layer", "fetch_ztoc",
          "ztoc_parse", "layer_tree", "mount_lazy", "fuse_mount", "prefetch", "fetch_prefetch",
-         "auth", "full_pull"}
+         "auth", "full_pull", "layer_download", "layer_stream_unpack", "unpack_slot_wait",
+         "layer_unpack"}
 # Steps the critical-path walk may pick (the ones something waits on, not containers).
 WAITED = {"get_manifest", "referrers", "fetch_ztoc", "layer_tree", "fuse_mount",
-          "fetch_prefetch", "auth", "full_pull", "range", "marker"}
+          "fetch_prefetch", "auth", "full_pull", "layer_download", "layer_stream_unpack",
+          "layer_unpack", "range", "marker"}
 
 
 def main():

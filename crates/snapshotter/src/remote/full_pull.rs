@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::io::AsyncReadExt;
+use tracing::Instrument;
 
 use soci_registry::oci::layer_compression;
 use soci_registry::{Descriptor, Digest, Reference, Repository};
@@ -181,7 +182,9 @@ impl FullPulls {
             RemoteError::io(format!("staging directory for layer {}", layer.digest), e)
         })?;
         if let Some(_unpacking) = self.limits.try_unpack(img) {
-            self.stream_unpack(repo, layer, &opts, &staged.0).await?;
+            self.stream_unpack(repo, layer, &opts, &staged.0)
+                .instrument(tracing::debug_span!("layer_stream_unpack", layer = %layer.digest, bytes = layer.size))
+                .await?;
             return Ok(Arc::new(Fetched::Unpacked(staged)));
         }
         // No unpack slot now: download to a temp file (removed on drop), and unpack it from
@@ -222,6 +225,9 @@ impl FullPulls {
             self.limits.record(&stats);
             Ok::<(), RemoteError>(())
         };
+        let download = download.instrument(
+            tracing::debug_span!("layer_download", layer = %layer.digest, bytes = layer.size),
+        );
         let download = async {
             // An unpack that failed (a hostile tar) stops the download: its bytes are of no use.
             let r = tokio::select! {
@@ -234,8 +240,12 @@ impl FullPulls {
         let unpack = async {
             let r = async {
                 let mut failed = progress.clone();
+                let slot = self
+                    .limits
+                    .unpack(img)
+                    .instrument(tracing::debug_span!("unpack_slot_wait", layer = %layer.digest));
                 let _unpacking = tokio::select! {
-                    slot = self.limits.unpack(img) => slot?,
+                    slot = slot => slot?,
                     // No slot is needed for a download that failed.
                     _ = failed.wait_for(|p| *p == spool::Progress::Failed) => {
                         return Err(RemoteError::io(what("download"), std::io::Error::other("failed")));
@@ -253,6 +263,7 @@ impl FullPulls {
                     );
                     crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir)
                 })
+                .instrument(tracing::debug_span!("layer_unpack", layer = %layer.digest))
                 .await?
                 .map_err(|e| RemoteError::io(what("unpacking"), e))
             }
