@@ -148,7 +148,7 @@ fn hostile_answers_give_right_bytes_or_bounded_eio_and_reads_recover() {
         // A failed fetch is shared only with the kernel's immediate retry (0.1 s,
         // `FAILED_FETCH_MEMO`): the next container's read after that fetches afresh. (A fault
         // that fails at once can leave the next container starting within the 0.1 s.)
-        std::thread::sleep(std::time::Duration::from_millis(150));
+        std::thread::sleep(soci_fs::FAILED_FETCH_MEMO + std::time::Duration::from_millis(50));
         let (out, err, _) = read_file(&ctd, &image, i, &format!("registry-recover-{n}"));
         assert_eq!(
             out,

@@ -114,6 +114,9 @@ fn faults_give_correct_bytes_or_eio_and_reads_recover() {
             eprintln!("{fault:?} x{times}: EIO in {secs:.1} s");
         }
         proxy.clear();
+        // A failed fetch answers only the kernel's immediate retry (`FAILED_FETCH_MEMO`,
+        // 0.1 s); a fault that fails at once can leave the next container within it.
+        std::thread::sleep(soci_fs::FAILED_FETCH_MEMO + std::time::Duration::from_millis(50));
         if matches!(fault, Fault::FlipByte) && !must_succeed {
             // A span that kept failing verification is refused (EIO, no fetch) for
             // POISONED_SPAN_TTL, then tried afresh.
@@ -123,7 +126,8 @@ fn faults_give_correct_bytes_or_eio_and_reads_recover() {
         assert_eq!(
             out,
             want(i),
-            "{fault:?}: no recovery after the fault stopped: {err}"
+            "{fault:?}: no recovery after the fault stopped: {err}\ndaemon log:\n{}",
+            daemon.log_text()
         );
     }
     assert!(

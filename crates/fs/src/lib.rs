@@ -23,7 +23,7 @@ pub use spans::plan_prefetch;
 pub use spans::record::{DemandRecord, RangeEvent, RangeSink, RecordSink, MAX_RANGE_EVENTS};
 pub use spans::{
     BackgroundConfig, FsMetrics, PrefetchReport, Priority, RangeReader, ReadFuture, SpanCache,
-    SpanConfig, SpanManager, DEFAULT_READ_AHEAD_SPANS, LATENCY_BUCKETS_MS,
+    SpanConfig, SpanManager, DEFAULT_READ_AHEAD_SPANS, FAILED_FETCH_MEMO, LATENCY_BUCKETS_MS,
     MAX_PREFETCH_REQUEST_BYTES, MAX_READ_AHEAD_BYTES, MAX_READ_AHEAD_TASKS, POISONED_SPAN_TTL,
 };
 pub use tree::{Children, LayerTree, Node, NodeKind, TreeError, OPAQUE_XATTR, ROOT_INO};

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::cache::LayerCache;
-pub use crate::cache::{SpanCache, POISONED_SPAN_TTL};
+pub use crate::cache::{SpanCache, FAILED_FETCH_MEMO, POISONED_SPAN_TTL};
 use negative::NegativeCache;
 
 /// A boxed future borrowing the reader.

@@ -48,7 +48,15 @@ pub struct ChunkedStats {
     pub peak_buffered: usize,
 }
 
-type ChunkTask = JoinHandle<Result<Bytes>>;
+/// A spawned range request; stopped when dropped (a download cancelled mid-way, e.g. its
+/// Prepare's deadline passed, must not leave its requests holding permits and buffers).
+struct ChunkTask(JoinHandle<Result<Bytes>>);
+
+impl Drop for ChunkTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 async fn acquire_all(limits: &[Arc<Semaphore>]) -> Result<Vec<OwnedSemaphorePermit>> {
     let mut held = Vec::with_capacity(limits.len());
@@ -112,16 +120,16 @@ impl Client {
                         opts.limits.clone(),
                     );
                     stats.range_requests += 1;
-                    pending.push_back(tokio::spawn(async move {
+                    pending.push_back(ChunkTask(tokio::spawn(async move {
                         let _permits = acquire_all(&limits).await?;
                         me.get_blob_range_until(&repo, &digest, range, None).await
-                    }));
+                    })));
                 }
                 stats.peak_buffered = stats.peak_buffered.max(pending.len());
-                let Some(task) = pending.pop_front() else {
+                let Some(mut task) = pending.pop_front() else {
                     break;
                 };
-                let bytes = task.await.map_err(|e| RegistryError::Io {
+                let bytes = (&mut task.0).await.map_err(|e| RegistryError::Io {
                     what: what.clone(),
                     source: std::io::Error::other(e.to_string()),
                 })??;
@@ -150,9 +158,7 @@ impl Client {
             Ok::<(), RegistryError>(())
         }
         .await;
-        for t in pending {
-            t.abort();
-        }
+        drop(pending);
         result?;
         if written != desc.size {
             return Err(RegistryError::Status {

@@ -178,11 +178,13 @@ impl FullPulls {
             None => img.layers.clone().acquire_owned().await?,
         };
         let opts = self.limits.chunked(img);
-        let staged = Staged::new(&self.tmp_root).map_err(|e| {
+        // Shared with the unpacking thread, so that the directory is removed only once that
+        // thread has stopped writing into it (a cancelled download does not stop it at once).
+        let staged = Arc::new(Staged::new(&self.tmp_root).map_err(|e| {
             RemoteError::io(format!("staging directory for layer {}", layer.digest), e)
-        })?;
+        })?);
         if let Some(_unpacking) = self.limits.try_unpack(img) {
-            self.stream_unpack(repo, layer, &opts, &staged.0)
+            self.stream_unpack(repo, layer, &opts, &staged)
                 .instrument(tracing::debug_span!("layer_stream_unpack", layer = %layer.digest, bytes = layer.size))
                 .await?;
             return Ok(Arc::new(Fetched::Unpacked(staged)));
@@ -237,6 +239,7 @@ impl FullPulls {
             drop(downloading);
             r
         };
+        let state = progress.clone();
         let unpack = async {
             let r = async {
                 let mut failed = progress.clone();
@@ -252,7 +255,7 @@ impl FullPulls {
                     }
                 };
                 let (dir, compression, rt) = (
-                    staged.0.clone(),
+                    staged.clone(),
                     layer_compression(&layer.media_type),
                     tokio::runtime::Handle::current(),
                 );
@@ -261,14 +264,16 @@ impl FullPulls {
                         1 << 20,
                         spool::SpoolReader::new(reader, progress, rt),
                     );
-                    crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir)
+                    crate::unpack::unpack(crate::unpack::decoder(file, compression)?, &dir.0)
                 })
                 .instrument(tracing::debug_span!("layer_unpack", layer = %layer.digest))
                 .await?
                 .map_err(|e| RemoteError::io(what("unpacking"), e))
             }
             .await;
-            if r.is_err() {
+            // Only an unpack that failed on its own stops the download: one that failed because
+            // the download did leaves it to finish and report why (auth, digest, disk full).
+            if r.is_err() && *state.borrow() != spool::Progress::Failed {
                 unpack_failed.notify_one();
             }
             r
@@ -294,14 +299,14 @@ impl FullPulls {
         repo: &Repository,
         layer: &Descriptor,
         opts: &soci_registry::ChunkedDownload,
-        dir: &Path,
+        staged: &Arc<Staged>,
     ) -> Result<()> {
         let (mut tx, rx) = tokio::io::duplex(1 << 20);
         let compression = layer_compression(&layer.media_type);
-        let (dir, rt) = (dir.to_path_buf(), tokio::runtime::Handle::current());
+        let (dir, rt) = (staged.clone(), tokio::runtime::Handle::current());
         let unpacker = tokio::task::spawn_blocking(move || {
             let mut raw = BlockingRead { rt, r: rx };
-            let n = crate::unpack::unpack(crate::unpack::decoder(&mut raw, compression)?, &dir)?;
+            let n = crate::unpack::unpack(crate::unpack::decoder(&mut raw, compression)?, &dir.0)?;
             // Whatever follows the tar's end (padding, gzip trailer) still has to be hashed.
             std::io::copy(&mut raw, &mut std::io::sink())?;
             Ok::<u64, std::io::Error>(n)
@@ -471,7 +476,7 @@ impl Remote {
 /// A layer pulled ahead of its Prepare.
 pub(crate) enum Fetched {
     /// Unpacked into this staging directory.
-    Unpacked(Staged),
+    Unpacked(Arc<Staged>),
 }
 
 /// A staging directory, removed on drop unless it was moved into place.

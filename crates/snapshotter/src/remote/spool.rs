@@ -111,6 +111,13 @@ impl Read for SpoolReader {
             // The state is read before the file: if the download was complete then, a read of
             // nothing is the real end.
             let state = *self.rx.borrow_and_update();
+            if state == Progress::Writing && self.rx.has_changed().is_err() {
+                // The download was dropped (its Prepare gave up): stop now, not at the end of
+                // what it had spooled.
+                return Err(std::io::Error::other(
+                    "the layer's download stopped without finishing",
+                ));
+            }
             let n = self.file.read(buf)?;
             if n > 0 || buf.is_empty() {
                 return Ok(n);
