@@ -239,6 +239,8 @@ impl LazyWindows {
     }
 
     /// Verifies and keeps the records in `data` (blob bytes from `offset`, whole records).
+    /// Records that match are kept even when others do not (the error names the first that
+    /// did not), so one bad record costs only its own spans.
     pub(crate) fn load(&self, points: &[Checkpoint], offset: u64, data: &[u8]) -> Result<usize> {
         let rel = offset
             .checked_sub(self.records_offset)
@@ -253,6 +255,7 @@ impl LazyWindows {
         }
         let first = (rel / CHECKPOINT_SIZE as u64) as usize;
         let mut n = 0;
+        let mut mismatch = None;
         for (k, rec) in data.chunks_exact(CHECKPOINT_SIZE).enumerate() {
             let i = first + k;
             let (Some(want), Some(p)) = (self.digests.get(i), points.get(i)) else {
@@ -260,24 +263,33 @@ impl LazyWindows {
             };
             let got: [u8; 32] = Sha256::digest(rec).into();
             if &got != want {
-                return Err(bad(format!(
-                    "record {i} digest mismatch: expected sha256:{}, got sha256:{}",
-                    hex::encode(want),
-                    hex::encode(got)
-                )));
+                mismatch.get_or_insert_with(|| {
+                    bad(format!(
+                        "record {i} digest mismatch: expected sha256:{}, got sha256:{}",
+                        hex::encode(want),
+                        hex::encode(got)
+                    ))
+                });
+                continue;
             }
             let field = |a: usize| i64::from_le_bytes(rec[a..a + 8].try_into().expect("8"));
             if field(0) != p.compressed_offset as i64
                 || field(8) != p.uncompressed_offset as i64
                 || rec[16] != p.bits
             {
-                return Err(bad(format!("record {i} differs from the index's offsets")));
+                mismatch.get_or_insert_with(|| {
+                    bad(format!("record {i} differs from the index's offsets"))
+                });
+                continue;
             }
             let window: Box<[u8]> = rec[17..17 + WINDOW_SIZE].into();
             if self.loaded[i].set(window).is_ok() {
                 n += 1;
             }
         }
-        Ok(n)
+        match mismatch {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
     }
 }

@@ -339,7 +339,10 @@ impl SpanManager {
                 warn!(layer = %self.layer, spans = ?ids, attempt, error = %e, "checkpoint records failed verification; fetching again");
                 continue;
             }
-            ids.clone().for_each(|i| self.negative.poison(i));
+            // Only spans whose own record failed (the others' records were kept).
+            ids.clone()
+                .filter(|&i| self.spans.windows_missing(i..i + 1).is_some())
+                .for_each(|i| self.negative.poison(i));
             error!(layer = %self.layer, spans = ?ids, error = %e, "checkpoint records failed verification; giving up");
             return Err(eio(format!(
                 "layer {}: checkpoint records fetched from its zTOC failed verification: {e}",

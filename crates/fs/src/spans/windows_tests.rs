@@ -149,3 +149,24 @@ async fn a_record_that_does_not_match_is_never_used() {
     // And the bad one stays refused, no bytes served.
     assert!(m.read(bad).await.is_err());
 }
+
+#[tokio::test]
+async fn a_bad_record_costs_only_its_own_spans() {
+    // Records 1..=3 come in one request; record 2's window is corrupt.
+    let (m, src, plain, _d) = setup(Some(2 * RECORD as usize + 17 + 500));
+    assert!(m.read(inside(&m, 1, 3)).await.is_err());
+    let n = src.ztoc_calls.lock().unwrap().len();
+    // Spans 1 and 3 read at once from the records that matched: not refused, not refetched.
+    for s in [1, 3] {
+        let r = inside(&m, s, s);
+        assert_eq!(
+            m.read(r.clone()).await.unwrap(),
+            slice(&plain, &r),
+            "span {s}"
+        );
+    }
+    assert_eq!(src.ztoc_calls.lock().unwrap().len(), n);
+    // Span 2 stays refused (poisoned), no bytes served.
+    let e = m.read(inside(&m, 2, 2)).await.unwrap_err().to_string();
+    assert!(e.contains("failed verification"), "{e}");
+}
