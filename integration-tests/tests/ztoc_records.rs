@@ -165,6 +165,62 @@ fn ztoc_is_fetched_without_its_records_and_reads_match() {
     );
 }
 
+/// `soci convert --no-checkpoint-index` writes the SOCI index upstream's tools write (same
+/// zTOCs, no annotation); such an image still runs lazily, its zTOC fetched whole.
+#[test]
+fn without_the_checkpoint_index_the_ztoc_is_fetched_whole() {
+    let s = setup("noindex");
+    run(Command::new(bin("soci")).args([
+        "convert",
+        "--plain-http",
+        "--no-checkpoint-index",
+        "--min-layer-size",
+        "4000000",
+        "--span-size",
+        "1048576",
+        &format!("docker://{}:v1", s.repo),
+        &format!("docker://{}:plain", s.repo),
+    ]))
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = s.reg.client();
+    let r = Reference::parse(&format!("{}:plain", s.repo)).unwrap();
+    let index = rt.block_on(async {
+        let (_, idx) = c.get_manifest(&r.repository, "plain").await.unwrap();
+        let idx: serde_json::Value = serde_json::from_slice(&idx).unwrap();
+        let soci = idx["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e.get("artifactType").is_some())
+            .unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (_, sb) = c.get_manifest(&r.repository, &soci).await.unwrap();
+        SociIndex::parse(&sb).unwrap()
+    });
+    assert_eq!(index.ztocs.len(), 1);
+    let z = &index.ztocs[0];
+    assert_eq!(z.digest, s.ztoc.digest, "the same zTOC");
+    assert!(
+        !z.annotations
+            .contains_key(soci_index::ANNOTATION_CHECKPOINT_INDEX),
+        "{z:?}"
+    );
+    let own = s.reg.blob_gets(&s.ztoc.digest.to_string()).len();
+    let d = daemon(&s);
+    let ctd = Containerd::start_with_soci(&d.socket);
+    let image = format!("{}:plain", s.repo);
+    let mode = ctd.soci(&["image", "rpull", "--plain-http", &image]);
+    assert!(mode.contains("lazy: 1 of 2 layers"), "{mode}");
+    let out = sha256sum(&ctd, &image, "plain-1", "/data/f1");
+    assert!(out.status.success(), "{out:?}\n{}", d.log_text());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256_hex(&s.files[1])));
+    let gets = s.reg.blob_gets_settled(&s.ztoc.digest.to_string())[own..].to_vec();
+    assert_eq!(gets, vec![s.ztoc.size], "one whole GET of the zTOC");
+}
+
 #[test]
 fn records_that_do_not_match_their_index_are_never_used() {
     let s = setup("badrecord");

@@ -240,6 +240,11 @@ pub struct CreateArgs {
     min_layer_size: u64,
     #[command(flatten)]
     optimizations: Optimizations,
+    /// Leave out the checkpoint index annotation on zTOC descriptors (soci-rs's own: lets the
+    /// daemon fetch a zTOC without its checkpoint windows): the SOCI index then carries only
+    /// what upstream's format defines; lazy starts fetch whole zTOCs.
+    #[arg(long)]
+    no_checkpoint_index: bool,
     /// Rebuild zTOCs even if the artifacts database has them.
     #[arg(short = 'f', long)]
     force: bool,
@@ -276,6 +281,7 @@ async fn create_with(a: &CreateArgs, g: &Globals, c: Arc<Containerd>) -> Result<
         build_tool_identifier: BUILD_TOOL.into(),
         existing_ztocs: existing_ztocs(&db, &location),
         force: a.force,
+        checkpoint_index: !a.no_checkpoint_index,
         ..Default::default()
     };
     let tmp = tempfile::tempdir().context("temp dir")?;

@@ -44,6 +44,11 @@ pub struct ConvertArgs {
     /// JSON file with an array of paths to prefetch (upstream's `--prefetch-files-json`).
     #[arg(long, value_name = "FILE")]
     prefetch_files_json: Option<PathBuf>,
+    /// Leave out the checkpoint index annotation on zTOC descriptors (soci-rs's own: lets the
+    /// daemon fetch a zTOC without its checkpoint windows): the SOCI index then carries only
+    /// what upstream's format defines; lazy starts fetch whole zTOCs.
+    #[arg(long)]
+    no_checkpoint_index: bool,
     /// Rebuild zTOCs even if the artifacts database has them.
     #[arg(short = 'f', long)]
     force: bool,
@@ -106,6 +111,7 @@ pub async fn convert(a: ConvertArgs, g: &Globals) -> Result<()> {
         min_layer_size: a.min_layer_size,
         platforms,
         force: a.force,
+        checkpoint_index: !a.no_checkpoint_index,
         prefetch_files: soci_index::prefetch::cli_files(
             &a.prefetch_file,
             a.prefetch_files_json.as_deref(),

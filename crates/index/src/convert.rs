@@ -42,6 +42,10 @@ pub struct ConvertOptions {
     pub existing_ztocs: BTreeMap<Digest, Descriptor>,
     /// Rebuild zTOCs even when `existing_ztocs` has one.
     pub force: bool,
+    /// Annotate gzip zTOC descriptors with their checkpoint index
+    /// ([`crate::ANNOTATION_CHECKPOINT_INDEX`], soci-rs's own) so the daemon can fetch a zTOC
+    /// without its windows. Default true; false leaves it out (only upstream's format).
+    pub checkpoint_index: bool,
     /// Files whose spans the snapshotter fetches before a lazy mount is ready: written as
     /// prefetch artifacts (see [`crate::prefetch`]). Default none.
     pub prefetch_files: Vec<String>,
@@ -56,6 +60,7 @@ impl Default for ConvertOptions {
             build_tool_identifier: soci_ztoc::DEFAULT_BUILD_TOOL_IDENTIFIER.into(),
             existing_ztocs: BTreeMap::new(),
             force: false,
+            checkpoint_index: true,
             prefetch_files: Vec::new(),
         }
     }
@@ -406,9 +411,13 @@ pub async fn index_layers(
                         "  layer {}: reusing zTOC {} (--force rebuilds)",
                         layer.digest, z.digest
                     ));
+                    let mut z = z.clone();
+                    if !opts.checkpoint_index {
+                        z.annotations.remove(ANNOTATION_CHECKPOINT_INDEX);
+                    }
                     ztocs.push(z.clone());
                     if !opts.prefetch_files.is_empty() {
-                        let bytes = dst.get_blob(z).await?;
+                        let bytes = dst.get_blob(&z).await?;
                         let parsed = soci_ztoc::Ztoc::from_bytes(&bytes).map_err(|source| {
                             ConvertError::Ztoc {
                                 layer: layer.digest.clone(),
@@ -457,10 +466,14 @@ pub async fn index_layers(
             opts.span_size,
             z.has_xattrs(),
         );
-        annotate_checkpoint_index(&mut zdesc, &zbytes).map_err(|source| ConvertError::Ztoc {
-            layer: layer.digest.clone(),
-            source,
-        })?;
+        if opts.checkpoint_index {
+            annotate_checkpoint_index(&mut zdesc, &zbytes).map_err(|source| {
+                ConvertError::Ztoc {
+                    layer: layer.digest.clone(),
+                    source,
+                }
+            })?;
+        }
         dst.put_blob(&zdigest, Bytes::from(zbytes)).await?;
         ztocs.push(zdesc);
         if !opts.prefetch_files.is_empty() {
