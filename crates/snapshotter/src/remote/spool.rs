@@ -112,6 +112,9 @@ impl Read for SpoolReader {
             // nothing is the real end.
             let state = *self.rx.borrow_and_update();
             if state == Progress::Writing && self.rx.has_changed().is_err() {
+                if *self.rx.borrow() != Progress::Writing {
+                    continue; // its last word came just now
+                }
                 // The download was dropped (its Prepare gave up): stop now, not at the end of
                 // what it had spooled.
                 return Err(std::io::Error::other(
