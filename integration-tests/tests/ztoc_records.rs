@@ -55,11 +55,31 @@ fn setup(name: &str) -> Setup {
         &format!("docker://{repo}:soci"),
     ]))
     .unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let c = reg.client();
+    let index = soci_index(&reg, &repo, "soci");
+    assert_eq!(index.ztocs.len(), 1, "one layer indexed: {:?}", index.ztocs);
+    let ztoc = index.ztocs[0].clone();
     let r = Reference::parse(&format!("{repo}:soci")).unwrap();
-    let (ztoc, ztoc_bytes) = rt.block_on(async {
-        let (_, idx) = c.get_manifest(&r.repository, "soci").await.unwrap();
+    let ztoc_bytes = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(reg.client().get_blob(&r.repository, &ztoc))
+        .unwrap()
+        .to_vec();
+    Setup {
+        reg,
+        tmp,
+        repo,
+        ztoc,
+        ztoc_bytes,
+        files,
+    }
+}
+
+/// The SOCI index bound to `repo:tag` (an image index with a SOCI index manifest v2 entry).
+fn soci_index(reg: &Registry, repo: &str, tag: &str) -> SociIndex {
+    let c = reg.client();
+    let r = Reference::parse(&format!("{repo}:{tag}")).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let (_, idx) = c.get_manifest(&r.repository, tag).await.unwrap();
         let idx: serde_json::Value = serde_json::from_slice(&idx).unwrap();
         let soci = idx["manifests"]
             .as_array()
@@ -71,20 +91,8 @@ fn setup(name: &str) -> Setup {
             .unwrap()
             .to_string();
         let (_, sb) = c.get_manifest(&r.repository, &soci).await.unwrap();
-        let index = SociIndex::parse(&sb).unwrap();
-        assert_eq!(index.ztocs.len(), 1, "one layer indexed: {:?}", index.ztocs);
-        let z = index.ztocs[0].clone();
-        let bytes = c.get_blob(&r.repository, &z).await.unwrap().to_vec();
-        (z, bytes)
-    });
-    Setup {
-        reg,
-        tmp,
-        repo,
-        ztoc,
-        ztoc_bytes,
-        files,
-    }
+        SociIndex::parse(&sb).unwrap()
+    })
 }
 
 fn daemon(s: &Setup) -> SociDaemon {
@@ -182,24 +190,7 @@ fn without_the_checkpoint_index_the_ztoc_is_fetched_whole() {
         &format!("docker://{}:plain", s.repo),
     ]))
     .unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let c = s.reg.client();
-    let r = Reference::parse(&format!("{}:plain", s.repo)).unwrap();
-    let index = rt.block_on(async {
-        let (_, idx) = c.get_manifest(&r.repository, "plain").await.unwrap();
-        let idx: serde_json::Value = serde_json::from_slice(&idx).unwrap();
-        let soci = idx["manifests"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e.get("artifactType").is_some())
-            .unwrap()["digest"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let (_, sb) = c.get_manifest(&r.repository, &soci).await.unwrap();
-        SociIndex::parse(&sb).unwrap()
-    });
+    let index = soci_index(&s.reg, &s.repo, "plain");
     assert_eq!(index.ztocs.len(), 1);
     let z = &index.ztocs[0];
     assert_eq!(z.digest, s.ztoc.digest, "the same zTOC");
