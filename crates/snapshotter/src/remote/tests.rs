@@ -228,6 +228,39 @@ async fn serve_blob_held(
     addr
 }
 
+/// A remote (fake mounter, background fetch off) pulling in full from the blob server at
+/// `addr`, with one unpack per image (`tweak` changes more), and the layer list of a one-layer
+/// image there.
+async fn one_layer_image(
+    root: &Path,
+    addr: std::net::SocketAddr,
+    layer: &Descriptor,
+    tweak: impl FnOnce(&mut crate::config::ParallelPullUnpack),
+) -> (
+    Arc<Remote>,
+    soci_registry::Repository,
+    Arc<super::ImageLayers>,
+) {
+    let mut cfg = Config::default();
+    cfg.background_fetch.disable = true;
+    cfg.resolver.plain_http_hosts = vec![addr.to_string()];
+    cfg.pull_modes
+        .parallel_pull_unpack
+        .max_concurrent_unpacks_per_image = 1;
+    tweak(&mut cfg.pull_modes.parallel_pull_unpack);
+    let remote =
+        Arc::new(Remote::with_mounter(root, &cfg, Arc::new(FakeMounter::default())).unwrap());
+    let repo = Reference::parse(&format!("{addr}/soci-test-full:v1"))
+        .unwrap()
+        .repository;
+    let list = remote
+        .full
+        .layer_list("img", async { Ok(vec![layer.clone()]) })
+        .await
+        .unwrap();
+    (remote, repo, list)
+}
+
 /// The fallback full pull of a layer whose download was started ahead but whose spawned task
 /// has not run yet: the Prepare's own call gets to the download first, and must still be
 /// bound by the image's unpack limit (it used fresh limits once: 3 layers of an image
@@ -247,22 +280,10 @@ async fn a_prepare_that_starts_the_download_itself_keeps_the_image_unpack_limit(
     );
     let addr = serve_blob(blob).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config::default();
-    cfg.background_fetch.disable = true;
-    cfg.resolver.plain_http_hosts = vec![addr.to_string()];
-    let p = &mut cfg.pull_modes.parallel_pull_unpack;
-    p.experimental_parallel_pull_as_fallback = true;
-    p.max_concurrent_unpacks_per_image = 1;
-    let remote =
-        Arc::new(Remote::with_mounter(dir.path(), &cfg, Arc::new(FakeMounter::default())).unwrap());
-    let repo = Reference::parse(&format!("{addr}/soci-test-limits:v1"))
-        .unwrap()
-        .repository;
-    let list = remote
-        .full
-        .layer_list("img", async { Ok(vec![layer.clone()]) })
-        .await
-        .unwrap();
+    let (remote, repo, list) = one_layer_image(dir.path(), addr, &layer, |p| {
+        p.experimental_parallel_pull_as_fallback = true
+    })
+    .await;
     // Another layer of the image is unpacking: the image's one unpack slot is taken.
     let busy = remote.full.limits.try_unpack(&list.limits).expect("slot");
     let labels = BTreeMap::from([(
@@ -324,23 +345,7 @@ async fn a_spooled_layer_unpacks_while_it_downloads_and_only_a_verified_one_is_u
         let gate = Arc::new(tokio::sync::Notify::new());
         let addr = serve_blob_held(served, 64 * 1024, gate.clone()).await;
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::default();
-        cfg.background_fetch.disable = true;
-        cfg.resolver.plain_http_hosts = vec![addr.to_string()];
-        cfg.pull_modes
-            .parallel_pull_unpack
-            .max_concurrent_unpacks_per_image = 1;
-        let remote = Arc::new(
-            Remote::with_mounter(dir.path(), &cfg, Arc::new(FakeMounter::default())).unwrap(),
-        );
-        let repo = Reference::parse(&format!("{addr}/soci-test-spool:v1"))
-            .unwrap()
-            .repository;
-        let list = remote
-            .full
-            .layer_list("img", async { Ok(vec![layer.clone()]) })
-            .await
-            .unwrap();
+        let (remote, repo, list) = one_layer_image(dir.path(), addr, &layer, |_| {}).await;
         let busy = remote.full.limits.try_unpack(&list.limits).expect("slot");
         let fs = dir.path().join("fs");
         let task = {
